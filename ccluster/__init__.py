@@ -1,0 +1,27 @@
+"""ccluster: convex clustering for weakly supervised video action recognition and localization.
+
+Fused C++/CUDA operators (registered as ``torch.ops.ccluster.*``) for the exemplar log-sum-exp, the
+convex clustering loss and the representativeness (Q) fit, plus the exemplar database and test-time
+selection built on them. See the README for the method and a quick start.
+"""
+from . import reference
+from .database import ExemplarDatabase
+from .fit import FitResult, fit_representativeness
+from .loss import ConvexClusteringLoss
+from .ops import convex_clustering_loss, exemplar_logsumexp, fit_step, has_compiled_ops
+from .selection import Selection, select_representative
+
+__all__ = [
+    "reference",
+    "has_compiled_ops",
+    "exemplar_logsumexp",
+    "convex_clustering_loss",
+    "fit_step",
+    "ConvexClusteringLoss",
+    "fit_representativeness",
+    "FitResult",
+    "ExemplarDatabase",
+    "Selection",
+    "select_representative",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,172 @@
+"""Fitting the representativeness matrix Q by the convex-clustering multiplicative update."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+from .ops import METRICS, fit_step
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class FitResult:
+    """Result of :func:`fit_representativeness`.
+
+    Attributes:
+        log_q: ``[C, n]`` fitted log representativeness (``-inf`` on empty slots; rows sum to 1 in q).
+        gap: ``[C]`` final certificate ``max_j log eta_j - sum_j q_j log eta_j``; it bounds how far each
+            class's objective is below its optimum. NaN for classes that were not fitted.
+        n_iter: ``[C]`` updates applied per class.
+        converged: ``[C]`` bool, ``gap < tol``.
+        objective: per iteration, the ``[C]`` objective ``sum_s w_s log z_s`` (non-decreasing; NaN once a
+            class has stopped).
+        empty_classes: classes left unchanged because they had no weight or no filled slot.
+        cached: whether the kernel matrix was cached (see :func:`fit_representativeness`).
+    """
+    log_q: torch.Tensor
+    gap: torch.Tensor
+    n_iter: torch.Tensor
+    converged: torch.Tensor
+    objective: list = field(default_factory=list)
+    empty_classes: list = field(default_factory=list)
+    cached: bool = False
+
+
+def _cached_kernels(x, db, weight, alpha, metric):
+    """Per class, the rows with weight and their ``-alpha d`` against the class's exemplars."""
+    out = []
+    zeros = torch.zeros_like(db[:1, :, 0])
+    for c in range(db.shape[0]):
+        rows = (weight[:, c] > 0).nonzero().squeeze(1)
+        k = reference.scores(x[rows], db[c:c + 1], zeros, alpha, metric)[:, 0]
+        out.append((rows, k))
+    return out
+
+
+def _cached_step(kernels, log_q, weight, active):
+    logz = torch.zeros(weight.shape, dtype=log_q.dtype, device=log_q.device)
+    log_eta = torch.full_like(log_q, _NEG_INF)
+    for c in active.nonzero().squeeze(1).tolist():
+        rows, k = kernels[c]
+        z = torch.logsumexp(k + log_q[c], dim=1)
+        logz[rows, c] = z
+        e = torch.logsumexp(k + (weight[rows, c].log() - z)[:, None], dim=0)
+        log_eta[c] = torch.where(torch.isfinite(log_q[c]), e, e.new_full((), _NEG_INF))
+    return logz, log_eta
+
+
+def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tensor, alpha: float, *,
+                           metric: str = "sqeuclidean", tol: float = 1e-4, max_iter: int = 1000,
+                           log_q: torch.Tensor | None = None, progress: bool = False,
+                           cache: bool | None = None, cache_budget_bytes: int = 256 << 20) -> FitResult:
+    r"""Fit Q with the network fixed: maximise ``sum_s w_sc log sum_j q_cj exp(-alpha d(x_s, y_cj))``.
+
+    The convex-clustering update (Lashkari & Golland), per class, all in the log domain:
+    ``z_s = sum_j q_j t_sj``, ``eta_j = sum_s w_s t_sj / z_s``, ``q <- eta * q`` with
+    ``t = exp(-alpha d)``. The objective is concave in q and never decreases. A class stops when
+    ``gap = max_j log eta_j - sum_j q_j log eta_j < tol``: the gap bounds the distance of the objective
+    to its optimum, so it is a certificate and is returned.
+
+    Args:
+        x: ``[N, m]`` segment features (e.g. all segments of the training videos).
+        db: ``[C, n, m]`` exemplar database.
+        weight: ``[N, C]`` >= 0: the weight of segment s in class c's clustering (p(s|x) for segments of
+            videos labelled c, 0 elsewhere). Normalised here so each class's weights sum to 1; only
+            nonzero pairs are computed.
+        alpha: bandwidth, > 0.
+        metric: ``"sqeuclidean"`` or ``"euclidean"``.
+        tol: stopping threshold on the gap.
+        max_iter: most updates per class.
+        log_q: ``[C, n]`` start (``-inf`` = empty slot, kept empty); default uniform over all n slots.
+        progress: show a tqdm bar with the largest remaining gap.
+        cache: cache each class's ``[rows_c, n]`` kernel matrix so that an iteration costs two
+            log-sum-exp passes instead of a distance GEMM. ``None`` (default) caches when the matrices
+            fit in ``cache_budget_bytes``; otherwise every iteration is one fused kernel pass
+            (:func:`ccluster.fit_step`) that never materialises them.
+
+    Returns:
+        :class:`FitResult`.
+    """
+    op = "fit_representativeness"
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2):
+        raise ValueError(f"{op}: x must be a [N, m] tensor, got {getattr(x, 'shape', type(x))}")
+    if not (isinstance(db, torch.Tensor) and db.dim() == 3 and db.shape[2] == x.shape[1]):
+        raise ValueError(f"{op}: db must be [C, n, m={x.shape[1]}], got {getattr(db, 'shape', type(db))}")
+    C, n, _ = db.shape
+    if not (isinstance(weight, torch.Tensor) and list(weight.shape) == [x.shape[0], C]):
+        raise ValueError(f"{op}: weight must be [N, C] = {[x.shape[0], C]}, "
+                         f"got {getattr(weight, 'shape', type(weight))}")
+    weight = weight.to(x.dtype)
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ValueError(f"{op}: weight must be finite and >= 0")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{op}: alpha must be a finite number > 0, got {alpha}")
+    if metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    if not (tol > 0 and max_iter >= 0):
+        raise ValueError(f"{op}: need tol > 0 and max_iter >= 0, got tol={tol}, max_iter={max_iter}")
+
+    if log_q is None:
+        log_q = torch.full((C, n), -math.log(n) if n else 0.0, dtype=x.dtype, device=x.device)
+    else:
+        if list(log_q.shape) != [C, n]:
+            raise ValueError(f"{op}: log_q must be [C, n] = {[C, n]}, got {list(log_q.shape)}")
+        if bool(torch.isnan(log_q).any()) or bool((log_q == math.inf).any()):
+            raise ValueError(f"{op}: log_q must not hold NaN or +inf")
+        log_q = log_q.to(x.dtype)
+        log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True).nan_to_num(neginf=0.0)
+    filled = torch.isfinite(log_q)
+
+    total = weight.sum(0)
+    fittable = (total > 0) & filled.any(1)
+    empty = (~fittable).nonzero().squeeze(1).tolist()
+    weight = torch.where(fittable, weight / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+
+    if cache is None:
+        rows = int((weight > 0).sum())
+        cache = rows * n * x.element_size() <= cache_budget_bytes
+    kernels = _cached_kernels(x, db, weight, float(alpha), metric) if cache else None
+
+    gap = torch.full((C,), math.nan, dtype=x.dtype, device=x.device)
+    n_iter = torch.zeros(C, dtype=torch.long)
+    active = fittable.clone()
+    history = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_iter, desc="fit Q", unit="it")
+    for _ in range(max_iter + 1):
+        if not bool(active.any()):
+            break
+        w = torch.where(active, weight, 0.0)
+        if cache:
+            logz, log_eta = _cached_step(kernels, log_q, w, active)
+        else:
+            logz, log_eta = fit_step(x, db, log_q, w, float(alpha), metric)
+        obj = (w * logz).sum(0)
+        history.append(torch.where(active, obj, math.nan))
+        q = log_q.exp()
+        mean_log_eta = torch.where(q > 0, q * log_eta, 0.0).sum(1)
+        max_log_eta = torch.where(filled, log_eta, _NEG_INF).amax(1) if n else torch.zeros_like(gap)
+        g = max_log_eta - mean_log_eta
+        gap = torch.where(active, g, gap)
+        done = active & ((g < tol) | (n_iter >= max_iter).to(g.device))
+        active = active & ~done
+        if not bool(active.any()):
+            break
+        upd = active[:, None] & filled
+        new = log_q + log_eta
+        new = new - torch.logsumexp(torch.where(filled, new, _NEG_INF), 1, keepdim=True)
+        log_q = torch.where(upd, new, log_q)
+        n_iter += active.cpu().long()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(max_gap=f"{float(gap[active].max()):.2e}", active=int(active.sum()))
+    if bar is not None:
+        bar.close()
+    return FitResult(log_q=log_q, gap=gap, n_iter=n_iter, converged=fittable & (gap < tol),
+                     objective=history, empty_classes=empty, cached=bool(cache))

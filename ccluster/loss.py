@@ -1,0 +1,78 @@
+"""The convex clustering loss as an ``nn.Module`` for padded batches of videos."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import METRICS, convex_clustering_loss
+
+
+class ConvexClusteringLoss(nn.Module):
+    r"""Convex clustering loss ``L_cc`` of a batch of videos against an exemplar database.
+
+    ``L_cc = - sum_b sum_{s valid in b} sum_{c in labels_b} p(s|b) log sum_j q_cj exp(-alpha d(x_s, y_cj))``
+
+    where ``p(s|b)`` is the attention **normalised here** over each video's valid segments
+    (``p = a / sum_valid a``; the method's p(s|x) is a distribution over the segments of x), so raw
+    non-negative attention (softmax or sigmoid outputs) can be passed as is. Pairs are (valid segment) x
+    (classes the video is labelled with); only those are computed, by the fused label-sparse kernel.
+
+    Args:
+        alpha: bandwidth (> 0). May be changed later through the ``alpha`` attribute.
+        metric: ``"sqeuclidean"`` or ``"euclidean"``.
+        reduction: ``"sum"`` over videos, or ``"mean"`` (divided by the number of videos B).
+
+    Forward args:
+        features: ``[B, T, m]`` segment features.
+        attention: ``[B, T]`` non-negative attention (differentiable).
+        labels: ``[B, C]`` multi-hot video labels (bool or float; nonzero = labelled).
+        mask: ``[B, T]`` bool, True on valid (non-padding) segments.
+        db: ``[C, n, m]`` exemplar database; log_q: ``[C, n]`` log representativeness.
+
+    A video whose valid attention sums to 0 contributes nothing (no NaN).
+    """
+
+    def __init__(self, alpha: float, metric: str = "sqeuclidean", reduction: str = "sum"):
+        super().__init__()
+        if metric not in METRICS:
+            raise ValueError(f"ConvexClusteringLoss: metric must be one of {METRICS}, got {metric!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"ConvexClusteringLoss: reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.alpha = alpha
+        self.metric = metric
+        self.reduction = reduction
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"ConvexClusteringLoss: alpha must be a finite number > 0, got {value}")
+        self._alpha = float(value)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, metric={self.metric!r}, reduction={self.reduction!r}"
+
+    def forward(self, features: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor,
+                mask: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 3:
+            raise ValueError(f"ConvexClusteringLoss: features must be [B, T, m], got {list(features.shape)}")
+        B, T, m = features.shape
+        C = db.shape[0] if db.dim() == 3 else -1
+        for name, t, shape in (("attention", attention, [B, T]), ("mask", mask, [B, T]),
+                               ("labels", labels, [B, C])):
+            if list(t.shape) != shape:
+                raise ValueError(f"ConvexClusteringLoss: {name} must be {shape}, got {list(t.shape)}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"ConvexClusteringLoss: mask must be a bool tensor, got {mask.dtype}")
+        a = attention * mask
+        total = a.sum(1, keepdim=True)
+        p = a / torch.where(total > 0, total, torch.ones_like(total))
+        pairs = mask[:, :, None] & (labels != 0)[:, None, :]
+        loss = convex_clustering_loss(features.reshape(B * T, m), p.reshape(B * T),
+                                      pairs.reshape(B * T, C), db, log_q, self.alpha, self.metric)
+        return loss / B if self.reduction == "mean" and B > 0 else loss

@@ -1,0 +1,256 @@
+"""Typed Python front-ends of the compiled ``torch.ops.ccluster`` operators.
+
+The C++/CUDA kernels are registered by ``ccluster._C`` (schemas in ``csrc/ccluster.cpp``). This module
+adds their fake (meta) kernels for ``torch.compile`` and their autograd formulas, whose backward calls a
+backward *op* that recomputes distance tiles from the saved log-sum-exp.
+
+If ``ccluster._C`` cannot be loaded, a warning names the cause once and every function falls back to the
+pure-PyTorch reference (:mod:`ccluster.reference`), which gives the same values but materialises the
+[N, C*n] score matrix. :func:`has_compiled_ops` says which path is active.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.ccluster.*)
+    _LOAD_ERROR: Exception | None = None
+except Exception as exc:  # ImportError, undefined symbol after a torch upgrade, ...
+    _LOAD_ERROR = exc
+    warnings.warn(
+        f"ccluster: compiled ops could not be loaded ({type(exc).__name__}: {exc}); falling back to the "
+        "pure-PyTorch reference, which materialises the [N, C*n] matrix. Rebuild with "
+        "`pip install --no-build-isolation -e .` against the installed torch.",
+        RuntimeWarning, stacklevel=2)
+
+METRICS = reference.METRICS
+
+
+def has_compiled_ops() -> bool:
+    """True when the fused C++/CUDA kernels are loaded; False when the reference fallback is in use."""
+    return _LOAD_ERROR is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks: shared by the fake kernels and the fallback path; same messages as csrc/common.h.
+
+
+def _check(cond, msg):
+    torch._check(bool(cond), lambda: msg)
+
+
+def _check_common(op, x, db, log_q, alpha, metric):
+    for name, t in (("x", x), ("db", db), ("log_q", log_q)):
+        _check(isinstance(t, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        _check(t.is_floating_point(), f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    _check(x.dim() == 2, f"{op}: x must be [N, m], got shape {list(x.shape)}")
+    _check(db.dim() == 3, f"{op}: db must be [C, n, m], got shape {list(db.shape)}")
+    _check(log_q.dim() == 2, f"{op}: log_q must be [C, n], got shape {list(log_q.shape)}")
+    _check(db.shape[2] == x.shape[1],
+           f"{op}: db feature size m={db.shape[2]} does not match x's m={x.shape[1]}")
+    _check(tuple(log_q.shape) == tuple(db.shape[:2]),
+           f"{op}: log_q must be [C, n] = {list(db.shape[:2])} to match db, got {list(log_q.shape)}")
+    _check(db.dtype == x.dtype and log_q.dtype == x.dtype,
+           f"{op}: x, db and log_q must have one dtype, got {x.dtype}, {db.dtype}, {log_q.dtype}")
+    _check(db.device == x.device and log_q.device == x.device,
+           f"{op}: x, db and log_q must be on one device, got {x.device}, {db.device}, {log_q.device}")
+    _check(isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0,
+           f"{op}: alpha must be a finite number > 0, got {alpha}")
+    _check(metric in METRICS, f"{op}: metric must be 'sqeuclidean' or 'euclidean', got {metric!r}")
+
+
+def _check_pairs(op, name, pairs, x, db, dtype=torch.bool):
+    shape = [x.shape[0], db.shape[0]]
+    _check(isinstance(pairs, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(pairs).__name__}")
+    _check(list(pairs.shape) == shape, f"{op}: {name} must be [N, C] = {shape}, got {list(pairs.shape)}")
+    if dtype == torch.bool:
+        _check(pairs.dtype == torch.bool, f"{op}: {name} must be a bool tensor, got {pairs.dtype}")
+    else:
+        _check(pairs.dtype == x.dtype, f"{op}: {name} must have x's dtype {x.dtype}, got {pairs.dtype}")
+    _check(pairs.device == x.device, f"{op}: {name} must be on x's device {x.device}, got {pairs.device}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# exemplar_logsumexp
+
+
+def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+                       metric: str = "sqeuclidean", pairs: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Log-sum-exp of representativeness-weighted kernel values against an exemplar database.
+
+    ``out[s, c] = log sum_j exp(log_q[c, j] - alpha * d(x[s], db[c, j]))``
+
+    computed tile by tile with an online (running-max) log-sum-exp: nothing of size N x C x n is
+    allocated, and the result is exact and finite wherever the true value is, even when ``alpha * d`` is
+    far beyond the range of ``exp`` (say 1e4, where ``log(sum(exp(...)))`` gives -inf).
+
+    Args:
+        x: ``[N, m]`` segment features.
+        db: ``[C, n, m]`` exemplar database (C classes, n slots, m dims).
+        log_q: ``[C, n]`` log representativeness. ``-inf`` marks an empty slot. A class whose slots are
+            all ``-inf`` gives ``-inf`` (never NaN).
+        alpha: bandwidth, a finite number > 0.
+        metric: ``"sqeuclidean"`` (``|a-b|^2``) or ``"euclidean"`` (``|a-b|``, the d of the paper; its
+            gradient at zero distance is taken as 0).
+        pairs: optional ``[N, C]`` bool mask. Only these (segment, class) pairs are computed; every
+            other entry of the output is 0 and receives no gradient.
+
+    Returns:
+        ``[N, C]`` tensor of x's dtype. float16/bfloat16 inputs are computed in float32.
+
+    Differentiable with respect to x, db and log_q (each computed only when required; no double
+    backward). NaN in x or log_q propagates: the rows (x) or classes (log_q) it touches come out NaN.
+    """
+    if not has_compiled_ops():
+        _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
+        if pairs is not None:
+            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db)
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        args = (x.float(), db.float(), log_q.float()) if low else (x, db, log_q)
+        out = reference.exemplar_logsumexp(*args, float(alpha), metric, pairs)
+        return out.to(x.dtype)
+    return torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, float(alpha), metric, pairs)
+
+
+def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torch.Tensor,
+                           db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+                           metric: str = "sqeuclidean") -> torch.Tensor:
+    r"""The convex clustering loss over (segment, class) pairs, fused and label-sparse.
+
+    ``L = - sum_{(s, c) in pairs} attention[s(, c)] * logz[s, c]`` with ``logz`` as in
+    :func:`exemplar_logsumexp`.
+
+    Work is proportional to the number of pairs, not N x C: rows are grouped by class inside the
+    kernel. The gradient with respect to x is accumulated in the same pass as the loss (the loss is
+    linear in logz with weights known at forward time), so forward + backward costs two GEMMs over the
+    pairs and stores only an [N, m] buffer. Gradients for db and log_q, when required, recompute tiles.
+
+    Args:
+        x: ``[N, m]`` segment features (a batch flattened).
+        attention: ``[N]`` or ``[N, C]`` weights p(s|x); differentiable.
+        pairs: ``[N, C]`` bool: which pairs enter the loss (normally the classes of the segment's
+            video). Pairs whose class has no filled slot (all ``log_q = -inf``) are left out.
+        db, log_q, alpha, metric: as in :func:`exemplar_logsumexp`.
+
+    Returns:
+        A scalar tensor of x's dtype.
+    """
+    op = "convex_clustering_loss"
+    _check(isinstance(attention, torch.Tensor),
+           f"{op}: attention must be a Tensor, got {type(attention).__name__}")
+    _check(attention.dim() in (1, 2) and attention.shape[0] == x.shape[0]
+           and (attention.dim() == 1 or attention.shape[1] == db.shape[0]),
+           f"{op}: attention must be [N] or [N, C] with N={x.shape[0]}, C={db.shape[0]}, "
+           f"got {list(attention.shape)}")
+    weight = attention[:, None].expand(x.shape[0], db.shape[0]) if attention.dim() == 1 else attention
+    if not has_compiled_ops():
+        _check_common(op, x, db, log_q, alpha, metric)
+        _check_pairs(op, "pairs", pairs, x, db)
+        _check_pairs(op, "attention", weight, x, db, dtype=x.dtype)
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        args = (x.float(), weight.float(), pairs, db.float(), log_q.float()) if low else \
+            (x, weight, pairs, db, log_q)
+        return reference.convex_clustering_loss(*args, float(alpha), metric).to(x.dtype)
+    loss, _, _ = torch.ops.ccluster.cc_loss(x, weight.contiguous(), pairs, db, log_q, float(alpha),
+                                            metric, x.requires_grad)
+    return loss
+
+
+def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
+             alpha: float, metric: str = "sqeuclidean") -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One fused pass of the convex-clustering update (network fixed, no autograd).
+
+    Returns ``(logz, log_eta)``: ``logz [N, C]`` as in :func:`exemplar_logsumexp` on the pairs with
+    ``weight > 0`` (0 elsewhere), and
+    ``log_eta[c, j] = log sum_s weight[s, c] * exp(-alpha d(x_s, db[c, j]) - logz[s, c])``, computed in
+    the log domain from the same distance tiles (``-inf`` on empty slots, ``log_q = -inf``). The
+    multiplicative update is then ``log_q += log_eta``. ``weight`` is ``[N, C]``, >= 0, x's dtype.
+    """
+    if not has_compiled_ops():
+        _check_common("fit_step", x, db, log_q, alpha, metric)
+        _check_pairs("fit_step", "weight", weight, x, db, dtype=x.dtype)
+        return reference.fit_step(x, db, log_q, weight, float(alpha), metric)
+    return torch.ops.ccluster.fit_step(x, db, log_q, weight, float(alpha), metric)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration: fake kernels and autograd (only when the compiled library is present).
+
+if has_compiled_ops():
+
+    @torch.library.register_fake("ccluster::exemplar_logsumexp")
+    def _(x, db, log_q, alpha, metric, pairs):
+        _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
+        if pairs is not None:
+            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db)
+        return x.new_empty((x.shape[0], db.shape[0]))
+
+    @torch.library.register_fake("ccluster::exemplar_logsumexp_backward")
+    def _(grad, x, db, log_q, logz, alpha, metric, pairs, output_mask):
+        return (x.new_empty(x.shape if output_mask[0] else (0,)),
+                db.new_empty(db.shape if output_mask[1] else (0,)),
+                log_q.new_empty(log_q.shape if output_mask[2] else (0,)))
+
+    @torch.library.register_fake("ccluster::cc_loss")
+    def _(x, weight, pairs, db, log_q, alpha, metric, grad_x):
+        _check_common("convex_clustering_loss", x, db, log_q, alpha, metric)
+        _check_pairs("convex_clustering_loss", "pairs", pairs, x, db)
+        _check_pairs("convex_clustering_loss", "attention", weight, x, db, dtype=x.dtype)
+        return (x.new_empty(()), x.new_empty((x.shape[0], db.shape[0])),
+                x.new_empty(x.shape if grad_x else (0,)))
+
+    @torch.library.register_fake("ccluster::fit_step")
+    def _(x, db, log_q, weight, alpha, metric):
+        _check_common("fit_step", x, db, log_q, alpha, metric)
+        _check_pairs("fit_step", "weight", weight, x, db, dtype=x.dtype)
+        return x.new_empty((x.shape[0], db.shape[0])), log_q.new_empty(log_q.shape)
+
+    def _lse_setup(ctx, inputs, output):
+        x, db, log_q, alpha, metric, pairs = inputs
+        ctx.save_for_backward(x, db, log_q, output, pairs)
+        ctx.alpha, ctx.metric = alpha, metric
+
+    def _lse_backward(ctx, grad):
+        x, db, log_q, out, pairs = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        gx, gdb, glq = torch.ops.ccluster.exemplar_logsumexp_backward(
+            grad, x, db, log_q, out, ctx.alpha, ctx.metric, pairs, mask)
+        return (gx if mask[0] else None, gdb if mask[1] else None, glq if mask[2] else None,
+                None, None, None)
+
+    torch.library.register_autograd("ccluster::exemplar_logsumexp", _lse_backward,
+                                    setup_context=_lse_setup)
+
+    def _loss_setup(ctx, inputs, output):
+        x, weight, pairs, db, log_q, alpha, metric, grad_x = inputs
+        _, logz, dx = output
+        ctx.save_for_backward(x, weight, pairs, db, log_q, logz, dx)
+        ctx.alpha, ctx.metric = alpha, metric
+
+    def _loss_backward(ctx, g_loss, g_logz, g_dx):
+        # logz and dx are auxiliary outputs for this backward; only the loss is differentiated.
+        x, weight, pairs, db, log_q, logz, dx = ctx.saved_tensors
+        need_x, need_w, _, need_db, need_lq = ctx.needs_input_grad[:5]
+        gx = gw = gdb = glq = None
+        if need_x:
+            torch._check(dx.numel() == x.numel(),
+                         lambda: "convex_clustering_loss: x requires grad but the forward was run "
+                                 "without grad_x=True")
+            gx = g_loss * dx
+        if need_w:
+            gw = -g_loss * logz  # logz is 0 outside the pairs
+        if need_db or need_lq:
+            g = torch.where(pairs, -g_loss * weight, torch.zeros((), dtype=weight.dtype,
+                                                                 device=weight.device))
+            _, gdb, glq = torch.ops.ccluster.exemplar_logsumexp_backward(
+                g, x, db, log_q, logz, ctx.alpha, ctx.metric, pairs, [False, need_db, need_lq])
+            gdb = gdb if need_db else None
+            glq = glq if need_lq else None
+        return gx, gw, None, gdb, glq, None, None, None
+
+    torch.library.register_autograd("ccluster::cc_loss", _loss_backward, setup_context=_loss_setup)

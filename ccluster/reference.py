@@ -1,0 +1,101 @@
+"""Pure-PyTorch reference implementations: the test oracle and the benchmark baseline.
+
+Everything here materialises the [N, C*n] score matrix and relies on autograd. It is the best plain
+PyTorch formulation we know: one ``addmm`` folds log q - alpha*|y|^2 into the GEMM epilogue, so the
+distance matrix is never built separately (faster than ``torch.cdist`` by 1.5-2x on CPU). Works in any
+floating dtype, float64 included.
+"""
+from __future__ import annotations
+
+import torch
+
+METRICS = ("sqeuclidean", "euclidean")
+
+
+def _safe_sqrt(d2: torch.Tensor) -> torch.Tensor:
+    # sqrt with gradient 0 (not inf*0 = NaN) where the distance is 0.
+    pos = d2 > 0
+    return torch.where(pos, d2.clamp_min(torch.finfo(d2.dtype).tiny).sqrt(), torch.zeros_like(d2))
+
+
+def scores(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+           metric: str = "sqeuclidean") -> torch.Tensor:
+    """Materialised scores ``S[s, c, j] = log_q[c, j] - alpha * d(x[s], db[c, j])``, shape [N, C, n]."""
+    C, n, m = db.shape
+    y = db.reshape(C * n, m)
+    lq = log_q.reshape(C * n)
+    xx = (x * x).sum(-1, keepdim=True)
+    yy = (y * y).sum(-1)
+    if metric == "sqeuclidean":
+        # log q - alpha (|x|^2 + |y|^2 - 2 x.y), clamped so that d >= 0 (S <= log q).
+        s = torch.addmm(lq - alpha * yy, x, y.t(), alpha=2 * alpha) - alpha * xx
+        s = torch.minimum(s, lq)
+    elif metric == "euclidean":
+        d2 = torch.addmm(yy + xx, x, y.t(), alpha=-2.0)
+        s = lq - alpha * _safe_sqrt(d2)
+    else:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return s.view(-1, C, n)
+
+
+def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+                       metric: str = "sqeuclidean", pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for :func:`ccluster.exemplar_logsumexp` (same semantics, materialised)."""
+    out = torch.logsumexp(scores(x, db, log_q, alpha, metric), dim=-1)
+    if pairs is not None:
+        out = torch.where(pairs, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
+def _loss_pairs(pairs: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    # Classes without any exemplar (all log q = -inf) are left out of the loss.
+    return pairs & torch.isfinite(log_q).any(-1)
+
+
+def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torch.Tensor,
+                           db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+                           metric: str = "sqeuclidean") -> torch.Tensor:
+    """Reference for :func:`ccluster.convex_clustering_loss`: dense over all classes, then masked."""
+    pairs = _loss_pairs(pairs, log_q)
+    w = attention[:, None].expand_as(pairs) if attention.dim() == 1 else attention
+    logz = exemplar_logsumexp(x, db, log_q, alpha, metric, pairs)
+    return -(torch.where(pairs, w, torch.zeros((), dtype=w.dtype, device=w.device)) * logz).sum()
+
+
+def convex_clustering_loss_by_class(x: torch.Tensor, attention: torch.Tensor, pairs: torch.Tensor,
+                                    db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+                                    metric: str = "sqeuclidean") -> torch.Tensor:
+    """Label-aware pure-PyTorch loss: for each class, gather only the rows paired with it.
+
+    Work is proportional to the number of pairs, like the fused op; memory is one [rows_c, n] matrix per
+    class. This is the strongest plain-PyTorch competitor for the label-sparse loss.
+    """
+    pairs = _loss_pairs(pairs, log_q)
+    total = x.new_zeros(())
+    for c in range(db.shape[0]):
+        rows = pairs[:, c].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        w = attention[rows] if attention.dim() == 1 else attention[rows, c]
+        s = scores(x[rows], db[c:c + 1], log_q[c:c + 1], alpha, metric)[:, 0]
+        total = total - (w * torch.logsumexp(s, dim=-1)).sum()
+    return total
+
+
+def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
+             alpha: float, metric: str = "sqeuclidean") -> tuple[torch.Tensor, torch.Tensor]:
+    """One convex-clustering pass, materialised: ``(logz [N, C], log_eta [C, n])``.
+
+    ``log_eta[c, j] = log sum_s weight[s, c] exp(-alpha d(x_s, y_cj) - logz[s, c])``, over the rows with
+    ``weight[s, c] > 0``; ``logz`` is 0 outside those rows and ``log_eta`` is -inf on empty slots
+    (``log_q = -inf``).
+    """
+    pairs = weight > 0
+    s = scores(x, db, log_q, alpha, metric)                       # [N, C, n]
+    logz = torch.logsumexp(s, dim=-1)                             # [N, C]
+    ok = pairs & torch.isfinite(logz)
+    lw = torch.where(ok, weight.log() - logz, torch.full_like(logz, -torch.inf))
+    neg_ad = s - log_q  # -alpha d, exact where log_q is finite
+    t = torch.where(torch.isfinite(log_q), neg_ad, torch.full_like(neg_ad, -torch.inf))
+    log_eta = torch.logsumexp(t + lw[:, :, None], dim=0)          # [C, n]
+    return torch.where(pairs, logz, torch.zeros_like(logz)), log_eta

@@ -1,0 +1,72 @@
+// Shared by every backend: argument checks and the numerics of the online log-sum-exp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace ccluster {
+
+enum class Metric { SqEuclidean, Euclidean };
+
+inline Metric parse_metric(const char* op, c10::string_view metric) {
+  if (metric == "sqeuclidean") return Metric::SqEuclidean;
+  if (metric == "euclidean") return Metric::Euclidean;
+  TORCH_CHECK(false, op, ": metric must be 'sqeuclidean' or 'euclidean', got '", std::string(metric), "'");
+}
+
+// Checks shared by every op that reads (x, db, log_q, alpha). Messages match ccluster/ops.py.
+inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
+                         double alpha) {
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK(db.is_floating_point(), op, ": db must be a floating-point tensor, got ", db.scalar_type());
+  TORCH_CHECK(log_q.is_floating_point(), op, ": log_q must be a floating-point tensor, got ",
+              log_q.scalar_type());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, m], got shape ", x.sizes());
+  TORCH_CHECK(db.dim() == 3, op, ": db must be [C, n, m], got shape ", db.sizes());
+  TORCH_CHECK(log_q.dim() == 2, op, ": log_q must be [C, n], got shape ", log_q.sizes());
+  TORCH_CHECK(db.size(2) == x.size(1), op, ": db feature size m=", db.size(2), " does not match x's m=",
+              x.size(1));
+  TORCH_CHECK(log_q.size(0) == db.size(0) && log_q.size(1) == db.size(1), op, ": log_q must be [C, n] = [",
+              db.size(0), ", ", db.size(1), "] to match db, got ", log_q.sizes());
+  TORCH_CHECK(db.scalar_type() == x.scalar_type() && log_q.scalar_type() == x.scalar_type(), op,
+              ": x, db and log_q must have one dtype, got ", x.scalar_type(), ", ", db.scalar_type(), ", ",
+              log_q.scalar_type());
+  TORCH_CHECK(db.device() == x.device() && log_q.device() == x.device(), op,
+              ": x, db and log_q must be on one device, got ", x.device(), ", ", db.device(), ", ",
+              log_q.device());
+  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a finite number > 0, got ", alpha);
+}
+
+// pairs-like [N, C] arguments: a bool mask, or a weight of x's dtype.
+inline void check_pairs(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                        const at::Tensor& db, bool is_mask) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
+              " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
+  if (is_mask) {
+    TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+                ", got ", t.scalar_type());
+  }
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+              t.device());
+}
+
+// Online log-sum-exp: a running maximum `m` and a sum `l` of exp(s - shift(m)). The shift is 0 while
+// m = -inf (nothing seen yet, or only empty slots), so that -inf inputs give log(0) = -inf and never
+// (-inf) - (-inf) = NaN; NaN inputs propagate through the sum.
+template <typename T>
+inline T lse_shift(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+template <typename T>
+inline T lse_finish(T m, T l) {
+  return lse_shift(m) + std::log(l);
+}
+
+}  // namespace ccluster

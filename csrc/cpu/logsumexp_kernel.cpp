@@ -1,0 +1,234 @@
+// CPU kernels of exemplar_logsumexp and its backward.
+//
+// Forward: parallel over (class, row block) units; each streams the class's exemplars in kColBlock
+// chunks, one GEMM tile per chunk, and keeps an online log-sum-exp per row. Memory: O(threads x tile).
+//
+// Backward: recomputes each tile from the saved log-sum-exp: P = grad * exp(s - logz) (the
+// responsibilities scaled by the incoming gradient) and W = kappa * P, then
+//   grad_x   = alpha * (W @ Y - rowsum(W) * x)
+//   grad_db  = alpha * (W^T @ X - colsum(W) * y)
+//   grad_lq  = colsum(P)
+// Parallel over (class, exemplar chunk) units, so grad_db and grad_lq rows are owned by one worker;
+// grad_x rows are shared across classes and go through per-worker buffers added at the end.
+#include <array>
+#include <mutex>
+
+#include "cpu/tile.h"
+
+namespace ccluster {
+namespace cpu {
+namespace {
+
+template <typename T>
+void lse_forward(const Inputs& in, const ClassRows& cr, T alpha, Metric metric, at::Tensor& out) {
+  const int64_t C = in.C, n = in.n;
+  const T* yy = in.yy.data_ptr<T>();
+  const T* lq = in.log_q.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const auto units = row_units(cr, C, kRowBlock, [](int64_t) { return false; });
+  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+    at::Tensor xbuf, gbuf;
+    RowBlock<T> rb;
+    std::vector<T> M(kRowBlock), L(kRowBlock), tmax(kRowBlock);
+    for (int64_t u = u0; u < u1; ++u) {
+      const Unit& un = units[u];
+      rb.load(in, cr, un, xbuf);
+      std::fill(M.begin(), M.end(), -std::numeric_limits<T>::infinity());
+      std::fill(L.begin(), L.end(), T(0));
+      for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
+        const int64_t nc = std::min(kColBlock, n - j0);
+        at::Tensor g = gemm_tile(gbuf, rb.X, in.db[un.c].narrow(0, j0, nc));
+        T* gp = g.data_ptr<T>();
+        scores_tile(gp, un.rows, nc, rb.xx.data(), yy + un.c * n + j0, lq + un.c * n + j0, alpha, metric,
+                    tmax.data());
+        for (int64_t r = 0; r < un.rows; ++r) {
+          const T m_new = std::max(M[r], tmax[r]);
+          const T shift = lse_shift(m_new);
+          // rescale the running sum to the new shift (nothing to rescale while it is empty)
+          if (L[r] != T(0)) L[r] *= std::exp(M[r] - shift);
+          M[r] = m_new;
+          T* gr = gp + r * nc;
+#pragma omp simd
+          for (int64_t j = 0; j < nc; ++j) gr[j] -= shift;
+        }
+        g.exp_();
+        for (int64_t r = 0; r < un.rows; ++r) {
+          const T* gr = gp + r * nc;
+          T s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < nc; ++j) s += gr[j];
+          L[r] += s;
+        }
+      }
+      for (int64_t r = 0; r < un.rows; ++r) o[rb.ids[r] * C + un.c] = lse_finish(M[r], L[r]);
+    }
+  });
+}
+
+template <typename T>
+void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad, const at::Tensor& logz,
+                  T alpha, Metric metric, at::Tensor& gx, at::Tensor& gdb, at::Tensor& glq) {
+  const int64_t C = in.C, n = in.n, m = in.m, N = in.N;
+  const bool need_x = gx.defined(), need_db = gdb.defined(), need_lq = glq.defined();
+  const T* yy = in.yy.data_ptr<T>();
+  const T* lq = in.log_q.data_ptr<T>();
+  const T* gp_in = grad.data_ptr<T>();
+  const T* lz = logz.data_ptr<T>();
+  const bool euclid = metric == Metric::Euclidean;
+
+  struct ChunkUnit {
+    int64_t c, j0, cols;
+  };
+  std::vector<ChunkUnit> units;
+  for (int64_t c = 0; c < C; ++c)
+    if (cr.count(c) > 0)
+      for (int64_t j0 = 0; j0 < n; j0 += kColBlock) units.push_back({c, j0, std::min(kColBlock, n - j0)});
+
+  std::mutex gx_mutex;
+  parallel_units(static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
+    at::Tensor xbuf, gbuf, dbuf, tmp;
+    at::Tensor gx_local, roww_local;  // this worker's share of grad_x and of rowsum(W)
+    if (need_x) {
+      gx_local = at::zeros({N, m}, in.x.options());
+      roww_local = at::zeros({N}, in.x.options());
+    }
+    RowBlock<T> rb;
+    std::vector<T> gr_s(kRowBlock), lz_s(kRowBlock), colw, colp, unused(kRowBlock);
+    for (int64_t u = u0; u < u1; ++u) {
+      const auto& cu = units[u];
+      const at::Tensor Y = in.db[cu.c].narrow(0, cu.j0, cu.cols);
+      const T* yyc = yy + cu.c * n + cu.j0;
+      const T* lqc = lq + cu.c * n + cu.j0;
+      colw.assign(cu.cols, T(0));
+      colp.assign(cu.cols, T(0));
+      at::Tensor gdb_c = need_db ? gdb[cu.c].narrow(0, cu.j0, cu.cols) : at::Tensor();
+      for (int64_t r0 = 0; r0 < cr.count(cu.c); r0 += kRowBlock) {
+        const Unit un{cu.c, r0, std::min(kRowBlock, cr.count(cu.c) - r0)};
+        // rows whose gradient is 0 (or whose class is empty) contribute nothing
+        bool any = false;
+        for (int64_t r = 0; r < un.rows; ++r) {
+          const int64_t s = cr.row(un.c, un.r0 + r);
+          gr_s[r] = gp_in[s * C + un.c];
+          lz_s[r] = lz[s * C + un.c];
+          if (gr_s[r] == T(0) || lz_s[r] == -std::numeric_limits<T>::infinity()) gr_s[r] = T(0);
+          any = any || gr_s[r] != T(0);
+        }
+        if (!any) continue;
+        rb.load(in, cr, un, xbuf);
+        at::Tensor g = gemm_tile(gbuf, rb.X, Y);
+        T* gp = g.data_ptr<T>();
+        if (!dbuf.defined() || dbuf.numel() < g.numel()) dbuf = at::empty({kRowBlock * kColBlock}, g.options());
+        T* dp = dbuf.data_ptr<T>();
+        scores_tile(gp, un.rows, cu.cols, rb.xx.data(), yyc, lqc, alpha, metric, unused.data(), dp);
+        for (int64_t r = 0; r < un.rows; ++r) {
+          T* row = gp + r * cu.cols;
+          const T shift = gr_s[r] == T(0) ? std::numeric_limits<T>::infinity() : lz_s[r];
+#pragma omp simd
+          for (int64_t j = 0; j < cu.cols; ++j) row[j] -= shift;
+        }
+        g.exp_();  // responsibilities exp(s - logz) (0 on rows without gradient)
+        T* roww = need_x ? roww_local.data_ptr<T>() : nullptr;
+        for (int64_t r = 0; r < un.rows; ++r) {
+          T* row = gp + r * cu.cols;
+          const T* drow = dp + r * cu.cols;
+          const T gs = gr_s[r];
+          T rs = 0;
+          for (int64_t j = 0; j < cu.cols; ++j) {
+            const T p = gs * row[j];
+            colp[j] += p;
+            const T w = euclid ? kappa(drow[j], metric) * p : T(2) * p;
+            row[j] = w;
+            colw[j] += w;
+            rs += w;
+          }
+          if (need_x) roww[rb.ids[r]] += rs;
+        }
+        if (need_x) {
+          if (cr.dense) {
+            gx_local.narrow(0, un.r0, un.rows).addmm_(g, Y, 1, alpha);
+          } else {
+            tmp = at::mm(g, Y);
+            const T* tp = tmp.data_ptr<T>();
+            T* gxp = gx_local.data_ptr<T>();
+            for (int64_t r = 0; r < un.rows; ++r) {
+              T* dst = gxp + rb.ids[r] * m;
+              const T* src = tp + r * m;
+#pragma omp simd
+              for (int64_t k = 0; k < m; ++k) dst[k] += alpha * src[k];
+            }
+          }
+        }
+        if (need_db) gdb_c.addmm_(g.t(), rb.X, 1, alpha);
+      }
+      if (need_db) {
+        T* gd = gdb_c.data_ptr<T>();
+        const T* yp = Y.data_ptr<T>();
+        for (int64_t j = 0; j < cu.cols; ++j)
+          for (int64_t k = 0; k < m; ++k) gd[j * m + k] -= alpha * colw[j] * yp[j * m + k];
+      }
+      if (need_lq) std::copy(colp.begin(), colp.end(), glq.data_ptr<T>() + cu.c * n + cu.j0);
+    }
+    if (need_x) {
+      gx_local.addcmul_(in.x, roww_local.unsqueeze(1), -alpha);
+      std::lock_guard<std::mutex> lock(gx_mutex);
+      gx.add_(gx_local);
+    }
+  });
+}
+
+at::Tensor exemplar_logsumexp_cpu(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
+                                  double alpha, c10::string_view metric_name,
+                                  const c10::optional<at::Tensor>& pairs) {
+  const char* op = "exemplar_logsumexp";
+  check_inputs(op, x, db, log_q, alpha);
+  const Metric metric = parse_metric(op, metric_name);
+  if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
+  const auto t = acc_type(x.scalar_type());
+  at::Tensor out = at::zeros({x.size(0), db.size(0)}, x.options().dtype(t));
+  if (out.numel() == 0) return out.to(x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_cpu", [&] {
+    const Inputs in = prepare<scalar_t>(x, db, log_q);
+    const ClassRows cr = pairs.has_value() ? rows_from_mask(*pairs) : all_rows(in.N);
+    lse_forward<scalar_t>(in, cr, static_cast<scalar_t>(alpha), metric, out);
+  });
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
+    const at::Tensor& logz, double alpha, c10::string_view metric_name, const c10::optional<at::Tensor>& pairs,
+    std::array<bool, 3> output_mask) {
+  const char* op = "exemplar_logsumexp_backward";
+  check_inputs(op, x, db, log_q, alpha);
+  const Metric metric = parse_metric(op, metric_name);
+  check_pairs(op, "grad", grad, x, db, /*is_mask=*/false);
+  check_pairs(op, "logz", logz, x, db, /*is_mask=*/false);
+  if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
+  const auto t = acc_type(x.scalar_type());
+  const auto opts = x.options().dtype(t);
+  at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), opts) : at::Tensor();
+  at::Tensor gdb = output_mask[1] ? at::zeros(db.sizes(), opts) : at::Tensor();
+  at::Tensor glq = output_mask[2] ? at::zeros(log_q.sizes(), opts) : at::Tensor();
+  if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0 && (gx.defined() || gdb.defined() || glq.defined())) {
+    AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_backward_cpu", [&] {
+      const Inputs in = prepare<scalar_t>(x, db, log_q);
+      const ClassRows cr = pairs.has_value() ? rows_from_mask(*pairs) : all_rows(in.N);
+      const at::Tensor g = grad.to(t).contiguous(), lz = logz.to(t).contiguous();
+      lse_backward<scalar_t>(in, cr, g, lz, static_cast<scalar_t>(alpha), metric, gx, gdb, glq);
+    });
+  }
+  auto finish = [&](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? g.to(like.scalar_type()) : at::empty({0}, like.options());
+  };
+  return {finish(gx, x), finish(gdb, db), finish(glq, log_q)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ccluster, CPU, m) {
+  m.impl("exemplar_logsumexp", &exemplar_logsumexp_cpu);
+  m.impl("exemplar_logsumexp_backward", &exemplar_logsumexp_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace ccluster

@@ -1,0 +1,204 @@
+// The CPU tile engine shared by every op: inputs in the accumulation type, the rows that take part in
+// each class, row blocks, and the distance epilogue applied to a BLAS GEMM tile.
+//
+// Tiling: a (row block x exemplar chunk) tile of x.y products comes from one GEMM (at::mm_out, MKL/
+// OpenBLAS), the epilogue turns it into scores s = log q - alpha d in place while it is still in cache
+// (kRowBlock x kColBlock values: 256 KB in float32), and exp is applied to the whole tile at once with
+// ATen's vectorised kernel. Nothing of size N x C x n is ever allocated.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace ccluster {
+namespace cpu {
+
+constexpr int64_t kRowBlock = 128;   // rows per tile
+constexpr int64_t kColBlock = 512;   // exemplars per tile
+
+// float for float/half/bfloat16 inputs, double for double.
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename T>
+void row_sqnorms(const T* a, int64_t rows, int64_t m, T* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* r = a + i * m;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < m; ++k) s += r[k] * r[k];
+    out[i] = s;
+  }
+}
+
+// The inputs cast to the accumulation type and made contiguous (no copy when they already are), with
+// the squared norms of every feature row and exemplar.
+struct Inputs {
+  at::Tensor x, db, log_q, xx, yy;  // xx [N], yy [C, n]
+  int64_t N, C, n, m;
+};
+
+template <typename T>
+Inputs prepare(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q) {
+  Inputs in;
+  const auto t = acc_type(x.scalar_type());
+  in.x = x.to(t).contiguous();
+  in.db = db.to(t).contiguous();
+  in.log_q = log_q.to(t).contiguous();
+  in.N = x.size(0), in.C = db.size(0), in.n = db.size(1), in.m = db.size(2);
+  in.xx = at::empty({in.N}, in.x.options());
+  in.yy = at::empty({in.C, in.n}, in.x.options());
+  row_sqnorms(in.x.data_ptr<T>(), in.N, in.m, in.xx.data_ptr<T>());
+  row_sqnorms(in.db.data_ptr<T>(), in.C * in.n, in.m, in.yy.data_ptr<T>());
+  return in;
+}
+
+// The rows of x that take part in each class: all of them, or those selected by an [N, C] mask (CSR).
+struct ClassRows {
+  bool dense = true;
+  int64_t N = 0;
+  std::vector<int64_t> offset;  // [C + 1] when sparse
+  std::vector<int64_t> rows;    // concatenated row ids, ascending within a class
+
+  int64_t count(int64_t c) const { return dense ? N : offset[c + 1] - offset[c]; }
+  int64_t row(int64_t c, int64_t i) const { return dense ? i : rows[offset[c] + i]; }
+};
+
+inline ClassRows all_rows(int64_t N) {
+  ClassRows cr;
+  cr.N = N;
+  return cr;
+}
+
+inline ClassRows rows_from_mask(const at::Tensor& mask) {  // mask: [N, C] bool
+  const at::Tensor mk = mask.contiguous();
+  const bool* p = mk.data_ptr<bool>();
+  const int64_t N = mk.size(0), C = mk.size(1);
+  ClassRows cr;
+  cr.dense = false;
+  cr.N = N;
+  cr.offset.assign(C + 1, 0);
+  for (int64_t s = 0; s < N; ++s)
+    for (int64_t c = 0; c < C; ++c) cr.offset[c + 1] += p[s * C + c];
+  for (int64_t c = 0; c < C; ++c) cr.offset[c + 1] += cr.offset[c];
+  cr.rows.resize(cr.offset[C]);
+  std::vector<int64_t> fill(cr.offset.begin(), cr.offset.end() - 1);
+  for (int64_t s = 0; s < N; ++s)
+    for (int64_t c = 0; c < C; ++c)
+      if (p[s * C + c]) cr.rows[fill[c]++] = s;
+  return cr;
+}
+
+// A unit of parallel work: rows [r0, r0 + rows) of class c's row list.
+struct Unit {
+  int64_t c, r0, rows;
+};
+
+// Row blocks of every class with at least one row; classes for which skip(c) holds are left out.
+template <typename Skip>
+std::vector<Unit> row_units(const ClassRows& cr, int64_t C, int64_t block, Skip skip) {
+  std::vector<Unit> units;
+  for (int64_t c = 0; c < C; ++c) {
+    if (skip(c)) continue;
+    for (int64_t r0 = 0; r0 < cr.count(c); r0 += block)
+      units.push_back({c, r0, std::min(block, cr.count(c) - r0)});
+  }
+  return units;
+}
+
+// A block of rows of x: a view of x when the rows are consecutive, else gathered into `buf`.
+template <typename T>
+struct RowBlock {
+  at::Tensor X;              // [rows, m]
+  std::vector<int64_t> ids;  // row ids in x
+  std::vector<T> xx;         // squared norms
+
+  void load(const Inputs& in, const ClassRows& cr, const Unit& u, at::Tensor& buf) {
+    ids.resize(u.rows);
+    xx.resize(u.rows);
+    const T* xxp = in.xx.data_ptr<T>();
+    for (int64_t r = 0; r < u.rows; ++r) {
+      ids[r] = cr.row(u.c, u.r0 + r);
+      xx[r] = xxp[ids[r]];
+    }
+    if (cr.dense) {
+      X = in.x.narrow(0, u.r0, u.rows);
+      return;
+    }
+    if (!buf.defined()) buf = at::empty({std::max<int64_t>(u.rows, kRowBlock), in.m}, in.x.options());
+    const T* xp = in.x.data_ptr<T>();
+    T* bp = buf.data_ptr<T>();
+    for (int64_t r = 0; r < u.rows; ++r) std::memcpy(bp + r * in.m, xp + ids[r] * in.m, in.m * sizeof(T));
+    X = buf.narrow(0, 0, u.rows);
+  }
+};
+
+// dots = X @ Y^T for a [rows, cols] tile, written into the front of a flat buffer.
+inline at::Tensor gemm_tile(at::Tensor& buf, const at::Tensor& X, const at::Tensor& Y) {
+  const int64_t need = X.size(0) * Y.size(0);
+  if (!buf.defined() || buf.numel() < need) buf = at::empty({std::max<int64_t>(need, kRowBlock * kColBlock)}, X.options());
+  at::Tensor g = buf.narrow(0, 0, need).view({X.size(0), Y.size(0)});
+  at::mm_out(g, X, Y.t());
+  return g;
+}
+
+// Distance from a dot product: |x|^2 + |y|^2 - 2 x.y clamped at 0 (rounding can make it negative),
+// square-rooted for the euclidean metric.
+template <typename T>
+inline T distance(T xx, T yy, T dot, bool euclid) {
+  T d2 = std::max(xx + yy - T(2) * dot, T(0));
+  return euclid ? std::sqrt(d2) : d2;
+}
+
+// In place over a [rows, cols] tile of dots: g <- log_q_j - alpha d (the score), and rmax[r] = max_j.
+// With `dist`, also stores d (needed for the euclidean gradient).
+template <typename T>
+void scores_tile(T* g, int64_t rows, int64_t cols, const T* xx, const T* yy, const T* lq, T alpha,
+                 Metric metric, T* rmax, T* dist = nullptr) {
+  const bool euclid = metric == Metric::Euclidean;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* gr = g + r * cols;
+    const T xr = xx[r];
+    T mx = -std::numeric_limits<T>::infinity();
+    if (dist) {
+      T* dr = dist + r * cols;
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < cols; ++j) {
+        const T d = distance(xr, yy[j], gr[j], euclid);
+        dr[j] = d;
+        gr[j] = lq[j] - alpha * d;
+        mx = std::max(mx, gr[j]);
+      }
+    } else {
+#pragma omp simd reduction(max : mx)
+      for (int64_t j = 0; j < cols; ++j) {
+        gr[j] = lq[j] - alpha * distance(xr, yy[j], gr[j], euclid);
+        mx = std::max(mx, gr[j]);
+      }
+    }
+    rmax[r] = mx;
+  }
+}
+
+// d(score)/d(x) = -alpha * kappa * (x - y): kappa = 2 for sqeuclidean, 1/d for euclidean (0 at d = 0).
+template <typename T>
+inline T kappa(T d, Metric metric) {
+  if (metric == Metric::SqEuclidean) return T(2);
+  return d > T(0) ? T(1) / d : T(0);
+}
+
+// Runs fn over [0, count) in parallel; fn(begin, end) is called once per worker with its range.
+template <typename F>
+void parallel_units(int64_t count, const F& fn) {
+  if (count == 0) return;
+  at::parallel_for(0, count, 1, fn);
+}
+
+}  // namespace cpu
+}  // namespace ccluster

@@ -1,0 +1,64 @@
+"""Build ccluster and its compiled ops (ccluster._C).
+
+C++ sources are always built. CUDA sources (csrc/cuda/*.cu) are built when the installed torch has CUDA
+and a CUDA toolkit is found, or when FORCE_CUDA=1.
+
+torch must already be installed: the extension is compiled against it. Install with
+    pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # an isolated build environment has no torch: say so instead of failing obscurely
+    sys.exit(
+        "ccluster: torch is not importable in the build environment. ccluster compiles against the "
+        "torch you have installed; install torch first, then run\n"
+        "    pip install --no-build-isolation .\n"
+        "(a plain `pip install .` builds in an isolated environment without torch)."
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extensions():
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # -fopenmp-simd: honour `#pragma omp simd` reductions; -fno-math-errno: lets sqrt vectorise.
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp-simd", "-fno-math-errno"]
+    kwargs = dict(
+        name="ccluster._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("Py_LIMITED_API", "0x03090000")],
+        py_limited_api=True,
+    )
+    if want_cuda():
+        cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        return [cpp_extension.CUDAExtension(
+            sources=cpp + cu, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs)]
+    return [cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": cxx_flags}, **kwargs)]
+
+
+setup(
+    name="ccluster",
+    version="0.1.0",
+    description="Weakly supervised video action recognition and localization with convex clustering: "
+                "fused C++/CUDA exemplar log-sum-exp, convex clustering loss and representativeness fit.",
+    packages=find_packages(include=["ccluster", "ccluster.*", "train", "train.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pyyaml", "matplotlib"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,1 @@
+"""Training, data and evaluation for the two-stream attention model with the convex clustering loss."""
