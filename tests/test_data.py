@@ -1,0 +1,155 @@
+"""Readers (standard W-TALC layout, native layout), their error messages, and batching."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from train.data import (FeatureDataset, VideoRecord, iterate_batches, load_dataset, write_native,
+                        write_standard)
+
+CLASSES = ["Jump", "Run", "Swim"]
+
+
+def _objects(items):
+    out = np.empty(len(items), dtype=object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
+
+
+def _write_wtalc(root, name="Toy", n_feat=(12, 3, 30), dim=8):
+    """Standard files as the real THUMOS14 release stores them: names as bytes, segment labels as str,
+    labels_all mixing both; no ccluster metadata."""
+    ann = os.path.join(root, f"{name}-Annotations")
+    os.makedirs(ann)
+    rng = np.random.default_rng(0)
+    np.save(os.path.join(root, f"{name}-I3D-JOINTFeatures.npy"),
+            _objects([rng.normal(size=(t, dim)).astype(np.float64) for t in n_feat]), allow_pickle=True)
+    np.save(os.path.join(ann, "videoname.npy"), np.array([b"video_validation_1", b"video_test_1", b"video_test_2"]))
+    np.save(os.path.join(ann, "subset.npy"), np.array([b"validation", b"test", b"test"]))
+    np.save(os.path.join(ann, "classlist.npy"), np.array([c.encode() for c in CLASSES]))
+    np.save(os.path.join(ann, "duration.npy"), np.array([7.7, 2.0, 19.2]))
+    np.save(os.path.join(ann, "segments.npy"), _objects([[[1.0, 2.5], [4.0, 6.0]], [], [[3.2, 9.6]]]),
+            allow_pickle=True)
+    np.save(os.path.join(ann, "labels.npy"), _objects([["Jump", "Run"], [], ["Swim"]]), allow_pickle=True)
+    np.save(os.path.join(ann, "labels_all.npy"), _objects([[b"Jump", "Run"], ["Run"], [b"Swim"]]), allow_pickle=True)
+    with open(os.path.join(ann, "Ambiguous_test.txt"), "w") as f:
+        f.write("video_test_2  10.1 11.3\nvideo_test_2  12 13.5\n")
+    return ann
+
+
+def test_read_real_style_standard_files(tmp_path):
+    _write_wtalc(str(tmp_path))
+    ds = load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    assert ds.classes == CLASSES and ds.rgb_dim == 4 and ds.feature_dim == 8
+    assert ds.feature_rate == pytest.approx(25 / 16)
+    assert [v.name for v in ds.videos] == ["video_validation_1", "video_test_1", "video_test_2"]
+    assert ds.indices("test") == [1, 2] and ds.train_subset == "validation" and ds.test_subset == "test"
+    v0, v1 = ds.videos[0], ds.videos[1]
+    assert v0.segments == [(1.0, 2.5, 0), (4.0, 6.0, 1)]
+    assert v0.labels.tolist() == [1, 1, 0] and v0.labels.dtype == np.float32
+    assert v0.features.dtype == np.float32 and v0.features.shape == (12, 8)
+    assert v1.segments == [] and v1.labels.tolist() == [0, 1, 0]  # no temporal annotation, still labelled
+    assert ds.ambiguous == {"video_test_2": [(10.1, 11.3), (12.0, 13.5)]}
+    assert ds.ground_truth("test") == [{"video": "video_test_2", "label": 2, "start": 3.2, "end": 9.6}]
+    assert load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4, feature_rate=2.5).feature_rate == 2.5
+
+
+def test_native_and_standard_round_trip(tmp_path):
+    _write_wtalc(str(tmp_path))
+    ds = load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    out = str(tmp_path / "out")
+    write_native(ds, out, "Toy")
+    write_standard(ds, out, "Toy")
+    for layout in ("native", "standard"):
+        back = load_dataset(out, "Toy", layout=layout)  # rgb_dim comes from the stored metadata
+        assert back.rgb_dim == 4 and back.classes == ds.classes and back.ambiguous == ds.ambiguous
+        for a, b in zip(ds.videos, back.videos):
+            assert (a.name, a.subset, a.duration, a.segments) == (b.name, b.subset, b.duration, b.segments)
+            np.testing.assert_array_equal(a.labels, b.labels)
+            np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_standard_errors_name_the_file(tmp_path):
+    ann = _write_wtalc(str(tmp_path))
+    np.save(os.path.join(ann, "subset.npy"), np.array([b"validation", b"test"]))
+    with pytest.raises(ValueError, match=r"subset\.npy has 2 entries but .*videoname\.npy has 3"):
+        load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    np.save(os.path.join(ann, "subset.npy"), np.array([b"validation", b"test", b"test"]))
+    np.save(os.path.join(ann, "labels.npy"), _objects([["Jump", "Fly"], [], ["Swim"]]), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"labels\.npy: video 'video_validation_1' has unknown class 'Fly'"):
+        load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    np.save(os.path.join(ann, "labels.npy"), _objects([["Jump"], [], ["Swim"]]), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"labels\.npy: video 'video_validation_1' has 1 segment labels"):
+        load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    os.remove(os.path.join(ann, "duration.npy"))
+    with pytest.raises(FileNotFoundError, match=r"duration\.npy"):
+        load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    with pytest.raises(ValueError, match="rgb_dim=1024"):  # 8-dim features need rgb_dim
+        _write_wtalc(str(tmp_path / "b"))
+        load_dataset(str(tmp_path / "b"), "Toy", layout="standard")
+    with pytest.raises(FileNotFoundError, match="Nope-Annotations"):
+        load_dataset(str(tmp_path), "Nope", layout="standard")
+    with pytest.raises(ValueError, match="layout"):
+        load_dataset(str(tmp_path), "Toy", layout="pickle")
+
+
+def test_native_errors_name_the_file(tmp_path):
+    _write_wtalc(str(tmp_path))
+    ds = load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    ann_path, feat_dir = write_native(ds, str(tmp_path / "n"), "Toy")
+    np.save(os.path.join(feat_dir, "video_test_1.npy"), np.zeros((5, 8), np.float32))
+    with pytest.raises(ValueError, match=r"video_test_1\.npy has 5 segments but .*num_segments=3"):
+        load_dataset(str(tmp_path / "n"), "Toy")
+    os.remove(os.path.join(feat_dir, "video_test_1.npy"))
+    with pytest.raises(FileNotFoundError, match=r"video_test_1\.npy"):
+        load_dataset(str(tmp_path / "n"), "Toy")
+    with open(ann_path) as f:
+        data = json.load(f)
+    data["database"]["video_test_2"]["annotations"][0]["label"] = "Fly"
+    with open(ann_path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match=r"annotations\.json: video 'video_test_2' has unknown class 'Fly'"):
+        load_dataset(str(tmp_path / "n"), "Toy")
+    with pytest.raises(FileNotFoundError, match="annotations.json"):
+        load_dataset(str(tmp_path / "missing"), "Toy")
+
+
+def _toy_dataset(lengths=(3, 10, 800), dim=6):
+    vids = [VideoRecord(name=f"v{i}", subset="test" if i else "validation", duration=t / 1.5625,
+                        labels=np.eye(2, dtype=np.float32)[i % 2], segments=[],
+                        features=np.arange(t * dim, dtype=np.float32).reshape(t, dim) + 1)
+            for i, t in enumerate(lengths)]
+    return FeatureDataset(["a", "b"], vids, rgb_dim=3)
+
+
+def test_batches_crop_pad_and_mask():
+    ds = _toy_dataset()
+    batches = list(iterate_batches(ds, [0, 1, 2], batch_size=2, max_seqlen=750, shuffle=False,
+                                   generator=np.random.default_rng(0)))
+    assert [b["features"].shape for b in batches] == [torch.Size([2, 10, 6]), torch.Size([1, 750, 6])]
+    b = batches[0]
+    assert b["features"].dtype == torch.float32 and b["mask"].dtype == torch.bool
+    assert b["labels"].dtype == torch.float32 and b["index"].dtype == torch.int64
+    assert b["mask"].sum(1).tolist() == [3, 10] and b["index"].tolist() == [0, 1]
+    assert float(b["features"][0, 3:].abs().sum()) == 0.0  # zero padding
+    crop = batches[1]["features"][0].numpy()
+    full = ds.videos[2].features
+    start = int(np.flatnonzero(full[:, 0] == crop[0, 0])[0])
+    np.testing.assert_array_equal(crop, full[start:start + 750])  # a contiguous window
+
+
+def test_batches_full_sequences_and_reproducible_shuffle():
+    ds = _toy_dataset()
+    full = list(iterate_batches(ds, [2], batch_size=1, max_seqlen=None, shuffle=False))
+    assert full[0]["features"].shape == (1, 800, 6) and bool(full[0]["mask"].all())
+    order = lambda seed: [int(i) for b in iterate_batches(ds, [0, 1, 2], batch_size=1, shuffle=True,  # noqa: E731
+                                                          generator=np.random.default_rng(seed))
+                          for i in b["index"]]
+    assert order(3) == order(3) and sorted(order(3)) == [0, 1, 2]
+    with pytest.raises(TypeError, match="numpy.random.Generator"):
+        next(iterate_batches(ds, [0], batch_size=1, shuffle=True, generator=torch.Generator()))
+    with pytest.raises(ValueError, match="no video in subset 'train'"):
+        ds.indices("train")

@@ -1,0 +1,38 @@
+"""Pre-extracted feature datasets: readers for the standard W-TALC layout and our native layout,
+batching, and the synthetic benchmark (:mod:`train.data.synthetic`).
+
+``load_dataset(root, name, layout="native")`` reads our safe layout; ``layout="standard"`` reads the
+pickled W-TALC release files (``<root>/<Name>-I3D-JOINTFeatures.npy`` + ``<root>/<Name>-Annotations/``),
+which can run code when loaded: use it only on files you trust, from a path you give yourself.
+"""
+from __future__ import annotations
+
+from .batching import collate, iterate_batches
+from .dataset import (DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, VideoRecord, index_to_seconds,
+                      seconds_to_index)
+from .native import read_native, write_native
+from .standard import read_standard, write_standard
+
+__all__ = [
+    "VideoRecord", "FeatureDataset", "load_dataset", "iterate_batches", "collate", "read_native",
+    "write_native", "read_standard", "write_standard", "seconds_to_index", "index_to_seconds",
+    "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM",
+]
+
+
+def load_dataset(root: str, name: str, *, layout: str = "native", feature_rate: float | None = None,
+                 rgb_dim: int | None = None) -> FeatureDataset:
+    """Load dataset ``name`` from directory ``root``.
+
+    layout: ``"native"`` (default; ``<root>/<name>/annotations.json`` + ``features/*.npy``, no pickle) or
+    ``"standard"`` (the W-TALC release: unpickles ``<root>/<name>-I3D-JOINTFeatures.npy`` and
+    ``<root>/<name>-Annotations/*.npy``; only for trusted files).
+    feature_rate: segments per second (I3D: 25 fps / 16 frames = 25/16; some releases use 10/4);
+    rgb_dim: features[:, :rgb_dim] is RGB, the rest flow. Both default to the values stored with the
+    dataset when it has them (our files do), else 25/16 and 1024.
+    """
+    if layout == "native":
+        return read_native(root, name, feature_rate=feature_rate, rgb_dim=rgb_dim)
+    if layout == "standard":
+        return read_standard(root, name, feature_rate=feature_rate, rgb_dim=rgb_dim)
+    raise ValueError(f"load_dataset: layout must be 'native' or 'standard', got {layout!r}")

@@ -1,0 +1,108 @@
+"""The native layout: plain ``.npy`` features (no pickle) and ActivityNet-format JSON annotations.
+
+Files, for a dataset ``<name>`` under ``<root>``::
+
+    <root>/<name>/annotations.json        ActivityNet ground truth (usable by ``python -m train.eval``) with
+                                          top-level "classes", "feature_rate", "rgb_dim", and per video
+                                          "subset", "duration", "annotations", "labels" (video-level class
+                                          names), "ambiguous" ([[start, end], ...]), "num_segments"
+    <root>/<name>/features/<video>.npy    float32 [T, D] per video (RGB half first)
+
+Everything is read with ``allow_pickle=False``: loading a native dataset cannot run code.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..eval.anet_json import read_ground_truth_json, write_ground_truth_json
+from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, VideoRecord
+
+__all__ = ["read_native", "write_native", "native_paths", "LAYOUT_VERSION"]
+
+LAYOUT_VERSION = "ccluster-native-1"
+
+
+def native_paths(root: str, name: str) -> tuple[str, str]:
+    """(annotations.json, features folder) of dataset ``name`` under ``root``."""
+    base = os.path.join(root, name)
+    return os.path.join(base, "annotations.json"), os.path.join(base, "features")
+
+
+def _check_name(video: str, where: str) -> None:
+    if not video or video.startswith(".") or "/" in video or "\\" in video or "\0" in video:
+        raise ValueError(f"{where}: video name {video!r} cannot be used as a file name in the native layout")
+
+
+def read_native(root: str, name: str, *, feature_rate: float | None = None,
+                rgb_dim: int | None = None) -> FeatureDataset:
+    """Read the native layout (module docstring). ``feature_rate`` / ``rgb_dim`` override the stored values
+    (default: those in annotations.json, else 25/16 and 1024). Errors name the offending file."""
+    ann_path, feat_dir = native_paths(root, name)
+    if not os.path.isfile(ann_path):
+        raise FileNotFoundError(f"native layout: missing annotation file {ann_path}")
+    gt = read_ground_truth_json(ann_path)
+    classes = gt.classes
+    cindex = {c: i for i, c in enumerate(classes)}
+    feature_rate = float(feature_rate if feature_rate is not None else gt.meta.get("feature_rate", DEFAULT_FEATURE_RATE))
+    rgb_dim = int(rgb_dim if rgb_dim is not None else gt.meta.get("rgb_dim", DEFAULT_RGB_DIM))
+    by_video: dict[str, list] = {}
+    for e in gt.entries:
+        if e["label"] not in cindex:
+            raise ValueError(f"{ann_path}: video {e['video']!r} has unknown class {e['label']!r} "
+                             f"(not in the file's classes)")
+        by_video.setdefault(e["video"], []).append((e["start"], e["end"], cindex[e["label"]]))
+    videos = []
+    for vname, info in gt.videos.items():
+        _check_name(vname, ann_path)
+        fpath = os.path.join(feat_dir, vname + ".npy")
+        if not os.path.isfile(fpath):
+            raise FileNotFoundError(f"native layout: missing feature file {fpath} (video listed in {ann_path})")
+        try:
+            feats = np.load(fpath, allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"cannot read {fpath}: {type(e).__name__}: {e}") from None
+        if feats.ndim != 2 or feats.shape[0] < 1 or not np.issubdtype(feats.dtype, np.number):
+            raise ValueError(f"{fpath}: features of shape {feats.shape} and dtype {feats.dtype}; "
+                             f"expected a numeric [T, D] array with T >= 1")
+        if "num_segments" in info and int(info["num_segments"]) != feats.shape[0]:
+            raise ValueError(f"{fpath} has {feats.shape[0]} segments but {ann_path} says num_segments="
+                             f"{info['num_segments']} for video {vname!r}")
+        labels = np.zeros(len(classes), dtype=np.float32)
+        segs = by_video.get(vname, [])
+        for _, _, c in segs:
+            labels[c] = 1.0
+        for lab in info.get("labels", []):
+            if lab not in cindex:
+                raise ValueError(f"{ann_path}: video {vname!r} has unknown video label {lab!r}")
+            labels[cindex[lab]] = 1.0
+        if "subset" not in info or "duration" not in info:
+            raise ValueError(f"{ann_path}: video {vname!r} needs 'subset' and 'duration'")
+        videos.append(VideoRecord(name=vname, subset=str(info["subset"]), duration=float(info["duration"]),
+                                  labels=labels, segments=segs,
+                                  features=np.ascontiguousarray(feats, dtype=np.float32)))
+    return FeatureDataset(classes, videos, feature_rate=feature_rate, rgb_dim=rgb_dim, ambiguous=gt.ambiguous,
+                          name=name, source=ann_path)
+
+
+def write_native(dataset: FeatureDataset, root: str, name: str) -> tuple[str, str]:
+    """Write ``dataset`` in the native layout; returns (annotations.json, features folder)."""
+    ann_path, feat_dir = native_paths(root, name)
+    os.makedirs(feat_dir, exist_ok=True)
+    database = {}
+    for v in dataset.videos:
+        _check_name(v.name, "write_native")
+        np.save(os.path.join(feat_dir, v.name + ".npy"), np.ascontiguousarray(v.features, dtype=np.float32),
+                allow_pickle=False)
+        entry = {"subset": v.subset, "duration": float(v.duration), "url": "",
+                 "annotations": [{"segment": [float(s), float(e)], "label": dataset.classes[c]}
+                                 for s, e, c in v.segments],
+                 "labels": [dataset.classes[c] for c in np.flatnonzero(v.labels > 0.5)],
+                 "num_segments": v.num_segments}
+        if dataset.ambiguous.get(v.name):
+            entry["ambiguous"] = [[float(s), float(e)] for s, e in dataset.ambiguous[v.name]]
+        database[v.name] = entry
+    write_ground_truth_json(ann_path, database, classes=dataset.classes, version=LAYOUT_VERSION,
+                            meta={"feature_rate": dataset.feature_rate, "rgb_dim": dataset.rgb_dim})
+    return ann_path, feat_dir

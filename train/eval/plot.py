@@ -1,0 +1,161 @@
+"""Plot one video: T-CAM and attention over time, ground-truth and predicted segments (PNG).
+
+Command line::
+
+    python -m train.eval.plot --cam cam.npz --ground-truth gt.json [--predictions results.json]
+                              --video NAME --out video.png [--top-k 10]
+
+``cam.npz`` holds ``tcam`` [T, C], optionally ``attention`` [T], ``feature_rate`` (segments per second,
+default 25/16) and ``classes`` (names; default: the ground-truth file's classes).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_video", "main"]
+
+
+def _as_segments(items, with_score: bool) -> list[tuple]:
+    out = []
+    for it in items or []:
+        if isinstance(it, Mapping):
+            out.append((float(it["start"]), float(it["end"]), it["label"], float(it.get("score", 1.0))))
+        else:
+            it = tuple(it)
+            out.append((float(it[0]), float(it[1]), it[2], float(it[3]) if with_score and len(it) > 3 else 1.0))
+    return out
+
+
+def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt_segments, pred_segments,
+               feature_rate: float, class_names: Sequence[str], *, title: str | None = None,
+               max_classes: int = 5) -> str:
+    """Draw the T-CAM (top panel, one line per shown class), the attention (dashed, right axis) and the
+    ground-truth / predicted segments (bottom panel, one row pair per shown class) of one video to a PNG.
+
+    tcam: [T, C]; attention: [T] or None; gt_segments: (start, end, label) tuples or dicts with those keys;
+    pred_segments: (start, end, label, score) tuples or dicts (video, label, start, end, score); labels are
+    class indices or names; times in seconds. Shown classes: those in the ground truth and predictions,
+    then the most activated, up to ``max_classes``. Returns ``path_png``.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tcam = np.asarray(tcam, dtype=np.float64)
+    if tcam.ndim != 2:
+        raise ValueError(f"plot_video: tcam must be [T, C], got shape {tcam.shape}")
+    names = list(class_names)
+    if len(names) != tcam.shape[1]:
+        raise ValueError(f"plot_video: {len(names)} class names for a T-CAM with {tcam.shape[1]} classes")
+
+    def index(label):
+        if isinstance(label, str):
+            if label not in names:
+                raise ValueError(f"plot_video: unknown class {label!r}; known: {names}")
+            return names.index(label)
+        return int(label)
+
+    gts = [(s, e, index(l), sc) for s, e, l, sc in _as_segments(gt_segments, False)]
+    preds = [(s, e, index(l), sc) for s, e, l, sc in _as_segments(pred_segments, True)]
+    shown: list[int] = []
+    for c in [g[2] for g in gts] + [p[2] for p in sorted(preds, key=lambda p: -p[3])] + \
+            list(np.argsort(-tcam.max(axis=0))):
+        if int(c) not in shown and len(shown) < max_classes:
+            shown.append(int(c))
+    t = (np.arange(tcam.shape[0]) + 0.5) / feature_rate
+    end_time = max([tcam.shape[0] / feature_rate] + [g[1] for g in gts] + [p[1] for p in preds])
+    colors = plt.get_cmap("tab10")
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 3.2 + 0.55 * len(shown)), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, max(1.2, 0.55 * len(shown))]})
+    for k, c in enumerate(shown):
+        ax.plot(t, tcam[:, c], color=colors(k % 10), lw=1.3, label=names[c])
+    ax.set_ylabel("T-CAM")
+    ax.set_xlim(0, end_time)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if attention is not None:
+        att = np.asarray(attention, dtype=np.float64).ravel()
+        axr = ax.twinx()
+        line, = axr.plot(t, att, color="black", ls="--", lw=1.2, label="attention")
+        axr.set_ylim(-0.02, 1.05)
+        axr.set_ylabel("attention")
+        handles.append(line)
+        labels.append("attention")
+    ax.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(6, len(labels)))
+    if title:
+        ax.set_title(title)
+
+    max_score = max([p[3] for p in preds] + [1e-12])
+    min_score = min([p[3] for p in preds] + [0.0])
+    yticks, ylabels = [], []
+    for k, c in enumerate(shown):
+        row = len(shown) - 1 - k  # first shown class on top
+        y_gt, y_pr = 2 * row + 1, 2 * row
+        color = colors(k % 10)
+        for s, e, lc, _ in gts:
+            if lc == c:
+                ax2.broken_barh([(s, e - s)], (y_gt + 0.1, 0.8), facecolors=color)
+        for s, e, lc, sc in preds:
+            if lc == c:
+                alpha = 0.25 + 0.75 * (sc - min_score) / max(max_score - min_score, 1e-12)
+                ax2.broken_barh([(s, e - s)], (y_pr + 0.1, 0.8), facecolors=color, alpha=float(alpha),
+                                edgecolor="black", linewidth=0.4)
+        yticks += [y_gt + 0.5, y_pr + 0.5]
+        ylabels += [f"GT {names[c]}", f"pred {names[c]}"]
+    ax2.set_yticks(yticks)
+    ax2.set_yticklabels(ylabels, fontsize=8)  # one tick per row, in the order drawn
+    ax2.set_ylim(0, 2 * max(1, len(shown)))
+    ax2.set_xlabel("time (s)")
+    ax2.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path_png)), exist_ok=True)
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return path_png
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (see the module docstring)."""
+    from .anet_json import read_ground_truth_json, read_predictions_json
+
+    ap = argparse.ArgumentParser(prog="python -m train.eval.plot", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cam", required=True, help="npz with tcam [T, C], optional attention, feature_rate, classes")
+    ap.add_argument("--ground-truth", required=True, help="ActivityNet ground-truth JSON")
+    ap.add_argument("--predictions", help="ActivityNet results JSON (optional)")
+    ap.add_argument("--video", required=True, help="video name")
+    ap.add_argument("--out", required=True, help="output PNG path")
+    ap.add_argument("--top-k", type=int, default=10, help="plot at most this many predictions (best first)")
+    args = ap.parse_args(argv)
+
+    if not os.path.isfile(args.cam):
+        ap.error(f"--cam: file not found: {args.cam}")
+    with np.load(args.cam, allow_pickle=False) as z:
+        if "tcam" not in z:
+            ap.error(f"--cam {args.cam}: no 'tcam' array (found {sorted(z.files)})")
+        tcam = z["tcam"]
+        attention = z["attention"] if "attention" in z else None
+        rate = float(z["feature_rate"]) if "feature_rate" in z else 25 / 16
+        classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    gt = read_ground_truth_json(args.ground_truth)
+    if args.video not in gt.videos:
+        ap.error(f"--video {args.video!r} is not in {args.ground_truth}")
+    classes = classes or gt.classes
+    gts = [g for g in gt.entries if g["video"] == args.video]
+    preds = []
+    if args.predictions:
+        preds = sorted((p for p in read_predictions_json(args.predictions) if p["video"] == args.video),
+                       key=lambda p: -p["score"])[:args.top_k]
+    plot_video(args.out, tcam, attention, gts, preds, rate, classes, title=args.video)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

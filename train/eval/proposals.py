@@ -1,0 +1,132 @@
+"""Action proposals from a class activation sequence (T-CAM).
+
+Default pipeline (:func:`tcam_proposals`), for one video:
+
+1. classes: those with video score >= ``class_threshold`` (0.1), and always the top-scoring class;
+2. per kept class c, the localization signal is the T-CAM column min-max normalized over time to [0, 1]
+   (``normalize="minmax"``), multiplied by the attention when one is given (attention-weighted T-CAM, with
+   attention expected in [0, 1]);
+3. at each threshold in ``thresholds`` (default 0.1, 0.2, ..., 0.9), every maximal run of segments with
+   signal >= threshold becomes a candidate [first segment, last segment + 1) converted to seconds
+   (segment t covers [t / feature_rate, (t + 1) / feature_rate));
+4. score (``scoring="oic"``): outer-inner contrast, mean signal inside minus mean signal in the flanks
+   (``inflation`` x length on each side, at least one segment, clipped to the video), plus
+   ``video_weight`` x the video score of c. ``scoring="mean"``: mean signal inside + ``video_weight`` x video
+   score (the W-TALC style);
+5. per-class greedy NMS: a candidate overlapping a higher-scored kept one with IoU > ``nms_threshold``
+   (0.5) is dropped (``nms_threshold=None`` disables it).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["DEFAULT_THRESHOLDS", "tcam_proposals", "runs_above", "temporal_nms"]
+
+DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def runs_above(signal: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) (end exclusive) of indices where ``signal >= threshold``."""
+    on = np.concatenate([[False], np.asarray(signal) >= threshold, [False]])
+    edges = np.flatnonzero(on[1:] != on[:-1])
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def temporal_nms(segments: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Greedy NMS on [N, 2] segments; returns kept indices by decreasing score (stable on ties)."""
+    segments = np.asarray(segments, dtype=np.float64).reshape(-1, 2)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    keep: list[int] = []
+    starts, ends = segments[:, 0], segments[:, 1]
+    alive = np.ones(len(order), dtype=bool)
+    for pos, i in enumerate(order):
+        if not alive[pos]:
+            continue
+        keep.append(int(i))
+        rest = order[pos + 1:]
+        inter = np.clip(np.minimum(ends[i], ends[rest]) - np.maximum(starts[i], starts[rest]), 0, None)
+        union = (ends[i] - starts[i]) + (ends[rest] - starts[rest]) - inter
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+        alive[pos + 1:] &= ~(iou > iou_threshold)
+    return keep
+
+
+def tcam_proposals(tcam: np.ndarray, video_scores: np.ndarray, feature_rate: float, *,
+                   attention: np.ndarray | None = None, classes: Sequence[int] | None = None,
+                   class_threshold: float = 0.1, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                   normalize: str = "minmax", scoring: str = "oic", inflation: float = 0.25,
+                   video_weight: float = 0.5, nms_threshold: float | None = 0.5,
+                   duration: float | None = None, max_per_class: int | None = None) -> list[dict]:
+    """Temporal proposals for one video from its T-CAM (see the module docstring for the pipeline).
+
+    tcam: [T, C] class activations (logits or probabilities); video_scores: [C] video-level class scores in
+    [0, 1] (e.g. sigmoid/softmax of the video logits); feature_rate: segments per second;
+    attention: [T] in [0, 1] or None; classes: class indices to localize (default: by ``class_threshold``);
+    normalize: "minmax" (per class over time) or "none" (use the T-CAM as it is, e.g. probabilities);
+    scoring: "oic" or "mean"; duration: clip end times to it (seconds); max_per_class: keep the best N.
+    Returns a list of dict(label, start, end, score), times in seconds, best first within each class.
+    """
+    tcam = np.asarray(tcam, dtype=np.float64)
+    if tcam.ndim != 2 or tcam.shape[0] == 0:
+        raise ValueError(f"tcam_proposals: tcam must be [T, C] with T >= 1, got shape {tcam.shape}")
+    t_len, n_cls = tcam.shape
+    video_scores = np.asarray(video_scores, dtype=np.float64).ravel()
+    if video_scores.shape != (n_cls,):
+        raise ValueError(f"tcam_proposals: video_scores must have {n_cls} entries (tcam has {n_cls} classes), "
+                         f"got {video_scores.shape}")
+    if np.isnan(tcam).any() or np.isnan(video_scores).any():
+        raise ValueError("tcam_proposals: tcam or video_scores contain NaN")
+    if attention is not None:
+        attention = np.asarray(attention, dtype=np.float64).ravel()
+        if attention.shape != (t_len,):
+            raise ValueError(f"tcam_proposals: attention must have T={t_len} entries, got {attention.shape}")
+        if np.isnan(attention).any():
+            raise ValueError("tcam_proposals: attention contains NaN")
+    if not feature_rate > 0:
+        raise ValueError(f"tcam_proposals: feature_rate must be > 0 segments per second, got {feature_rate}")
+    if normalize not in ("minmax", "none"):
+        raise ValueError(f"tcam_proposals: normalize must be 'minmax' or 'none', got {normalize!r}")
+    if scoring not in ("oic", "mean"):
+        raise ValueError(f"tcam_proposals: scoring must be 'oic' or 'mean', got {scoring!r}")
+
+    if classes is None:
+        classes = [c for c in range(n_cls) if video_scores[c] >= class_threshold]
+        top = int(np.argmax(video_scores))
+        if top not in classes:
+            classes.append(top)
+    out: list[dict] = []
+    for c in classes:
+        c = int(c)
+        if not 0 <= c < n_cls:
+            raise ValueError(f"tcam_proposals: class index {c} out of range [0, {n_cls})")
+        sig = tcam[:, c].copy()
+        if normalize == "minmax":
+            lo, hi = sig.min(), sig.max()
+            sig = (sig - lo) / (hi - lo) if hi > lo else np.ones_like(sig)
+        if attention is not None:
+            sig = sig * attention
+        runs = sorted({r for thr in thresholds for r in runs_above(sig, thr)})
+        if not runs:
+            continue
+        segs = np.array(runs, dtype=np.float64)
+        scores = np.empty(len(runs))
+        for k, (s, e) in enumerate(runs):
+            inner = sig[s:e].mean()
+            if scoring == "oic":
+                pad = max(1, int(round(inflation * (e - s))))
+                outer = np.concatenate([sig[max(0, s - pad):s], sig[e:min(t_len, e + pad)]])
+                inner = inner - (outer.mean() if outer.size else 0.0)
+            scores[k] = inner + video_weight * video_scores[c]
+        keep = temporal_nms(segs, scores, nms_threshold) if nms_threshold is not None else \
+            list(np.argsort(-scores, kind="stable"))
+        if max_per_class is not None:
+            keep = keep[:max_per_class]
+        for k in keep:
+            start, end = segs[k, 0] / feature_rate, segs[k, 1] / feature_rate
+            if duration is not None:
+                end = min(end, float(duration))
+                start = min(start, end)
+            out.append({"label": c, "start": float(start), "end": float(end), "score": float(scores[k])})
+    return out
