@@ -58,6 +58,9 @@ setup(
     packages=find_packages(include=["ccluster", "ccluster.*", "train", "train.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pyyaml", "matplotlib"],
+    # Only for extracting I3D features from raw videos: PyAV decodes (FFmpeg in its wheels), OpenCV
+    # contrib has the TV-L1 optical flow of the published features.
+    extras_require={"features": ["av>=12", "opencv-contrib-python-headless>=4.5"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
