@@ -35,16 +35,15 @@ def want_cuda():
 def extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp-simd: honour `#pragma omp simd` reductions; -fno-math-errno: lets sqrt vectorise.
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp-simd", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd", "-fno-math-errno"]
     kwargs = dict(
         name="ccluster._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=[("Py_LIMITED_API", "0x03090000")],
         py_limited_api=True,
     )
     if want_cuda():
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
         return [cpp_extension.CUDAExtension(
             sources=cpp + cu, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs)]
     return [cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": cxx_flags}, **kwargs)]

@@ -59,6 +59,7 @@ def _cached_step(kernels, log_q, weight, active):
     return logz, log_eta
 
 
+@torch.no_grad()
 def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tensor, alpha: float, *,
                            metric: str = "sqeuclidean", tol: float = 1e-4, max_iter: int = 1000,
                            log_q: torch.Tensor | None = None, progress: bool = False,
@@ -96,6 +97,9 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         raise ValueError(f"{op}: x must be a [N, m] tensor, got {getattr(x, 'shape', type(x))}")
     if not (isinstance(db, torch.Tensor) and db.dim() == 3 and db.shape[2] == x.shape[1]):
         raise ValueError(f"{op}: db must be [C, n, m={x.shape[1]}], got {getattr(db, 'shape', type(db))}")
+    if db.dtype != x.dtype or db.device != x.device:
+        raise ValueError(f"{op}: db must have x's dtype and device ({x.dtype}, {x.device}), "
+                         f"got {db.dtype}, {db.device}")
     C, n, _ = db.shape
     if not (isinstance(weight, torch.Tensor) and list(weight.shape) == [x.shape[0], C]):
         raise ValueError(f"{op}: weight must be [N, C] = {[x.shape[0], C]}, "

@@ -69,7 +69,7 @@ class ConvexClusteringLoss(nn.Module):
                 raise ValueError(f"ConvexClusteringLoss: {name} must be {shape}, got {list(t.shape)}")
         if mask.dtype != torch.bool:
             raise TypeError(f"ConvexClusteringLoss: mask must be a bool tensor, got {mask.dtype}")
-        a = attention * mask
+        a = torch.where(mask, attention, torch.zeros((), dtype=attention.dtype, device=attention.device))
         total = a.sum(1, keepdim=True)
         p = a / torch.where(total > 0, total, torch.ones_like(total))
         pairs = mask[:, :, None] & (labels != 0)[:, None, :]

@@ -241,10 +241,11 @@ if has_compiled_ops():
             torch._check(dx.numel() == x.numel(),
                          lambda: "convex_clustering_loss: x requires grad but the forward was run "
                                  "without grad_x=True")
-            gx = g_loss * dx
+            gx = g_loss * dx  # dL/dx was accumulated in the forward pass: only scale it
         if need_w:
             gw = -g_loss * logz  # logz is 0 outside the pairs
         if need_db or need_lq:
+            # dL/dlogz = -weight on the pairs; recompute the tiles for db / log_q
             g = torch.where(pairs, -g_loss * weight, torch.zeros((), dtype=weight.dtype,
                                                                  device=weight.device))
             _, gdb, glq = torch.ops.ccluster.exemplar_logsumexp_backward(

@@ -35,7 +35,7 @@ def scores(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
         s = lq - alpha * _safe_sqrt(d2)
     else:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return s.view(-1, C, n)
+    return s.view(x.shape[0], C, n)
 
 
 def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,

@@ -103,6 +103,7 @@ void cc_loss_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& wei
           T o = 0;
           if (dp) {
             const T* dr = dp + r * nc;
+#pragma omp simd reduction(+ : o)
             for (int64_t j = 0; j < nc; ++j) {
               gr[j] *= kappa(dr[j], metric);
               o += gr[j];

@@ -117,8 +117,11 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
         rb.load(in, cr, un, xbuf);
         at::Tensor g = gemm_tile(gbuf, rb.X, Y);
         T* gp = g.data_ptr<T>();
-        if (!dbuf.defined() || dbuf.numel() < g.numel()) dbuf = at::empty({kRowBlock * kColBlock}, g.options());
-        T* dp = dbuf.data_ptr<T>();
+        T* dp = nullptr;
+        if (euclid) {
+          if (!dbuf.defined()) dbuf = at::empty({kRowBlock * kColBlock}, g.options());
+          dp = dbuf.data_ptr<T>();
+        }
         scores_tile(gp, un.rows, cu.cols, rb.xx.data(), yyc, lqc, alpha, metric, unused.data(), dp);
         for (int64_t r = 0; r < un.rows; ++r) {
           T* row = gp + r * cu.cols;
@@ -130,16 +133,28 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
         T* roww = need_x ? roww_local.data_ptr<T>() : nullptr;
         for (int64_t r = 0; r < un.rows; ++r) {
           T* row = gp + r * cu.cols;
-          const T* drow = dp + r * cu.cols;
+          const T* drow = dp ? dp + r * cu.cols : nullptr;
           const T gs = gr_s[r];
           T rs = 0;
-          for (int64_t j = 0; j < cu.cols; ++j) {
-            const T p = gs * row[j];
-            colp[j] += p;
-            const T w = euclid ? kappa(drow[j], metric) * p : T(2) * p;
-            row[j] = w;
-            colw[j] += w;
-            rs += w;
+          if (euclid) {
+#pragma omp simd reduction(+ : rs)
+            for (int64_t j = 0; j < cu.cols; ++j) {
+              const T p = gs * row[j];
+              colp[j] += p;
+              const T w = kappa(drow[j], metric) * p;
+              row[j] = w;
+              colw[j] += w;
+              rs += w;
+            }
+          } else {
+#pragma omp simd reduction(+ : rs)
+            for (int64_t j = 0; j < cu.cols; ++j) {
+              const T p = gs * row[j];
+              colp[j] += p;
+              row[j] = T(2) * p;
+              colw[j] += T(2) * p;
+              rs += T(2) * p;
+            }
           }
           if (need_x) roww[rb.ids[r]] += rs;
         }

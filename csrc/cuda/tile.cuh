@@ -1,0 +1,243 @@
+// The CUDA tile engine shared by every op: per-class row lists built on the device, squared norms, and
+// one SIMT distance-tile routine that every kernel runs in its K-loop.
+//
+// Tiling. A thread block of 256 threads (16 x 16) owns a 64 x 64 tile of (rows of x) x (exemplars of one
+// class). The K-loop over the feature dimension m stages a [BK x 64] slice of each side in shared memory
+// (converted to the accumulation type while it is loaded, so half/bfloat16 inputs are read once and never
+// copied in global memory) and every thread accumulates a 4 x 4 register micro-tile of dot products:
+// rows ty + 16 i and exemplars tx + 16 j (strided ownership: the shared reads are broadcasts or 16
+// consecutive words, free of bank conflicts). Distances come from |x|^2 + |y|^2 - 2 x.y, clamped at 0,
+// exactly as the CPU kernels (csrc/cpu/tile.h) compute them, in float32 (float64 for double inputs).
+//
+// Label sparsity. The rows of x that take part in class c are listed on the device (build_class_rows:
+// a [C, N] int32 buffer, ascending within a class, and a count per class), so the work is proportional
+// to the number of (row, class) pairs. Nothing depends on a count read back to the host: grids are sized
+// from N and C and blocks skip the (class, row block) units that are empty, so every op can be captured
+// in a CUDA graph.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "common.h"
+
+namespace ccluster {
+namespace cuda {
+
+constexpr int kTile = 64;      // rows x exemplars per block tile (both sides)
+constexpr int kThreads = 256;  // 16 x 16 threads, each a 4 x 4 micro-tile
+constexpr int kPad = kTile + 1;
+
+// K-slice depth: 16 for float; 8 for double so that the largest kernel stays within 48 KB of static
+// shared memory.
+template <typename T>
+struct Cfg {
+  static constexpr int BK = 16;
+};
+template <>
+struct Cfg<double> {
+  static constexpr int BK = 8;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Device numerics (the device twins of lse_shift / lse_finish in common.h).
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+__device__ __forceinline__ float dexp(float v) { return __expf(v); }  // exp(-inf) = 0, NaN stays NaN
+__device__ __forceinline__ double dexp(double v) { return ::exp(v); }
+__device__ __forceinline__ float dlog(float v) { return ::logf(v); }
+__device__ __forceinline__ double dlog(double v) { return ::log(v); }
+__device__ __forceinline__ float dsqrt(float v) { return ::sqrtf(v); }
+__device__ __forceinline__ double dsqrt(double v) { return ::sqrt(v); }
+
+template <typename T>
+__device__ __forceinline__ T dshift(T mx) {
+  return mx == neg_inf<T>() ? T(0) : mx;
+}
+
+template <typename T>
+__device__ __forceinline__ T dfinish(T mx, T l) {
+  return dshift(mx) + dlog(l);
+}
+
+// Merge two online log-sum-exp states (max, sum relative to shift(max)). fmax ignores NaN, so a NaN score
+// never becomes the shift; it reaches the sum instead and propagates from there.
+template <typename T>
+__device__ __forceinline__ void lse_merge(T& m1, T& l1, T m2, T l2) {
+  const T mx = fmax(m1, m2);
+  const T sh = dshift(mx);
+  T l = T(0);
+  if (l1 != T(0)) l += l1 * dexp(m1 - sh);
+  if (l2 != T(0)) l += l2 * dexp(m2 - sh);
+  m1 = mx;
+  l1 = l;
+}
+
+// Distance from a dot product, as csrc/cpu/tile.h: max(|x|^2 + |y|^2 - 2 x.y, 0), square-rooted for the
+// euclidean metric.
+template <typename T>
+__device__ __forceinline__ T ddist(T xx, T yy, T dot, bool euclid) {
+  T d2 = xx + yy - T(2) * dot;
+  d2 = d2 < T(0) ? T(0) : d2;  // rounding can make it negative; a NaN stays NaN (as std::max on CPU)
+  return euclid ? dsqrt(d2) : d2;
+}
+
+// d(score)/dx = -alpha * kappa * (x - y): kappa = 2 (sqeuclidean) or 1/d (euclidean, 0 at d = 0).
+template <typename T>
+__device__ __forceinline__ T dkappa(T d, bool euclid) {
+  if (!euclid) return T(2);
+  return d > T(0) ? T(1) / d : T(0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Per-class row lists.
+
+struct RowsView {
+  const int* rows;   // [C, N]: class c's rows at c * N, ascending; nullptr = every row (dense)
+  const int* count;  // [C]
+  int N;
+  __device__ __forceinline__ int cnt(int c) const { return rows ? count[c] : N; }
+  __device__ __forceinline__ int row(int c, int i) const { return rows ? rows[int64_t(c) * N + i] : i; }
+};
+
+struct ClassRows {
+  at::Tensor rows, count;  // undefined when dense
+  int N = 0;
+  RowsView view() const {
+    return RowsView{rows.defined() ? rows.data_ptr<int>() : nullptr,
+                    count.defined() ? count.data_ptr<int>() : nullptr, N};
+  }
+};
+
+// From a [C, N] contiguous bool mask (the transposed pairs): the rows of every class, on the current
+// stream, without a host sync. Defined in rows.cu.
+ClassRows build_class_rows(const at::Tensor& mask_t);
+inline ClassRows dense_rows(int64_t N) {
+  ClassRows cr;
+  cr.N = static_cast<int>(N);
+  return cr;
+}
+
+// Squared norms of the rows of a contiguous [R, m] tensor, in the accumulation type. Defined in rows.cu.
+at::Tensor row_sqnorms(const at::Tensor& a2d, at::ScalarType acc);
+
+// Inputs as the kernels read them: x and db contiguous in their own dtype (converted tile by tile), log_q
+// and the squared norms in the accumulation type.
+struct Inputs {
+  at::Tensor x, db, log_q, xx, yy;
+  int N, C, n, m;
+};
+
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(x.size(0) < kMax && x.size(1) < kMax && db.size(0) < kMax && db.size(1) < kMax, op,
+              ": sizes beyond 2^31 are not supported by the CUDA kernels, got x ", x.sizes(), ", db ",
+              db.sizes());
+  TORCH_CHECK(x.size(0) * db.size(0) < kMax, op, ": N * C must be < 2^31 for the CUDA kernels, got N=",
+              x.size(0), ", C=", db.size(0));
+  Inputs in;
+  const auto t = acc_type(x.scalar_type());
+  in.x = x.contiguous();
+  in.db = db.contiguous();
+  in.log_q = log_q.to(t).contiguous();
+  in.N = static_cast<int>(x.size(0));
+  in.C = static_cast<int>(db.size(0));
+  in.n = static_cast<int>(db.size(1));
+  in.m = static_cast<int>(db.size(2));
+  in.xx = row_sqnorms(in.x, t);
+  in.yy = row_sqnorms(in.db.view({int64_t(in.C) * in.n, in.m}), t).view({in.C, in.n});
+  return in;
+}
+
+// A persistent grid: enough blocks to fill the GPU a few times over, never more than the units.
+inline int persistent_grid(int64_t units, int blocks_per_sm) {
+  static int sms[64] = {0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 64) dev = 63;
+  if (sms[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev));
+  const int64_t g = std::min<int64_t>(units, int64_t(sms[dev]) * blocks_per_sm);
+  return static_cast<int>(std::max<int64_t>(g, 1));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The distance-tile K-loop.
+//
+// acc[i][j] = x[s_row[ty + 16 i]] . y[tx + 16 j] over the m features; rows with s_row = -1 and exemplars
+// >= cols read as 0. `y` points at the tile's first exemplar (row-major [cols, m]). Starts and ends with
+// every thread past a barrier on the shared slices, so callers may reuse as/bs right after.
+template <typename scalar_t, typename T, int BK>
+__device__ __forceinline__ void dot_tile(const scalar_t* __restrict__ x, const int* s_row,
+                                         const scalar_t* __restrict__ y, int cols, int m, T (&as)[BK][kPad],
+                                         T (&bs)[BK][kPad], T (&acc)[4][4]) {
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = T(0);
+  for (int k0 = 0; k0 < m; k0 += BK) {
+    // Each side is kTile x BK elements; consecutive threads read consecutive features of one row.
+#pragma unroll
+    for (int idx = tid; idx < kTile * BK; idx += kThreads) {
+      const int r = idx / BK, k = idx % BK, kg = k0 + k;
+      const int s = s_row[r];
+      as[k][r] = (s >= 0 && kg < m) ? static_cast<T>(x[int64_t(s) * m + kg]) : T(0);
+      bs[k][r] = (r < cols && kg < m) ? static_cast<T>(y[int64_t(r) * m + kg]) : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      T a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = as[k][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = bs[k][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+}
+
+// Reductions over the 16 threads (tx = 0..15, one half-warp) that share a row of the tile.
+template <typename T>
+__device__ __forceinline__ T row_sum16(T v) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ T row_max16(T v) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+template <typename T>
+__device__ __forceinline__ void row_lse16(T& mx, T& l) {
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) {
+    const T m2 = __shfl_xor_sync(0xffffffffu, mx, off);
+    const T l2 = __shfl_xor_sync(0xffffffffu, l, off);
+    lse_merge(mx, l, m2, l2);
+  }
+}
+
+}  // namespace cuda
+}  // namespace ccluster
