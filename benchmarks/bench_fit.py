@@ -1,0 +1,143 @@
+"""Benchmark: fitting Q, one iteration and time to tolerance.
+
+Per iteration (float32 unless --dtype):
+  fused   ccluster.fit_step: logz and eta from the same GEMM tiles, label-sparse
+  torch   the same update in plain PyTorch, label-aware: per class, gather the weighted rows, addmm-based
+          scores, logsumexp for logz and for eta (recomputed every iteration, as the fused op does)
+  cached  the cached-kernel path of fit_representativeness: the [rows_c, n] matrices are built once,
+          then an iteration is two log-sum-exp passes (no GEMM); chosen automatically when they fit
+  gemm    one GEMM with as many multiply-adds as the pairs need: [P, m] x [m, n]
+Then fit_representativeness to tol with the fused path (cache=False) and the cached path (cache=True).
+The training set is `videos` videos of `T` segments, 1-2 labels each, attention-like weights.
+
+    python benchmarks/bench_fit.py [--sizes "200,100,20,512,1024"] [--tol 1e-4] [--json out.json]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import ccluster  # noqa: E402
+from ccluster import fit as fit_module  # noqa: E402
+from ccluster import reference  # noqa: E402
+
+DEFAULT_SIZES = "200,100,20,512,1024"
+CASES = ("gemm", "fused", "torch", "cached")
+
+
+def make_inputs(videos, T, C, n, m, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(videos, C, dtype=torch.bool)
+    for v in range(videos):
+        labels[v, torch.randint(C, (1,), generator=g)] = True
+        if v % 10 == 9:
+            labels[v, torch.randint(C, (1,), generator=g)] = True
+    # features clustered around a few centres per class so that Q has structure to find
+    centres = torch.randn(C, 8, m, generator=g)
+    vid_class = labels.float().argmax(1)
+    pick = torch.randint(8, (videos, T), generator=g)
+    x = centres[vid_class[:, None], pick] + 0.5 * torch.randn(videos, T, m, generator=g)
+    x = x.reshape(videos * T, m)
+    att = torch.rand(videos, T, generator=g).softmax(1).reshape(-1, 1)
+    weight = att * labels.repeat_interleave(T, 0)
+    db = x[torch.randperm(videos * T, generator=g)[: C * n]].reshape(C, n, m)
+    log_q = torch.full((C, n), -float(torch.tensor(n).log()))
+    to = dict(device=device, dtype=dtype)
+    return x.to(**to), db.to(**to), weight.to(**to), log_q.to(**to), 1.0 / m
+
+
+def torch_step(x, db, log_q, weight, alpha):
+    """The update in plain PyTorch, label-aware: per class, only the rows with weight."""
+    logz = torch.zeros_like(weight)
+    log_eta = torch.full_like(log_q, float("-inf"))
+    for c in range(db.shape[0]):
+        rows = (weight[:, c] > 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        t = reference.scores(x[rows], db[c:c + 1], torch.zeros_like(log_q[c:c + 1]), alpha)[:, 0]
+        z = torch.logsumexp(t + log_q[c], 1)
+        logz[rows, c] = z
+        log_eta[c] = torch.logsumexp(t + (weight[rows, c].log() - z)[:, None], 0)
+    return logz, log_eta
+
+
+def build_case(case, videos, T, C, n, m, dtype, device):
+    x, db, weight, log_q, alpha = make_inputs(videos, T, C, n, m, dtype, device)
+    if case == "gemm":
+        a = torch.randn(int((weight > 0).sum()), m, dtype=dtype, device=device)
+        y = db[0].t().contiguous()
+        return lambda: torch.mm(a, y)
+    if case == "fused":
+        return lambda: ccluster.fit_step(x, db, log_q, weight, alpha)
+    if case == "torch":
+        return lambda: torch_step(x, db, log_q, weight, alpha)
+    kernels = fit_module._cached_kernels(x, db, weight, alpha, "sqeuclidean")
+    active = torch.ones(C, dtype=torch.bool, device=device)
+    return lambda: fit_module._cached_step(kernels, log_q, weight, active)
+
+
+def main():
+    p = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=int, default=300)
+    args = p.parse_args()
+    dtype = common.DTYPES[args.dtype]
+    if args.memory_case:
+        size = common.parse_sizes(args.sizes)[0]
+        print(common.measure_in_process(lambda: build_case(args.memory_case, *size, dtype, args.device),
+                                        args.device))
+        return
+    if not ccluster.has_compiled_ops():
+        sys.exit("compiled ops are not loaded: this benchmark would time the reference against itself")
+    print(f"fit Q  device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"rounds={args.rounds} tol={args.tol:g}")
+    rows = []
+    for size in common.parse_sizes(args.sizes):
+        x, db, weight, log_q, alpha = make_inputs(*size, dtype, args.device)
+        npairs = int((weight > 0).sum())
+        a = ccluster.fit_step(x, db, log_q, weight, alpha)
+        b = torch_step(x.double(), db.double(), log_q.double(), weight.double(), alpha)
+        err = max(float((u.double() - v).abs().max()) for u, v in zip(a, b))
+        cases = {c: build_case(c, *size, dtype, args.device) for c in CASES}
+        t = common.time_alternating(cases, args.rounds, "gemm", args.device)
+        del cases
+        mem = {c: None for c in CASES}
+        if not args.no_memory:
+            size_arg = ["--sizes", ",".join(map(str, size)), "--dtype", args.dtype, "--device", args.device]
+            mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in CASES}
+        print(f"size videos,T,C,n,m = {size}, pairs = {npairs}, max abs err vs float64 = {err:.1e}")
+        print("  one iteration: " + " | ".join(
+            f"{c} {common.fmt_seconds(t[c]['seconds']).strip()} {common.fmt_ratio(t[c]['ratio']).strip()} "
+            f"{common.fmt_bytes(mem[c]).strip()}" for c in CASES))
+        to_tol = {}
+        for name, cache in (("fused", False), ("cached", True)):
+            start = time.perf_counter()
+            res = ccluster.fit_representativeness(x, db, weight, alpha, tol=args.tol, max_iter=args.max_iter,
+                                                  cache=cache)
+            common.sync(args.device)
+            to_tol[name] = {"seconds": time.perf_counter() - start, "max_iter": int(res.n_iter.max()),
+                            "converged": int(res.converged.sum()), "max_gap": float(res.gap.max())}
+            print(f"  to tol, {name:6s}: {to_tol[name]['seconds']:.2f} s, {to_tol[name]['max_iter']} iterations, "
+                  f"{to_tol[name]['converged']}/{size[2]} classes converged, max gap {to_tol[name]['max_gap']:.1e}")
+        est = t["torch"]["seconds"] * to_tol["fused"]["max_iter"] if not isinstance(t["torch"]["seconds"], str) \
+            else None
+        if est is not None:
+            print(f"  to tol, torch (estimated: iterations x time per iteration): {est:.2f} s")
+        rows.append({"videos": size[0], "T": size[1], "C": size[2], "n": size[3], "m": size[4], "pairs": npairs,
+                     "max_abs_err_vs_float64": err,
+                     **{f"{c}_s": t[c]["seconds"] for c in CASES}, **{f"{c}_ratio": t[c]["ratio"] for c in CASES},
+                     **{f"{c}_peak_bytes": mem[c] for c in CASES},
+                     "to_tol": to_tol, "torch_to_tol_estimated_s": est})
+    print("per iteration: median time, ratio to the pairs' GEMM (median of per-round ratios), peak extra memory")
+    common.write_json(args.json, {"op": "fit", "dtype": args.dtype, "tol": args.tol,
+                                  "env": common.environment(args.device), "rounds": args.rounds, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Shared timing and memory helpers for the benchmarks.
+
+Timing: the machines we run on are noisy (a VM that flips between a fast and a slow state), so every
+candidate of one configuration is timed *alternately* in the same process, round after round, and we
+report the median time of each and the median of the per-round ratios to the GEMM floor.
+
+Memory: peak extra memory is measured in a fresh subprocess per case. On CPU it is the rise of the
+process's high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident size after
+the inputs were built; on CUDA it is torch.cuda.max_memory_allocated over the memory held by the inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Callable
+
+import torch
+from torch.utils import benchmark as tbench
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def base_parser(description: str, default_sizes: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--sizes", default=default_sizes, help="semicolon-separated comma tuples")
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--json", default=None, help="write the table here")
+    p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: subprocess mode
+    return p
+
+
+def parse_sizes(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in s.split(",")) for s in text.split(";") if s.strip()]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_alternating(cases: dict[str, Callable[[], object]], rounds: int, floor: str,
+                     device: str) -> dict[str, dict]:
+    """Times every case once per round, alternating; returns median seconds and median ratio to `floor`.
+
+    A case that runs out of memory is reported as ``"OOM"`` instead of a time.
+    """
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            if name in failed:
+                continue
+            try:
+                t = tbench.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).mean
+            except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+                if "out of memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
+                    raise
+                failed[name] = "OOM"
+                sync(device)
+                continue
+            times[name].append(t)
+    out = {}
+    for name in cases:
+        if name in failed:
+            out[name] = {"seconds": "OOM", "ratio": "OOM"}
+            continue
+        ratios = [t / f for t, f in zip(times[name], times[floor])] if floor not in failed else []
+        out[name] = {"seconds": statistics.median(times[name]),
+                     "ratio": statistics.median(ratios) if ratios else None}
+    return out
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure_in_process(build: Callable[[], Callable[[], object]], device: str) -> int:
+    """Peak extra bytes of one call of the function that `build()` returns (inputs excluded)."""
+    fn = build()
+    if device.startswith("cuda"):
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+        f.write("5")
+    fn()
+    return max(0, _rss_kb("VmHWM") - base) * 1024
+
+
+def measure_subprocess(script: str, case: str, argv: list[str]) -> int | str:
+    """Runs `script --memory-case case <argv>` in a fresh interpreter; returns bytes or "OOM"/"error"."""
+    cmd = [sys.executable, script, "--memory-case", case, *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if res.returncode != 0:
+        text = (res.stderr + res.stdout).strip()
+        if "out of memory" in text.lower():
+            return "OOM"
+        return "error: " + (text.splitlines()[-1] if text else "unknown")
+    return int(res.stdout.strip().splitlines()[-1])
+
+
+def fmt_seconds(v) -> str:
+    return v if isinstance(v, str) else f"{v * 1e3:9.1f}ms"
+
+
+def fmt_ratio(v) -> str:
+    return "   -" if v is None else (v if isinstance(v, str) else f"{v:5.2f}x")
+
+
+def fmt_bytes(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{v / 2**20:8.1f}MB"
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")
+
+
+def environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                           if ln.startswith("model name")), "unknown")
+    return env
