@@ -66,10 +66,12 @@ def build_case(case, videos, T, C, n, m, dtype, device):
 def main():
     args = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args()
     dtype = common.DTYPES[args.dtype]
+    common.apply_threads(args)
     if args.memory_case:
         size = common.parse_sizes(args.sizes)[0]
         print(common.measure_in_process(lambda: build_case(args.memory_case, *size, dtype, args.device),
-                                        args.device))
+                                        args.device,
+                                        lambda: build_case(args.memory_case, *(2, 4, size[2], 4, 4), dtype, args.device)))
         return
     if not ccluster.has_compiled_ops():
         sys.exit("compiled ops are not loaded: this benchmark would time the reference against itself")
@@ -93,7 +95,7 @@ def main():
         del cases
         mem = {c: None for c in CASES}
         if not args.no_memory:
-            size_arg = ["--sizes", ",".join(map(str, size)), "--dtype", args.dtype, "--device", args.device]
+            size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", ",".join(map(str, size)), "--dtype", args.dtype, "--device", args.device]
             mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in CASES}
 
         def speedup(other):

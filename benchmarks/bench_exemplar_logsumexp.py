@@ -57,10 +57,12 @@ def build_case(case, N, C, n, m, dtype, device):
 def main():
     args = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args()
     dtype = common.DTYPES[args.dtype]
+    common.apply_threads(args)
     if args.memory_case:
         N, C, n, m = common.parse_sizes(args.sizes)[0]
         print(common.measure_in_process(lambda: build_case(args.memory_case, N, C, n, m, dtype, args.device),
-                                        args.device))
+                                        args.device,
+                                        lambda: build_case(args.memory_case, 8, C, 4, 4, dtype, args.device)))
         return
     if not ccluster.has_compiled_ops():
         sys.exit("compiled ops are not loaded: this benchmark would time the reference against itself")
@@ -83,7 +85,7 @@ def main():
         del cases
         mem = {c: None for c in CASES}
         if not args.no_memory:
-            size_arg = ["--sizes", f"{N},{C},{n},{m}", "--dtype", args.dtype, "--device", args.device]
+            size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", f"{N},{C},{n},{m}", "--dtype", args.dtype, "--device", args.device]
             mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in CASES}
         row = {"N": N, "C": C, "n": n, "m": m, "max_rel_err_vs_float64": err,
                **{f"{c}_s": t[c]["seconds"] for c in CASES}, **{f"{c}_ratio": t[c]["ratio"] for c in CASES},

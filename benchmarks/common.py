@@ -31,10 +31,16 @@ def base_parser(description: str, default_sizes: str) -> argparse.ArgumentParser
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--sizes", default=default_sizes, help="semicolon-separated comma tuples")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", default=None, help="write the table here")
     p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)  # internal: subprocess mode
     return p
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def parse_sizes(text: str) -> list[tuple[int, ...]]:
@@ -86,8 +92,15 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def measure_in_process(build: Callable[[], Callable[[], object]], device: str) -> int:
-    """Peak extra bytes of one call of the function that `build()` returns (inputs excluded)."""
+def measure_in_process(build: Callable[[], Callable[[], object]], device: str,
+                       warmup: Callable[[], Callable[[], object]] | None = None) -> int:
+    """Peak extra bytes of one call of the function that `build()` returns (inputs excluded).
+
+    `warmup` builds the same case at a tiny size; it runs first so that one-time costs (lazy imports,
+    library initialisation on the first backward) are not counted.
+    """
+    if warmup is not None:
+        warmup()()
     fn = build()
     if device.startswith("cuda"):
         sync(device)

@@ -10,8 +10,10 @@
 //   grad_lq  = colsum(P)
 // Parallel over (class, exemplar chunk) units, so grad_db and grad_lq rows are owned by one worker;
 // grad_x rows are shared across classes and go through per-worker buffers added at the end.
+#include <algorithm>
 #include <array>
 #include <mutex>
+#include <utility>
 
 #include "cpu/tile.h"
 
@@ -84,13 +86,19 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
     if (cr.count(c) > 0)
       for (int64_t j0 = 0; j0 < n; j0 += kColBlock) units.push_back({c, j0, std::min(kColBlock, n - j0)});
 
-  std::mutex gx_mutex;
+  // grad_x rows receive contributions from every class: each worker accumulates into its own buffer
+  // (the worker that starts at unit 0 uses grad_x itself), summed afterwards in unit order so that the
+  // result does not depend on thread timing.
+  std::mutex mu;
+  std::vector<std::pair<int64_t, at::Tensor>> partial_gx;
+  at::Tensor roww_all = need_x ? at::zeros({N}, in.x.options()) : at::Tensor();
+  std::vector<std::pair<int64_t, at::Tensor>> partial_roww;
   parallel_units(static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
     at::Tensor xbuf, gbuf, dbuf, tmp;
     at::Tensor gx_local, roww_local;  // this worker's share of grad_x and of rowsum(W)
     if (need_x) {
-      gx_local = at::zeros({N, m}, in.x.options());
-      roww_local = at::zeros({N}, in.x.options());
+      gx_local = u0 == 0 ? gx : at::zeros({N, m}, in.x.options());
+      roww_local = u0 == 0 ? roww_all : at::zeros({N}, in.x.options());
     }
     RowBlock<T> rb;
     std::vector<T> gr_s(kRowBlock), lz_s(kRowBlock), colw, colp, unused(kRowBlock);
@@ -183,12 +191,19 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
       }
       if (need_lq) std::copy(colp.begin(), colp.end(), glq.data_ptr<T>() + cu.c * n + cu.j0);
     }
-    if (need_x) {
-      gx_local.addcmul_(in.x, roww_local.unsqueeze(1), -alpha);
-      std::lock_guard<std::mutex> lock(gx_mutex);
-      gx.add_(gx_local);
+    if (need_x && u0 != 0) {
+      std::lock_guard<std::mutex> lock(mu);
+      partial_gx.emplace_back(u0, gx_local);
+      partial_roww.emplace_back(u0, roww_local);
     }
   });
+  if (need_x) {
+    std::sort(partial_gx.begin(), partial_gx.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::sort(partial_roww.begin(), partial_roww.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (auto& p : partial_gx) gx.add_(p.second);
+    for (auto& p : partial_roww) roww_all.add_(p.second);
+    gx.addcmul_(in.x, roww_all.unsqueeze(1), -alpha);
+  }
 }
 
 at::Tensor exemplar_logsumexp_cpu(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,

@@ -1,0 +1,35 @@
+# One-command entry points. `make demo` and `make test` work on a fresh machine with only Python 3.9+
+# and a C++ compiler: they create .venv, install torch (CPU build) and the package, then run.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.ccluster-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" numpy scipy pytest ninja pybind11 setuptools wheel tqdm pyyaml matplotlib
+	$(PY) -m pip install -q av opencv-contrib-python-headless
+	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -c "import ccluster, sys; sys.exit(0 if ccluster.has_compiled_ops() else 'compiled ops failed to load')"
+	touch $@
+
+demo: setup
+	$(PY) -m train demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_exemplar_logsumexp.py --json results/bench_exemplar_logsumexp.json
+	$(PY) benchmarks/bench_cc_loss.py --json results/bench_cc_loss.json
+	$(PY) benchmarks/bench_fit.py --json results/bench_fit.json
+
+clean:
+	rm -rf build *.egg-info ccluster/_C*.so
