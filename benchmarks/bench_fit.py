@@ -7,7 +7,8 @@ Per iteration (float32 unless --dtype):
   cached  the cached-kernel path of fit_representativeness: the [rows_c, n] matrices are built once,
           then an iteration is two log-sum-exp passes (no GEMM); chosen automatically when they fit
   gemm    one GEMM with as many multiply-adds as the pairs need: [P, m] x [m, n]
-Then fit_representativeness to tol with the fused path (cache=False) and the cached path (cache=True).
+Then fit_representativeness to tol with the fused path (cache=False), the cached path (cache=True), and the
+cached path with SQUAREM acceleration (accelerate=True).
 The training set is `videos` videos of `T` segments, 1-2 labels each, attention-like weights.
 
     python benchmarks/bench_fit.py [--sizes "200,100,20,512,1024"] [--tol 1e-4] [--json out.json]
@@ -118,19 +119,20 @@ def main():
             f"{c} {common.fmt_seconds(t[c]['seconds']).strip()} {common.fmt_ratio(t[c]['ratio']).strip()} "
             f"{common.fmt_bytes(mem[c]).strip()}" for c in CASES))
         to_tol = {}
-        for name, cache in (("fused", False), ("cached", True)):
+        for name, cache, accelerate in (("fused", False, False), ("cached", True, False),
+                                        ("cached+squarem", True, True)):
             start = time.perf_counter()
             res = ccluster.fit_representativeness(x, db, weight, alpha, tol=args.tol, max_iter=args.max_iter,
-                                                  cache=cache)
+                                                  cache=cache, accelerate=accelerate)
             common.sync(args.device)
             to_tol[name] = {"seconds": time.perf_counter() - start, "max_iter": int(res.n_iter.max()),
                             "converged": int(res.converged.sum()), "max_gap": float(res.gap.max())}
-            print(f"  to tol, {name:6s}: {to_tol[name]['seconds']:.2f} s, {to_tol[name]['max_iter']} iterations, "
+            print(f"  to tol, {name:14s}: {to_tol[name]['seconds']:.2f} s, {to_tol[name]['max_iter']} iterations, "
                   f"{to_tol[name]['converged']}/{size[2]} classes converged, max gap {to_tol[name]['max_gap']:.1e}")
         est = t["torch"]["seconds"] * to_tol["fused"]["max_iter"] if not isinstance(t["torch"]["seconds"], str) \
             else None
         if est is not None:
-            print(f"  to tol, torch (estimated: iterations x time per iteration): {est:.2f} s")
+            print(f"  to tol, torch (estimated: plain iterations x its time per iteration): {est:.2f} s")
         rows.append({"videos": size[0], "T": size[1], "C": size[2], "n": size[3], "m": size[4], "pairs": npairs,
                      "max_abs_err_vs_float64": err,
                      **{f"{c}_s": t[c]["seconds"] for c in CASES}, **{f"{c}_ratio": t[c]["ratio"] for c in CASES},

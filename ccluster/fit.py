@@ -63,7 +63,8 @@ def _cached_step(kernels, log_q, weight, active):
 def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tensor, alpha: float, *,
                            metric: str = "sqeuclidean", tol: float = 1e-4, max_iter: int = 1000,
                            log_q: torch.Tensor | None = None, progress: bool = False,
-                           cache: bool | None = None, cache_budget_bytes: int = 256 << 20) -> FitResult:
+                           cache: bool | None = None, cache_budget_bytes: int = 256 << 20,
+                           accelerate: bool = False) -> FitResult:
     r"""Fit Q with the network fixed: maximise ``sum_s w_sc log sum_j q_cj exp(-alpha d(x_s, y_cj))``.
 
     The convex-clustering update (Lashkari & Golland), per class, all in the log domain:
@@ -89,8 +90,12 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
             fit in ``cache_budget_bytes``; otherwise every iteration is one fused kernel pass
             (:func:`ccluster.fit_step`) that never materialises them.
 
+        accelerate: SQUAREM extrapolation of the update (two EM steps, a squared extrapolation along
+            them, and a fall-back that keeps the objective monotone). Same certificate, usually far
+            fewer passes when some q_j go to 0 (where plain EM is slow).
+
     Returns:
-        :class:`FitResult`.
+        :class:`FitResult`. ``n_iter`` counts the passes over the data after the first evaluation.
     """
     op = "fit_representativeness"
     if not (isinstance(x, torch.Tensor) and x.dim() == 2):
@@ -135,6 +140,23 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         cache = rows * n * x.element_size() <= cache_budget_bytes
     kernels = _cached_kernels(x, db, weight, float(alpha), metric) if cache else None
 
+    def evaluate(lq, act):
+        """One pass at lq for the active classes: objective [C], log eta [C, n], gap [C]."""
+        w = torch.where(act, weight, 0.0)
+        if cache:
+            logz, log_eta = _cached_step(kernels, lq, w, act)
+        else:
+            logz, log_eta = fit_step(x, db, lq, w, float(alpha), metric)
+        q = lq.exp()
+        mean_log_eta = torch.where(q > 0, q * log_eta, 0.0).sum(1)
+        max_log_eta = torch.where(filled, log_eta, _NEG_INF).amax(1) if n else torch.zeros(C, dtype=x.dtype,
+                                                                                             device=x.device)
+        return (w * logz).sum(0), log_eta, max_log_eta - mean_log_eta
+
+    def em(lq, log_eta):
+        new = lq + log_eta
+        return new - torch.logsumexp(torch.where(filled, new, _NEG_INF), 1, keepdim=True)
+
     gap = torch.full((C,), math.nan, dtype=x.dtype, device=x.device)
     n_iter = torch.zeros(C, dtype=torch.long)
     active = fittable.clone()
@@ -142,34 +164,60 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=max_iter, desc="fit Q", unit="it")
-    for _ in range(max_iter + 1):
-        if not bool(active.any()):
-            break
-        w = torch.where(active, weight, 0.0)
-        if cache:
-            logz, log_eta = _cached_step(kernels, log_q, w, active)
+        bar = tqdm(total=max_iter, desc="fit Q", unit="pass")
+
+    def record(obj, g, act, lq_new, lq):
+        """Accept lq_new for the active classes; returns (log_q, still active)."""
+        nonlocal gap
+        history.append(torch.where(act, obj, math.nan))
+        gap = torch.where(act, g, gap)
+        done = act & ((g < tol) | (n_iter >= max_iter).to(g.device))
+        return torch.where(act[:, None] & filled, lq_new, lq), act & ~done
+
+    if active.any():
+        obj, log_eta, g = evaluate(log_q, active)
+        log_q, active = record(obj, g, active, log_q, log_q)
+    while bool(active.any()):
+        before = active.clone()
+        if not accelerate:
+            new = em(log_q, log_eta)
+            n_iter += active.cpu().long()
+            obj, log_eta, g = evaluate(new, active)
+            log_q, active = record(obj, g, active, new, log_q)
         else:
-            logz, log_eta = fit_step(x, db, log_q, w, float(alpha), metric)
-        obj = (w * logz).sum(0)
-        history.append(torch.where(active, obj, math.nan))
-        q = log_q.exp()
-        mean_log_eta = torch.where(q > 0, q * log_eta, 0.0).sum(1)
-        max_log_eta = torch.where(filled, log_eta, _NEG_INF).amax(1) if n else torch.zeros_like(gap)
-        g = max_log_eta - mean_log_eta
-        gap = torch.where(active, g, gap)
-        done = active & ((g < tol) | (n_iter >= max_iter).to(g.device))
-        active = active & ~done
-        if not bool(active.any()):
-            break
-        upd = active[:, None] & filled
-        new = log_q + log_eta
-        new = new - torch.logsumexp(torch.where(filled, new, _NEG_INF), 1, keepdim=True)
-        log_q = torch.where(upd, new, log_q)
-        n_iter += active.cpu().long()
+            # SQUAREM (Varadhan & Roland 2008): two EM steps, a squared extrapolation along them, and
+            # a safeguard that keeps the objective monotone (fall back to the second EM step).
+            q0 = log_q
+            q1 = em(q0, log_eta)
+            n_iter += active.cpu().long()
+            obj1, eta1, g1 = evaluate(q1, active)
+            log_q, act1 = record(obj1, g1, active, q1, log_q)
+            if bool(act1.any()):
+                q2 = em(q1, eta1)
+                p0, p1, p2 = (torch.where(filled, t.double().exp(), 0.0) for t in (q0, q1, q2))
+                r, v = p1 - p0, p2 - 2 * p1 + p0
+                step = -(r.norm(dim=1) / v.norm(dim=1).clamp_min(1e-300)).clamp_min(1.0)
+                pe = p0 - 2 * step[:, None] * r + step[:, None] ** 2 * v
+                # keep every filled slot strictly positive: a zero could never come back
+                pe = torch.where(filled, pe.clamp_min(1e-12 * p2.amax(1, keepdim=True)), 0.0)
+                qe = (pe / pe.sum(1, keepdim=True)).log().to(x.dtype)
+                qe = torch.where(filled, qe, _NEG_INF)
+                n_iter += act1.cpu().long()
+                obj_e, eta_e, g_e = evaluate(qe, act1)
+                bad = act1 & ~(obj_e >= obj1)
+                if bool(bad.any()):
+                    n_iter += bad.cpu().long()
+                    obj2, eta2, g2 = evaluate(q2, bad)
+                    qe = torch.where(bad[:, None], q2, qe)
+                    obj_e, g_e = torch.where(bad, obj2, obj_e), torch.where(bad, g2, g_e)
+                    eta_e = torch.where(bad[:, None], eta2, eta_e)
+                log_q, act1 = record(obj_e, g_e, act1, qe, log_q)
+                log_eta = torch.where(act1[:, None], eta_e, eta1)
+            active = act1
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(max_gap=f"{float(gap[active].max()):.2e}", active=int(active.sum()))
+            bar.update(int((n_iter[before.cpu()].max() if before.any() else 0)) - bar.n)
+            if active.any():
+                bar.set_postfix(max_gap=f"{float(gap[active].max()):.2e}", active=int(active.sum()))
     if bar is not None:
         bar.close()
     return FitResult(log_q=log_q, gap=gap, n_iter=n_iter, converged=fittable & (gap < tol),

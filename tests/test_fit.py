@@ -347,3 +347,24 @@ def test_fit_step_without_slots_matches_exemplar_logsumexp():
     logz, log_eta = ccluster.fit_step(x, db, log_q, w, ALPHA)
     assert log_eta.shape == (2, 0)
     assert torch.equal(logz, ccluster.exemplar_logsumexp(x, db, log_q, ALPHA))
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["fused", "cached"])
+def test_accelerated_fit_reaches_the_same_certificate_in_fewer_passes(cache):
+    torch.manual_seed(5)
+    C, n, m = 3, 40, 6
+    centres = torch.randn(C, 4, m, dtype=torch.float64) * 3
+    x = centres[torch.randint(C, (600,)), torch.randint(4, (600,))] + torch.randn(600, m, dtype=torch.float64)
+    db = x[torch.randperm(600)[:C * n]].reshape(C, n, m)
+    w = torch.rand(600, C, dtype=torch.float64) * (torch.rand(600, C) < 0.4)
+    plain = fit(x, db, w, 0.5, tol=1e-6, max_iter=5000, cache=cache)
+    fast = fit(x, db, w, 0.5, tol=1e-6, max_iter=5000, cache=cache, accelerate=True)
+    assert bool(plain.converged.all()) and bool(fast.converged.all())
+    assert int(fast.n_iter.sum()) < int(plain.n_iter.sum())
+    hist = torch.stack(fast.objective)
+    steps = hist.diff(dim=0)
+    assert bool((steps[~steps.isnan()] >= -1e-12).all()), "accelerated objective decreased"
+    last = lambda h: torch.stack([h[~h[:, c].isnan(), c][-1] for c in range(C)])  # noqa: E731
+    # both objectives are within tol of the optimum, hence of each other
+    assert torch.allclose(last(hist), last(torch.stack(plain.objective)), atol=2e-6, rtol=0)
+    assert torch.allclose(fast.log_q.exp().sum(1), torch.ones(C, dtype=torch.float64))
