@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.ccluster-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench cuda-check clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,15 @@ bench: setup
 	$(PY) benchmarks/bench_exemplar_logsumexp.py --json results/bench_exemplar_logsumexp.json
 	$(PY) benchmarks/bench_cc_loss.py --json results/bench_cc_loss.json
 	$(PY) benchmarks/bench_fit.py --json results/bench_fit.json
+
+# Compile-only check of csrc/cuda/*.cu with nvcc (no GPU needed). Uses the headers of a CUDA build of
+# torch installed without its dependencies (~1.2 GB) in a separate venv; skipped where nvcc is absent.
+CUDA_TORCH ?= torch==2.14.1
+cuda-check:
+	@if ! command -v nvcc >/dev/null; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
+	set -e; test -x .venv-cuda-headers/bin/python || $(PYTHON) -m venv .venv-cuda-headers; \
+	.venv-cuda-headers/bin/pip install -q --no-deps "$(CUDA_TORCH)"; \
+	bash .ci/compile_cuda.sh .venv-cuda-headers/bin/python
 
 clean:
 	rm -rf build *.egg-info ccluster/_C*.so

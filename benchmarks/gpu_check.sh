@@ -14,7 +14,8 @@
 # results), and one JSON per benchmark (at most 6). Exit status: 0 when the build and the tests passed.
 #
 # Environment: PYTHON (default python), CUDA_HOME (default: found from nvcc), TORCH_CUDA_ARCH_LIST
-# (default 9.0), MAX_JOBS (default: number of CPUs), BENCH_TIMEOUT (seconds per benchmark, default 90).
+# (default 9.0), MAX_JOBS (default: number of CPUs), BENCH_TIMEOUT (seconds per benchmark, default 90),
+# BENCH_ARGS (extra benchmark options, e.g. --no-memory to skip the peak-memory subprocesses).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
@@ -76,7 +77,8 @@ n=0
 for bench in benchmarks/bench_*.py; do
   (( n >= 6 )) && { echo "more than 6 benchmarks: $bench skipped (file limit)"; continue; }
   name=$(basename "$bench" .py)
-  run_step "$name" "${BENCH_TIMEOUT:-90}" "$PY" "$bench" --device cuda --json "$OUT_DIR/$name.json"
+  # shellcheck disable=SC2086  # BENCH_ARGS: extra options, e.g. "--no-memory --rounds 2"
+  run_step "$name" "${BENCH_TIMEOUT:-90}" "$PY" "$bench" --device cuda --json "$OUT_DIR/$name.json" ${BENCH_ARGS:-}
   n=$((n + 1))
 done
 (( n == 0 )) && echo "no benchmarks/bench_*.py: benchmarks skipped"

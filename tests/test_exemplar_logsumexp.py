@@ -151,18 +151,18 @@ def test_opcheck_backward(metric, mask):
         assert g.shape == (like.shape if want else (0,))
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    # backend="aot_eager": Dynamo must capture the op in one graph (fullgraph), AOTAutograd traces the
-    # forward through the fake kernel and the backward through the registered autograd formula and the
-    # backward op's fake kernel. Inductor's C++ codegen would add ~20 s on a cold cache and nothing about
-    # our ops (opcheck's test_aot_dispatch_dynamic covers the same registrations with dynamic shapes).
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_forward_backward(backend):
+    # Dynamo must capture the op in one graph (fullgraph); AOTAutograd traces the forward through the
+    # fake kernel and the backward through the registered autograd formula and the backward op's fake
+    # kernel. "inductor" (the default backend users get) adds its C++ codegen around our op: ~20 s cold.
     x, db, log_q = make_inputs(6, 2, 5, 3, seed=9, requires_grad=True)
     pairs = random_mask(6, 2, 0.7, seed=4)
 
     def f(x, db, log_q):
         return (lse(x, db, log_q, ALPHA, "sqeuclidean", pairs) * torch.arange(1.0, 3.0, dtype=x.dtype)).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     val = compiled(x, db, log_q)
     grads = torch.autograd.grad(val, (x, db, log_q))
     ref_val = f(x, db, log_q)

@@ -39,6 +39,7 @@ void cc_loss_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& wei
   // Destination of each pair's dx row: -1 = the segment's row of dx, else a side-buffer slot.
   std::vector<int64_t> dest(cr.rows.size(), -1);
   int64_t slots = 0;
+  T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
   if (need_x) {
     std::vector<char> seen(in.N, 0);
     for (int64_t c = 0; c < C; ++c) {
@@ -49,9 +50,11 @@ void cc_loss_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& wei
         seen[s] = 1;
       }
     }
+    // dx comes uninitialised: rows without a pair are zeroed here, the others are written whole below
+    for (int64_t s = 0; s < in.N; ++s)
+      if (!seen[s]) std::fill(dxp + s * m, dxp + (s + 1) * m, T(0));
   }
   at::Tensor side = at::empty({slots, m}, in.x.options());
-  T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
   T* sidep = side.data_ptr<T>();
 
   const auto units = row_units(cr, C, kRowBlock, [&](int64_t c) { return empty[c] != 0; });
@@ -171,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
-  at::Tensor dx = grad_x ? at::zeros(x.sizes(), opts) : at::Tensor();
+  at::Tensor dx = grad_x ? at::empty(x.sizes(), opts) : at::Tensor();
   at::Tensor loss = at::zeros({}, opts);
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0) {
     AT_DISPATCH_FLOATING_TYPES(t, "cc_loss_cpu", [&] {
@@ -182,6 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
       cc_loss_kernel<scalar_t>(in, cr, w, static_cast<scalar_t>(alpha), metric, logz, dx, l);
       loss.fill_(l);
     });
+  } else if (grad_x) {
+    dx.zero_();  // no class or no slot: nothing to learn
   }
   return {loss.to(x.scalar_type()), logz.to(x.scalar_type()),
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
