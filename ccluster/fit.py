@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from . import reference
 from .ops import METRICS, fit_step
@@ -36,6 +37,16 @@ class FitResult:
     cached: bool = False
 
 
+def _all_reduce_logsumexp(t: torch.Tensor, group) -> torch.Tensor:
+    """log sum over ranks of exp(t), elementwise; -inf where every rank has -inf."""
+    m = t.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    s = (t - shift).exp()
+    dist.all_reduce(s, group=group)
+    return shift + s.log()
+
+
 def _cached_kernels(x, db, weight, alpha, metric):
     """Per class, the rows with weight and their ``-alpha d`` against the class's exemplars."""
     out = []
@@ -64,7 +75,7 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
                            metric: str = "sqeuclidean", tol: float = 1e-4, max_iter: int = 1000,
                            log_q: torch.Tensor | None = None, progress: bool = False,
                            cache: bool | None = None, cache_budget_bytes: int = 256 << 20,
-                           accelerate: bool = False) -> FitResult:
+                           accelerate: bool = False, group=None) -> FitResult:
     r"""Fit Q with the network fixed: maximise ``sum_s w_sc log sum_j q_cj exp(-alpha d(x_s, y_cj))``.
 
     The convex-clustering update (Lashkari & Golland), per class, all in the log domain:
@@ -93,6 +104,12 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         accelerate: SQUAREM extrapolation of the update (two EM steps, a squared extrapolation along
             them, and a fall-back that keeps the objective monotone). Same certificate, usually far
             fewer passes when some q_j go to 0 (where plain EM is slow).
+
+        group: a ``torch.distributed`` process group (or ``dist.group.WORLD``) when the segments are
+            sharded across ranks: x and weight are this rank's shard; db, log_q and every other argument
+            must be the same on all ranks. Per pass, the objective and eta are summed across ranks
+            (eta as a log-sum-exp), so every rank applies the same update, stops at the same time and
+            returns the same FitResult as one process holding all segments (to rounding).
 
     Returns:
         :class:`FitResult`. ``n_iter`` counts the passes over the data after the first evaluation.
@@ -131,6 +148,8 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
     filled = torch.isfinite(log_q)
 
     total = weight.sum(0)
+    if group is not None:
+        dist.all_reduce(total, group=group)
     fittable = (total > 0) & filled.any(1)
     empty = (~fittable).nonzero().squeeze(1).tolist()
     weight = torch.where(fittable, weight / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
@@ -147,11 +166,15 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
             logz, log_eta = _cached_step(kernels, lq, w, act)
         else:
             logz, log_eta = fit_step(x, db, lq, w, float(alpha), metric)
+        obj = (w * logz).sum(0)
+        if group is not None:  # every rank holds a shard of the segments: combine their sums
+            dist.all_reduce(obj, group=group)
+            log_eta = _all_reduce_logsumexp(log_eta, group)
         q = lq.exp()
         mean_log_eta = torch.where(q > 0, q * log_eta, 0.0).sum(1)
         max_log_eta = torch.where(filled, log_eta, _NEG_INF).amax(1) if n else torch.zeros(C, dtype=x.dtype,
                                                                                              device=x.device)
-        return (w * logz).sum(0), log_eta, max_log_eta - mean_log_eta
+        return obj, log_eta, max_log_eta - mean_log_eta
 
     def em(lq, log_eta):
         new = lq + log_eta
