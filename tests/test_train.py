@@ -1,0 +1,165 @@
+"""The training procedure end to end on the tiny synthetic preset: results, files, determinism, and
+resuming after SIGKILL (real subprocesses)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train.cli import demo_configs, format_table, main
+from train.config import load_config
+from train.procedure import Trainer, open_dataset, stage_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+# Long enough that a kill lands inside a training stage; small enough for a few seconds per run.
+TINY = ["train.baseline_steps=12", "train.cc_steps=8", "train.log_every=1", "cc.rounds=2"]
+STEPS = 12 + 2 * 8
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The tiny synthetic preset, generated once into a private cache folder."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("CCLUSTER_CACHE")
+    os.environ["CCLUSTER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CCLUSTER_CACHE"]
+    else:
+        os.environ["CCLUSTER_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory):
+    """One uninterrupted run of the tiny preset: (config, run folder, results)."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
+    run = tmp_path_factory.mktemp("reference")
+    results = Trainer(cfg, run).run()
+    return cfg, run, results
+
+
+def _params(run_dir):
+    return ckpt.load(Path(run_dir) / "latest.pt")["model"]
+
+
+def test_end_to_end_tiny(reference):
+    cfg, run, results = reference
+    assert list(results) == ["baseline", "cc1", "cc2"]
+    assert [name for name, _ in stage_plan(cfg)] == ["baseline", "db1", "cc1", "db2", "cc2"]
+    for res in results.values():
+        assert 0 <= res["cls_map"] <= 1 and 0 <= res["det_map_avg"] <= 1
+        assert len([k for k in res if k.startswith("det_map@")]) == 7
+    assert "cls_map_select" not in results["baseline"] and 0 <= results["cc2"]["cls_map_select"] <= 1
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "curves.png", "latest.pt",
+                 "stage-baseline.pt", "stage-db1.pt", "stage-cc2.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "figures").glob("tcam-*.png"))
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))  # every step once
+    db = [r for r in rows if r["kind"] == "database"]
+    assert len(db) == 2 and all(r["alpha_rgb"] > 0 and r["alpha_flow"] > 0 for r in db)  # logged
+    assert all("cc" in r for r in train_rows if r["stage"].startswith("cc"))
+    state = ckpt.load(run / "latest.pt")
+    assert state["stage"] == 5 and state["global_step"] == STEPS
+    assert set(state) >= {"model", "optimizer", "database", "log_q", "alpha", "stage", "step", "rng",
+                          "config"}
+    db_state = state["database"]
+    C, n, m = db_state["features"].shape
+    assert (C, n, m) == (5, cfg["cc"]["size"], 2 * cfg["model"]["embed_dim"])
+    for s in ("rgb", "flow"):
+        assert torch.allclose(state["log_q"][s].logsumexp(1), torch.zeros(C), atol=1e-4)
+    table = format_table(list(results.items()), cfg["eval"]["tiou"])
+    assert "cc2" in table and "0.7" in table
+
+
+def test_deterministic(reference, tmp_path):
+    cfg, run, results = reference
+    again = Trainer(cfg, tmp_path / "again").run()
+    assert again == results
+    ref, new = _params(run), _params(tmp_path / "again")
+    assert all(torch.equal(ref[k], new[k]) for k in ref)
+
+
+def _wait_for(path, predicate, proc, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed:\n{proc.stderr.read()}")
+        if path.exists():
+            rows = [json.loads(line) for line in open(path) if line.endswith("\n")]
+            if predicate(rows):
+                return rows
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_resume_after_sigkill(reference, tmp_path):
+    """SIGKILL in the baseline stage and again in an L_cc stage: each resume loses no completed step
+    and the final model equals the uninterrupted run's, bit for bit."""
+    cfg, ref_run, ref_results = reference
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *TINY,
+           f"run.dir={run}"]
+    kill_at = [lambda rows: sum(r["kind"] == "train" for r in rows) >= 5,
+               lambda rows: any(r.get("stage") == "cc1" and r.get("stage_step", 0) >= 3 for r in rows)]
+    for i, predicate in enumerate(kill_at):
+        proc = subprocess.Popen(cmd + (["--resume"] if i else []), env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        rows = _wait_for(run / "metrics.jsonl", predicate, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        last_logged = max(r["step"] for r in rows if r["kind"] == "train")
+        state = ckpt.load(run / "latest.pt")  # loadable: written atomically
+        # The step being logged when the kill came may not have reached its checkpoint; all before did.
+        assert state["global_step"] >= last_logged - 1
+    # Without --resume an existing run is refused.
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 2 and "--resume" in out.stderr
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "resuming" in out.stderr
+    assert json.loads((run / "results.json").read_text()) == json.loads(
+        (ref_run / "results.json").read_text())
+    ref, new = _params(ref_run), _params(run)
+    assert all(torch.equal(ref[k], new[k]) for k in ref)
+    # metrics.jsonl holds every step exactly once (lines after the last checkpoint were dropped).
+    steps = [json.loads(line)["step"] for line in open(run / "metrics.jsonl")
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_eval_command(reference, capsys):
+    cfg, run, results = reference
+    assert main(["eval", "--checkpoint", str(run / "latest.pt"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[:out.index("}") + 1]) == results["cc2"]
+
+
+def test_resume_refuses_a_different_config(reference, tmp_path, capsys):
+    cfg, run, _ = reference
+    code = main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *TINY, "cc.size=3",
+                 f"run.dir={run}", "--resume"])
+    assert code == 2 and "cc.size" in capsys.readouterr().err
+
+
+def test_demo_configs_compare_equal_lengths():
+    method, base = demo_configs(["data.synthetic=tiny"])
+    assert base["cc"]["weight"] == 0 and method["cc"]["weight"] == 1
+    t = method["train"]
+    assert base["train"]["baseline_steps"] == t["baseline_steps"] + method["cc"]["rounds"] * t["cc_steps"]
+    assert stage_plan(base) == [("baseline", "train")]
+
+
+def test_open_dataset_missing_files(tmp_path):
+    from train.config import ConfigError
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.name=Missing", "data.layout=native"])
+    with pytest.raises(ConfigError, match=r"data\.root.*Missing"):
+        open_dataset(cfg)

@@ -1,0 +1,234 @@
+"""Command line: ``python -m train {fit,eval,demo,steptime,config}``.
+
+    python -m train fit --config configs/synthetic.yaml [key=value ...] [--resume]
+    python -m train eval --checkpoint runs/synthetic/latest.pt
+    python -m train demo [--out runs/demo] [key=value ...]
+    python -m train steptime [--config ...] [key=value ...]   # a training step with vs without L_cc
+    python -m train config --config configs/thumos14.yaml [key=value ...]   # print the resolved config
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULTS, ConfigError, PRESETS, from_dict, load_config, to_yaml
+
+log = logging.getLogger("train")
+
+def run_dir_of(cfg: dict) -> Path:
+    return Path(cfg["run"]["dir"] or f"runs/{cfg['name']}")
+
+
+def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k} ({vb!r} saved, {va!r} now)")
+    return keys
+
+
+def cmd_fit(args) -> int:
+    from . import checkpoint as ckpt
+    from .procedure import Trainer
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else run_dir_of(cfg)
+    latest = run_dir / ckpt.LATEST
+    if latest.exists():
+        if not args.resume:
+            raise ConfigError(f"run folder {run_dir} already holds a run ({latest}); pass --resume to "
+                              f"continue it, or choose another run.dir / name")
+        saved = from_dict(ckpt.load(latest)["config"])
+        if args.config or args.overrides:
+            diff = _config_diff(cfg, saved)
+            if diff:
+                raise ConfigError(f"--resume: the config differs from the one saved in {run_dir}: "
+                                  + "; ".join(diff))
+        trainer = Trainer.resume(run_dir)
+        print(f"resuming {run_dir} at stage {trainer.plan[min(trainer.stage, len(trainer.plan) - 1)][0]}"
+              f", step {trainer.step} (global {trainer.global_step})", file=sys.stderr)
+    else:
+        if args.resume:
+            print(f"--resume: no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
+        trainer = Trainer(cfg, run_dir)
+    results = trainer.run()
+    print(format_table([(name, res) for name, res in results.items()], cfg["eval"]["tiou"]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import checkpoint as ckpt
+    from .procedure import Trainer
+    path = Path(args.checkpoint)
+    state = ckpt.load(path)
+    cfg = from_dict(state["config"])
+    run_dir = path.parent if path.is_file() else path
+    trainer = Trainer(cfg, run_dir)
+    trainer.load_state_dict(state)
+    res = trainer.evaluate(figures=args.figures)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    print(format_table([(state["stage_name"], res)], cfg["eval"]["tiou"]))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def demo_configs(overrides=()) -> tuple[dict, dict]:
+    """The method and its equal-length baseline (L_cc off, the same total number of steps)."""
+    method = load_config(None, [f"{k}={json.dumps(v)}" for k, v in _flat(PRESETS["synthetic"])]
+                         + list(overrides))
+    base = copy.deepcopy(method)
+    t = method["train"]
+    base["name"] = method["name"] + "-baseline"
+    base["cc"]["weight"] = 0.0
+    base["train"]["baseline_steps"] = t["baseline_steps"] + method["cc"]["rounds"] * t["cc_steps"]
+    return method, base
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def cmd_demo(args) -> int:
+    from .procedure import Trainer, open_dataset
+    method, base = demo_configs(args.overrides)
+    out = Path(args.out)
+    t0 = time.time()
+    dataset = open_dataset(method)
+    print(f"dataset: {dataset!r}", file=sys.stderr)
+    rows = []
+    for cfg, tag in ((base, "baseline"), (method, "method")):
+        run_dir = out / tag
+        if args.fresh and run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)
+        cfg["run"]["dir"] = str(run_dir)
+        trainer = Trainer.resume(run_dir, dataset) if (run_dir / "latest.pt").exists() else \
+            Trainer(cfg, run_dir, dataset)
+        results = trainer.run()
+        if tag == "baseline":
+            rows.append((f"baseline ({cfg['train']['baseline_steps']} steps)", results["baseline"]))
+        else:
+            t = cfg["train"]
+            rows.append((f"baseline ({t['baseline_steps']} steps, stage 1)", results["baseline"]))
+            last = [k for k in results if k != "baseline"][-1]
+            rows.append((f"method (+{cfg['cc']['rounds']}x{t['cc_steps']} steps with L_cc)",
+                         results[last]))
+    table = format_table(rows, method["eval"]["tiou"])
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
+    print(f"({time.time() - t0:.0f} s; runs in {out}/baseline and {out}/method; table in {out}/table.txt)")
+    return 0
+
+
+def cmd_steptime(args) -> int:
+    """Median time of a training step with L_cc and without, alternated in one process."""
+    import statistics
+    import tempfile
+
+    import ccluster
+    from .procedure import Trainer
+    cfg = load_config(args.config, args.overrides) if args.config else demo_configs(args.overrides)[0]
+    cfg["run"]["progress"] = False
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp)
+        trainer.build_database("timing")  # untrained network: the database's content does not change the cost
+        for i in range(3):  # warm-up
+            trainer.train_step(1, i, False)
+            trainer.train_step(1, i, True)
+        plain, with_cc, ratios = [], [], []
+        for i in range(args.steps):
+            pair = []
+            for use_cc in ((False, True) if i % 2 == 0 else (True, False)):
+                t0 = time.perf_counter()
+                trainer.train_step(1, 3 + i, use_cc)
+                pair.append((use_cc, time.perf_counter() - t0))
+            t = dict(pair)
+            plain.append(t[False])
+            with_cc.append(t[True])
+            ratios.append(t[True] / t[False])
+    d = cfg["data"]
+    print(f"training step, batch {d['batch_size']} x up to {d['max_seqlen']} segments, embed "
+          f"{cfg['model']['embed_dim']}, C x n = {trainer.dataset.num_classes} x {cfg['cc']['size']}, "
+          f"compiled ops: {ccluster.has_compiled_ops()}, torch threads: {torch_threads()}")
+    print(f"without L_cc: {1e3 * statistics.median(plain):.1f} ms   with L_cc: "
+          f"{1e3 * statistics.median(with_cc):.1f} ms   ratio (median of pairs): "
+          f"{statistics.median(ratios):.2f}x over {args.steps} pairs")
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def format_table(rows, tiou) -> str:
+    """One line per (name, results): cls mAP (plain, selection), det mAP per tIoU and their mean (%)."""
+    def pct(v):
+        return "    -" if v is None else f"{100 * v:5.1f}"
+    head = f"{'':<40} {'cls':>5} {'cls*':>5} " + " ".join(f"{t:>5g}" for t in tiou) + f" {'avg':>5}"
+    lines = [head]
+    for name, r in rows:
+        det = " ".join(pct(r.get(f"det_map@{t:g}")) for t in tiou)
+        lines.append(f"{name:<40} {pct(r.get('cls_map'))} {pct(r.get('cls_map_select'))} {det} "
+                     f"{pct(r.get('det_map_avg'))}")
+    lines.append("cls: classification mAP (attention-pooled video scores); cls*: with test-time selection of "
+                 "representative segments; columns 0.1-0.7: detection mAP at tIoU; avg: their mean (all %).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fit", help="train (baseline, then the rounds with L_cc), evaluate, save")
+    p.add_argument("--config", help="YAML file (keys of train/config.py DEFAULTS)")
+    p.add_argument("--run-dir", help="run folder (default run.dir, or runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_fit)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test subset")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
+    p.add_argument("--figures", type=int, default=0, help="draw T-CAM figures of this many videos")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("demo", help="synthetic data: baseline vs the method, one table")
+    p.add_argument("--out", default="runs/demo", help="folder of the two runs (default runs/demo)")
+    p.add_argument("--fresh", action="store_true", help="delete earlier demo runs in --out first")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("steptime", help="time a training step with and without L_cc")
+    p.add_argument("--config", help="YAML file (default: the synthetic demo preset)")
+    p.add_argument("--steps", type=int, default=20, help="pairs of steps to time")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_steptime)
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["main", "format_table", "demo_configs", "DEFAULTS"]

@@ -1,0 +1,328 @@
+"""One tree of defaults, overridden by a YAML file and then by ``key=value`` pairs, validated, saved.
+
+    cfg = load_config("configs/synthetic.yaml", ["train.lr=3e-4", "cc.alpha=0.5"])
+    cfg["cc"]["alpha"]          # plain nested dicts, nothing magic
+    save_config(cfg, run_dir / "config.yaml")
+
+Every key a YAML file or an override may set is in :data:`DEFAULTS`; an unknown key, a value of the wrong
+type or out of range stops with a :class:`ConfigError` that names the key, what was expected and what
+arrived. Checks that need the data (``cc.k`` against the number of segments, missing feature files) are
+in :func:`check_against_data`, run before any training.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+# The whole tree. Comments here are the reference for every option.
+DEFAULTS: dict[str, Any] = {
+    "name": "run",                 # run name, used for the default run folder runs/<name>
+    "seed": 0,                     # seeds model init, batch order, dropout, window crops
+    "device": "cpu",               # "cpu" or "cuda"
+    "data": {
+        "root": "",                # dataset folder (train.data layout); "" with synthetic set -> cache
+        "name": "",                # dataset name inside root (given by the synthetic generator if "")
+        "synthetic": "",           # "", "tiny", "demo" or "thumos14": generate this preset if missing
+        "layout": "standard",      # "standard" (rgb|flow concatenated) or "native"
+        "feature_rate": 0.0,       # feature vectors per second; 0: from the dataset's files, else 25/16
+        "rgb_dim": 0,              # features[:, :rgb_dim] are RGB, the rest flow; 0: from the files/1024
+        "max_seqlen": 750,         # training crop length (segments); evaluation uses whole videos
+        "batch_size": 16,
+        "train_subset": "",        # "" -> the dataset's convention (THUMOS14: validation; ANet: training)
+        "test_subset": "",         # "" -> the dataset's convention (THUMOS14: test; ANet: validation)
+    },
+    "model": {
+        "embed_dim": 512,          # width of the embedding phi (Linear -> ReLU -> Dropout), per stream
+        "dropout": 0.5,
+        "attention": "untrimmednet",  # "untrimmednet" (softmax over segments) | "stpn" (sigmoid)
+        "attention_hidden": 0,     # 0: attention is Linear(embed, 1); >0: Linear-ReLU-Linear
+    },
+    "loss": {
+        "classification": "softmax",  # "softmax": CE vs labels/|labels| | "bce": per-class sigmoid BCE
+        "topk_mil": 0.0,           # weight of W-TALC's top-k MIL loss, added to the attention MIL loss
+        "topk_ratio": 8,           # W-TALC top-k: k = ceil(T / topk_ratio)
+        "sparsity": 1.0e-4,        # STPN: weight of the L1 attention sparsity loss (stpn only)
+        "casl": 0.0,               # W-TALC co-activity similarity loss weight (0 = off)
+        "casl_margin": 0.5,
+    },
+    "cc": {
+        "weight": 1.0,             # lambda in Loss = L_clf + lambda * L_cc
+        "rounds": 1,               # R: repetitions of collect (2) -> fit Q (3) -> train with L_cc (4)
+        "size": 64,                # n: exemplars per class in the database
+        "on": "embedding",         # "embedding" (phi, shapes features and attention) | "input"
+        "detach_attention": False, # True: L_cc shapes phi only (p(s|x) as a constant weight); False: the
+                                   # literal loss, whose gradient also moves the attention
+        "normalize": False,        # L2-normalise what L_cc sees (stops phi from shrinking to cheat L_cc)
+        "metric": "sqeuclidean",   # "sqeuclidean" | "euclidean" (the paper's d)
+        "alpha": "auto",           # bandwidth: a number > 0, or "auto" (from the data, every collection)
+        "alpha_rule": "lashkari",  # auto rule: "lashkari" (log n / mean d) | "median" (1 / median d)
+        "alpha_scale": 1.0,        # multiplies the automatic alpha
+        "fit_tol": 1.0e-4,         # stop the Q fit when |max log eta - sum q log eta| < tol
+        "fit_max_iter": 500,
+        "k": 8,                    # test: segments per class kept by select_representative
+        "select_by": "distance",   # "distance": closest to the class's exemplars (-log z) | "loss":
+                                   # least -p(s|x) log z, the literal L_cc (favours low attention)
+        "select_top_classes": 0,   # 0: select for every class; N: only the N top-scored classes
+        "reduction": "mean",       # L_cc summed over videos ("sum") or averaged ("mean")
+    },
+    "train": {
+        "lr": 1.0e-4,
+        "weight_decay": 5.0e-4,
+        "baseline_steps": 1000,    # stage 1 (no L_cc)
+        "cc_steps": 500,           # stage 4 steps per round
+        "reset_optimizer": False,  # fresh Adam state at each L_cc stage
+        "checkpoint_every": 1,     # steps between checkpoints (1: a kill loses no completed step)
+        "log_every": 10,
+        "eval_every": 0,           # steps between test evaluations (0: only at stage ends)
+    },
+    "eval": {
+        "tiou": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        "figures": 4,              # T-CAM figures of this many test videos at the end
+    },
+    "run": {
+        "dir": "",                 # run folder; "" -> runs/<name>
+        "tensorboard": True,       # also log to TensorBoard when it is installed
+        "progress": True,          # tqdm bars
+    },
+}
+
+# Built-in presets (partial trees over DEFAULTS). configs/synthetic.yaml and configs/tiny.yaml hold the
+# same values (a test checks it); `python -m train demo` uses PRESETS["synthetic"] so that it works from
+# an installed package too.
+PRESETS: dict[str, dict] = {
+    "synthetic": {
+        "name": "synthetic",
+        "data": {"synthetic": "demo", "layout": "native", "batch_size": 8, "max_seqlen": 100},
+        "model": {"embed_dim": 128, "dropout": 0.5, "attention": "stpn"},
+        "cc": {"weight": 1.0, "rounds": 2, "size": 32, "k": 4, "fit_max_iter": 200},
+        "train": {"lr": 1.0e-3, "baseline_steps": 200, "cc_steps": 100, "checkpoint_every": 1,
+                  "log_every": 10},
+        "eval": {"figures": 4},
+    },
+    "tiny": {
+        "name": "tiny",
+        "data": {"synthetic": "tiny", "layout": "native", "batch_size": 4, "max_seqlen": 64},
+        "model": {"embed_dim": 16, "dropout": 0.1},
+        "cc": {"weight": 1.0, "rounds": 1, "size": 8, "k": 2, "fit_max_iter": 100},
+        "train": {"lr": 1.0e-3, "baseline_steps": 6, "cc_steps": 4, "log_every": 2},
+        "eval": {"figures": 1},
+        "run": {"progress": False, "tensorboard": False},
+    },
+}
+
+# Allowed string values, and numeric ranges: (low, high, low inclusive).
+CHOICES = {
+    "device": ("cpu", "cuda"),
+    "data.synthetic": ("", "tiny", "demo", "thumos14"),
+    "data.layout": ("standard", "native"),
+    "model.attention": ("untrimmednet", "stpn"),
+    "loss.classification": ("softmax", "bce"),
+    "cc.on": ("embedding", "input"),
+    "cc.metric": ("sqeuclidean", "euclidean"),
+    "cc.alpha_rule": ("lashkari", "median"),
+    "cc.reduction": ("mean", "sum"),
+    "cc.select_by": ("distance", "loss"),
+}
+POSITIVE = {"data.max_seqlen", "data.batch_size",
+            "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
+            "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
+NON_NEGATIVE = {"seed", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
+                "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
+                "train.eval_every", "eval.figures"}
+
+
+def _walk(tree, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _walk(value, path + ".")
+        else:
+            yield path, value
+
+
+def get(cfg: dict, key: str):
+    """``get(cfg, "cc.alpha")`` -> the value at a dotted key."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict, key: str, value, source: str):
+    parts = key.split(".")
+    node, default = cfg, DEFAULTS
+    for i, part in enumerate(parts):
+        if not isinstance(default, dict) or part not in default:
+            where = ".".join(parts[:i]) or "the top level"
+            known = ", ".join(sorted(default)) if isinstance(default, dict) else "(none: a leaf)"
+            raise ConfigError(f"{source}: unknown config key '{key}' ('{part}' is not in {where}; "
+                              f"known: {known})")
+        if i == len(parts) - 1:
+            if isinstance(default[part], dict):
+                raise ConfigError(f"{source}: '{key}' is a section, set its keys (e.g. {key}."
+                                  f"{next(iter(default[part]))}=...)")
+            node[part] = value
+        else:
+            node, default = node[part], default[part]
+
+
+def _merge_yaml(cfg: dict, tree: dict, source: str, prefix=""):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys, got {type(tree).__name__}")
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        default = get(DEFAULTS, prefix[:-1]) if prefix else DEFAULTS
+        if isinstance(value, dict) and isinstance(default.get(key), dict):
+            _merge_yaml(cfg, value, source, path + ".")
+        else:
+            _set(cfg, path, value, source)
+
+
+def _coerce(key: str, value, default):
+    """Bring a YAML/command-line value to the default's type, or raise naming the key."""
+    def bad(expected):
+        return ConfigError(f"config key '{key}': expected {expected}, got {value!r} "
+                           f"({type(value).__name__})")
+    if key == "cc.alpha":  # a number > 0 or "auto"
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number > 0 or 'auto'")
+        return float(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad("an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad("a list of numbers")
+        return [float(v) for v in value]
+    raise bad(type(default).__name__)  # pragma: no cover
+
+
+def validate(cfg: dict) -> dict:
+    """Type-check and range-check every key; returns ``cfg`` with values coerced to their types."""
+    for key, default in _walk(DEFAULTS):
+        value = _coerce(key, get(cfg, key), default)
+        _set(cfg, key, value, "validate")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}': expected one of {list(CHOICES[key])}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value}")
+            if key in POSITIVE and value <= 0:
+                raise ConfigError(f"config key '{key}': expected a value > 0, got {value}")
+            if key in NON_NEGATIVE and value < 0:
+                raise ConfigError(f"config key '{key}': expected a value >= 0, got {value}")
+    if cfg["cc"]["alpha"] != "auto" and cfg["cc"]["alpha"] <= 0:
+        raise ConfigError(f"config key 'cc.alpha': expected a number > 0 or 'auto', got "
+                          f"{cfg['cc']['alpha']}")
+    tiou = cfg["eval"]["tiou"]
+    if not tiou or not all(0 < t < 1 for t in tiou):
+        raise ConfigError(f"config key 'eval.tiou': expected a non-empty list of numbers in (0, 1), "
+                          f"got {tiou}")
+    if cfg["cc"]["k"] > cfg["data"]["max_seqlen"]:
+        raise ConfigError(f"config key 'cc.k': expected at most data.max_seqlen="
+                          f"{cfg['data']['max_seqlen']} segments, got {cfg['cc']['k']}")
+    if not cfg["data"]["root"] and not cfg["data"]["synthetic"]:
+        raise ConfigError("config key 'data.root': expected a dataset folder (or set data.synthetic "
+                          "to generate one), got ''")
+    return cfg
+
+
+def resolve_subsets(cfg: dict, dataset) -> tuple[list[int], list[int]]:
+    """Video indices of the training and test subsets (config, or the dataset's convention)."""
+    out = []
+    for key, default in (("data.train_subset", "train_subset"), ("data.test_subset", "test_subset")):
+        try:
+            name = get(cfg, key) or getattr(dataset, default)
+            out.append(list(dataset.indices(name)))
+        except ValueError as exc:
+            raise ConfigError(f"config key '{key}': {exc}") from None
+    return out[0], out[1]
+
+
+def check_against_data(cfg: dict, dataset, train_idx, test_idx) -> None:
+    """Checks that need the loaded dataset; raise :class:`ConfigError` naming the key."""
+    d = cfg["data"]
+    if (d["rgb_dim"] and dataset.rgb_dim != d["rgb_dim"]) or not 0 < dataset.rgb_dim < dataset.feature_dim:
+        raise ConfigError(f"config key 'data.rgb_dim': expected a split inside the feature width "
+                          f"{dataset.feature_dim}, got {d['rgb_dim']}")
+    lengths = [(len(dataset.videos[i].features), dataset.videos[i].name) for i in test_idx]
+    shortest, name = min(lengths)
+    if cfg["cc"]["k"] > shortest:
+        raise ConfigError(f"config key 'cc.k': expected at most the number of segments of the shortest "
+                          f"test video ({name}: {shortest}), got {cfg['cc']['k']}")
+
+
+def parse_override(text: str):
+    """``"cc.alpha=0.5"`` -> ``("cc.alpha", 0.5)``; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({exc})") from None
+    return key, "" if value is None else value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path}: invalid YAML ({exc})") from None
+        _merge_yaml(cfg, tree, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, f"override {text!r}")
+    return validate(cfg)
+
+
+def from_dict(tree: dict) -> dict:
+    """Validate a config tree saved with a run (e.g. from a checkpoint) against the current defaults."""
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge_yaml(cfg, tree, "saved config")
+    return validate(cfg)
+
+
+def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def to_yaml(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
