@@ -231,12 +231,16 @@ if has_compiled_ops():
         _, logz, dx = output
         ctx.save_for_backward(x, weight, pairs, db, log_q, logz, dx)
         ctx.alpha, ctx.metric = alpha, metric
+        # logz and dx get no incoming gradient: do not materialise an [N, m] tensor of zeros for dx
+        ctx.set_materialize_grads(False)
 
     def _loss_backward(ctx, g_loss, g_logz, g_dx):
         # logz and dx are auxiliary outputs for this backward; only the loss is differentiated.
         x, weight, pairs, db, log_q, logz, dx = ctx.saved_tensors
         need_x, need_w, _, need_db, need_lq = ctx.needs_input_grad[:5]
         gx = gw = gdb = glq = None
+        if g_loss is None:  # the loss itself received no gradient
+            return gx, gw, None, gdb, glq, None, None, None
         if need_x:
             torch._check(dx.numel() == x.numel(),
                          lambda: "convex_clustering_loss: x requires grad but the forward was run "
