@@ -5,6 +5,11 @@
     python -m train demo [--out runs/demo] [key=value ...]
     python -m train steptime [--config ...] [key=value ...]   # a training step with vs without L_cc
     python -m train config --config configs/thumos14.yaml [key=value ...]   # print the resolved config
+
+Several processes (data-parallel, torch.distributed; see train/distributed.py):
+
+    torchrun --nproc_per_node=K -m train fit --config ... [key=value ...] [--resume]
+    torchrun --nproc_per_node=K -m train eval --checkpoint runs/thumos14/latest.pt
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,48 +41,92 @@ def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
     return keys
 
 
-def cmd_fit(args) -> int:
+def _load_on_rank0(path: Path):
+    """The checkpoint at ``path`` as rank 0 reads it (None if absent), on every rank: only rank 0 needs
+    the run folder, so nodes need not share a file system for it."""
     from . import checkpoint as ckpt
-    from .procedure import Trainer
+    from . import distributed
+    state = None
+    if distributed.is_main():
+        try:
+            state = ckpt.load(path)
+        except FileNotFoundError:
+            state = None
+    return distributed.broadcast_object(state)
+
+
+def _in_process_group(args, device: str, command) -> int:
+    """``command()`` inside the process group torchrun describes (nothing to do in a single process).
+    The group is left after a success; after an error the process just exits (destroying a group with
+    a peer blocked in a collective can block too; the launcher ends the peers)."""
+    from . import distributed
+    distributed.init(device, args.dist_backend, args.dist_timeout)
+    code = command()
+    distributed.cleanup()
+    return code
+
+
+def cmd_fit(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    return _in_process_group(args, cfg["device"], lambda: _fit(args, cfg))
+
+
+def _fit(args, cfg) -> int:
+    from . import checkpoint as ckpt
+    from . import distributed
+    from .procedure import Trainer
     run_dir = Path(args.run_dir) if args.run_dir else run_dir_of(cfg)
     latest = run_dir / ckpt.LATEST
-    if latest.exists():
+    main = distributed.is_main()
+    state = _load_on_rank0(latest) if distributed.world_size() > 1 else (
+        ckpt.load(latest) if latest.exists() else None)
+    if state is not None:
         if not args.resume:
             raise ConfigError(f"run folder {run_dir} already holds a run ({latest}); pass --resume to "
                               f"continue it, or choose another run.dir / name")
-        saved = from_dict(ckpt.load(latest)["config"])
+        saved = from_dict(state["config"])
         if args.config or args.overrides:
             diff = _config_diff(cfg, saved)
             if diff:
                 raise ConfigError(f"--resume: the config differs from the one saved in {run_dir}: "
                                   + "; ".join(diff))
-        trainer = Trainer.resume(run_dir)
-        print(f"resuming {run_dir} at stage {trainer.plan[min(trainer.stage, len(trainer.plan) - 1)][0]}"
-              f", step {trainer.step} (global {trainer.global_step})", file=sys.stderr)
+        trainer = Trainer.resume(run_dir, state=state)
+        if main:
+            print(f"resuming {run_dir} at stage "
+                  f"{trainer.plan[min(trainer.stage, len(trainer.plan) - 1)][0]}, step {trainer.step} "
+                  f"(global {trainer.global_step})"
+                  + (f" with {distributed.world_size()} processes" if distributed.world_size() > 1 else ""),
+                  file=sys.stderr)
     else:
-        if args.resume:
+        if args.resume and main:
             print(f"--resume: no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
         trainer = Trainer(cfg, run_dir)
     results = trainer.run()
-    print(format_table([(name, res) for name, res in results.items()], cfg["eval"]["tiou"]))
-    print(f"run folder: {run_dir}")
+    if main:
+        print(format_table([(name, res) for name, res in results.items()], cfg["eval"]["tiou"]))
+        print(f"run folder: {run_dir}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from . import checkpoint as ckpt
-    from .procedure import Trainer
     path = Path(args.checkpoint)
-    state = ckpt.load(path)
+    state = ckpt.load(path)  # every rank reads it (read only)
     cfg = from_dict(state["config"])
+    return _in_process_group(args, cfg["device"], lambda: _eval(args, path, state, cfg))
+
+
+def _eval(args, path, state, cfg) -> int:
+    from . import distributed
+    from .procedure import Trainer
     run_dir = path.parent if path.is_file() else path
     trainer = Trainer(cfg, run_dir)
     trainer.load_state_dict(state)
     res = trainer.evaluate(figures=args.figures)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    print(format_table([(state["stage_name"], res)], cfg["eval"]["tiou"]))
+    if distributed.is_main():
+        if args.json:
+            print(json.dumps(res, indent=2))
+        print(format_table([(state["stage_name"], res)], cfg["eval"]["tiou"]))
     return 0
 
 
@@ -193,7 +243,25 @@ def format_table(rows, tiou) -> str:
     return "\n".join(lines)
 
 
+def _dist_args(p) -> None:
+    g = p.add_argument_group("several processes (under torchrun; ignored in a single process)")
+    g.add_argument("--dist-backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="torch.distributed backend (auto: nccl for device=cuda, gloo for cpu)")
+    g.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="timeout of every collective: a rank that waits longer for the others fails "
+                        "(default 1800)")
+
+
 def main(argv=None) -> int:
+    """Entry point; under torchrun (WORLD_SIZE > 1) an exception is also recorded for the launcher,
+    which then ends the other ranks and reports this rank's error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,12 +269,14 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="YAML file (keys of train/config.py DEFAULTS)")
     p.add_argument("--run-dir", help="run folder (default run.dir, or runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    _dist_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test subset")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
     p.add_argument("--figures", type=int, default=0, help="draw T-CAM figures of this many videos")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    _dist_args(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="synthetic data: baseline vs the method, one table")
     p.add_argument("--out", default="runs/demo", help="folder of the two runs (default runs/demo)")
@@ -223,7 +293,14 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_config)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from .distributed import env_rank
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("fit", "eval"):
+        print(f"error: '{args.command}' runs in one process; under torchrun only fit and eval run "
+              f"in parallel", file=sys.stderr)
+        return 2
+    # other ranks: warnings and errors only (rank 0 reports progress)
+    logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -35,6 +35,15 @@ Design choices (documented in the README's training section):
   from ``(seed, i, t)`` only, so a run resumed from any checkpoint is bitwise the same as one that never
   stopped (on CPU). A checkpoint is written after every ``train.checkpoint_every`` steps (default every
   step: a SIGKILL loses no completed step) and at the end of every stage.
+* **Several processes** (``torchrun``, :mod:`train.distributed`). The global batch of a step is the one a
+  single process would draw (same videos, same crops); rank ``r`` takes a contiguous block of its rows,
+  the model is wrapped in DistributedDataParallel and each rank's loss terms are weighted by its share
+  of the batch so that the averaged gradient is the gradient of the global batch's loss (L_cc with
+  ``cc.reduction: sum`` is a sum over videos and is not weighted; ``loss.casl`` only pairs videos of the
+  same rank). Dropout masks are drawn per rank (seed ``(seed, i, t, rank)``). Exemplar collection,
+  the Q fit and the evaluation are sharded over the videos and combined (all_gather + merge, all_reduce,
+  all_gather); every rank ends each stage with the same state. Only rank 0 writes files. A checkpoint
+  holds no trace of the world size: a run resumes with any number of processes up to the batch size.
 """
 from __future__ import annotations
 
@@ -51,6 +60,7 @@ from tqdm.auto import tqdm
 
 import ccluster
 from . import checkpoint as ckpt
+from . import distributed
 from .config import ConfigError, check_against_data, from_dict, resolve_subsets, save_config
 from .models import TwoStreamAttention
 from .models.losses import classification_loss, co_activity_loss, sparsity_loss, topk_pool
@@ -109,7 +119,12 @@ def open_dataset(cfg: dict):
     if d["synthetic"]:  # generated once into the cache (generate() skips an identical earlier run)
         from .data import synthetic
         root = root or str(default_cache() / f"synthetic-{d['synthetic']}")
-        root, gen_name = synthetic.generate(root, preset=d["synthetic"], seed=0)
+        gen = None
+        for turn in range(3 if distributed.world_size() > 1 else 1):  # one writer at a time
+            if turn == distributed.generation_turn():
+                gen = synthetic.generate(root, preset=d["synthetic"], seed=0)
+            distributed.barrier()
+        root, gen_name = gen
         name = name or gen_name
     if not Path(root).exists():
         raise ConfigError(f"config key 'data.root': dataset folder not found: {root}")
@@ -143,13 +158,29 @@ class Trainer:
         ds = self.dataset
         self.train_idx, self.test_idx = resolve_subsets(cfg, ds)
         check_against_data(cfg, ds, self.train_idx, self.test_idx)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        if self.world > 1 and min(cfg["data"]["batch_size"], len(self.train_idx)) < self.world:
+            raise ConfigError(f"config key 'data.batch_size': expected at least one video per process "
+                              f"({self.world} processes), got a batch of "
+                              f"{min(cfg['data']['batch_size'], len(self.train_idx))}")
         self.device = torch.device(cfg["device"])
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(cfg["seed"])
         m = cfg["model"]
         self.model = TwoStreamAttention(
             ds.feature_dim, ds.rgb_dim, ds.num_classes, embed_dim=m["embed_dim"], dropout=m["dropout"],
             attention=m["attention"], attention_hidden=m["attention_hidden"],
             probabilities=cfg["loss"]["classification"]).to(self.device)
+        self.net = self.model  # what the training forward runs through: DDP when several processes
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if cfg["loss"]["casl"] > 0 and self.is_main:
+                log.warning("loss.casl > 0 with %d processes: the co-activity loss pairs videos of the "
+                            "same process only", self.world)
         self.optimizer = self._new_optimizer()
         c = cfg["cc"]
         self.cc_loss = {s: ccluster.ConvexClusteringLoss(1.0, metric=c["metric"], reduction=c["reduction"])
@@ -204,14 +235,18 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
 
     @classmethod
-    def resume(cls, run_dir: str | os.PathLike, dataset=None) -> "Trainer":
-        """Continue the run in ``run_dir`` from its latest checkpoint."""
-        state = ckpt.load(Path(run_dir) / ckpt.LATEST)
+    def resume(cls, run_dir: str | os.PathLike, dataset=None, state: dict | None = None) -> "Trainer":
+        """Continue the run in ``run_dir`` from its latest checkpoint (or from ``state``, that
+        checkpoint already loaded, e.g. by rank 0 and broadcast)."""
+        if state is None:
+            state = ckpt.load(Path(run_dir) / ckpt.LATEST)
         trainer = cls(from_dict(state["config"]), run_dir, dataset)
         trainer.load_state_dict(state)
         return trainer
 
     def save(self, stage_copy: str | None = None) -> None:
+        if not self.is_main:
+            return
         state = self.state_dict()
         ckpt.save_atomic(state, self.run_dir / ckpt.LATEST)
         if stage_copy:
@@ -221,6 +256,8 @@ class Trainer:
     # logging
 
     def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -232,6 +269,8 @@ class Trainer:
                     self._writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
 
     def _open_logs(self) -> None:
+        if not self.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         path = self.run_dir / "metrics.jsonl"
@@ -264,6 +303,11 @@ class Trainer:
         batch = next(iter(iterate_batches(self.dataset, chosen, batch_size=bs,
                                           max_seqlen=self.cfg["data"]["max_seqlen"], shuffle=False,
                                           generator=crop)))
+        if self.world > 1:  # this rank's block of the global batch (crops drawn as in one process)
+            lo, hi = distributed.shard_bounds(bs, self.rank, self.world)
+            t = int(batch["mask"][lo:hi].sum(1).max())
+            batch = {k: v[lo:hi, :t] if k in ("features", "mask") else v[lo:hi] for k, v in batch.items()}
+            batch["share"] = (hi - lo) / bs
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _video(self, index: int):
@@ -284,11 +328,12 @@ class Trainer:
             x = rgb if stream == "rgb" else flow
         return torch.nn.functional.normalize(x, dim=-1) if self.cfg["cc"]["normalize"] else x
 
-    def losses(self, batch: dict, use_cc: bool) -> dict:
-        """Forward one batch; returns the loss terms (tensors) and ``total``."""
+    def losses(self, batch: dict, use_cc: bool, scale: dict | None = None) -> dict:
+        """Forward one batch; returns the loss terms (tensors) and ``total``. ``scale`` multiplies
+        terms (by name) before they are summed (a rank's share of the global batch)."""
         lc, cfg = self.cfg["loss"], self.cfg
         feats, mask, labels = batch["features"], batch["mask"], batch["labels"]
-        out = self.model(feats, mask)
+        out = self.net(feats, mask)
         terms = {"clf": 0.0}
         if lc["topk_mil"] > 0:
             terms["topk_mil"] = 0.0
@@ -316,25 +361,48 @@ class Trainer:
                                                             self.log_q[s])
         weights = {"clf": 1.0, "topk_mil": lc["topk_mil"], "sparsity": lc["sparsity"], "casl": lc["casl"],
                    "cc": cfg["cc"]["weight"]}
+        if scale:
+            terms = {k: v * scale.get(k, 1.0) for k, v in terms.items()}
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms
 
     def train_step(self, stage: int, step: int, use_cc: bool) -> dict:
         batch = self._batch(stage, step)
-        torch.manual_seed(mix_seed(self.cfg["seed"], stage, step, 2))  # dropout
+        if self.world == 1:
+            torch.manual_seed(mix_seed(self.cfg["seed"], stage, step, 2))  # dropout
+        else:
+            torch.manual_seed(mix_seed(self.cfg["seed"], stage, step, 2, self.rank))
         self.model.train()
-        terms = self.losses(batch, use_cc)
+        if self.world == 1:
+            terms = self.losses(batch, use_cc)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            self.optimizer.step()
+            return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+                    for k, v in terms.items()}
+        # Each term is a mean over the videos of the rank's block: weighted by the block's share of the
+        # batch, the terms of all ranks sum to those of the global batch. DDP averages the gradients
+        # over the ranks, hence the factor world.
+        share = batch["share"]
+        sum_cc = self.cfg["cc"]["reduction"] == "sum"
+        scale = {k: 1.0 if (k == "cc" and sum_cc) else share
+                 for k in ("clf", "topk_mil", "sparsity", "casl", "cc")}
+        terms = self.losses(batch, use_cc, scale)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        (terms["total"] * self.world).backward()
         self.optimizer.step()
-        return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
+        keys = list(terms)
+        local = torch.stack([torch.as_tensor(terms[k], dtype=torch.float64).detach().cpu().reshape(())
+                             for k in keys])
+        total = distributed.all_reduce_sum(local)
+        return {k: float(v) for k, v in zip(keys, total.tolist())}
 
     def _train_stage(self, name: str, steps: int, use_cc: bool) -> None:
         t = self.cfg["train"]
         if self.step == 0 and use_cc and t["reset_optimizer"]:
             self.optimizer = self._new_optimizer()
         bar = tqdm(total=steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True,
-                   disable=not self.cfg["run"]["progress"])
+                   disable=not (self.cfg["run"]["progress"] and self.is_main))
         running = {}
         while self.step < steps:
             t0 = time.perf_counter()
@@ -375,8 +443,12 @@ class Trainer:
 
     @torch.no_grad()
     def build_database(self, name: str) -> dict:
-        """Steps 2 and 3: collect the exemplar database with the network fixed, set alpha, fit Q."""
+        """Steps 2 and 3: collect the exemplar database with the network fixed, set alpha, fit Q.
+
+        With several processes each rank runs its share of the videos; the databases are merged across
+        ranks and the Q fit sums its per-pass statistics over the ranks' segments."""
         c, ds = self.cfg["cc"], self.dataset
+        progress = self.cfg["run"]["progress"] and self.is_main
         self.model.eval()
         db = ccluster.ExemplarDatabase(ds.num_classes, c["size"], sum(self.stream_dims))
         xs = {s: [] for s in STREAMS}
@@ -391,8 +463,10 @@ class Trainer:
                 db.update(f, sc, lb, ids)
             pending, pending_rows = [], 0
 
-        for vi in tqdm(self.train_idx, desc=f"{name}: collect", unit="video", dynamic_ncols=True,
-                       disable=not self.cfg["run"]["progress"]):
+        videos = self.train_idx if self.world == 1 else distributed.shard(self.train_idx, self.rank,
+                                                                          self.world)
+        for vi in tqdm(videos, desc=f"{name}: collect", unit="video", dynamic_ncols=True,
+                       disable=not progress):
             feats, mask = self._video(vi)
             out = self.model(feats, mask)
             x = torch.cat([self._stream_input(out, feats, s)[0] for s in STREAMS], -1)
@@ -411,6 +485,8 @@ class Trainer:
                     xs[s].append((x[:, :e0] if s == "rgb" else x[:, e0:]).cpu())
                     ws[s].append((p[:, None] * labels[None].to(p.dtype)).cpu())
         flush()
+        if self.world > 1:
+            db = distributed.all_gather_database(db)
         self.db = db
         info = {"filled": int(db.count.sum()), "empty_classes": int((db.count == 0).sum())}
         self._refresh_streams()
@@ -426,11 +502,14 @@ class Trainer:
             else:
                 alpha = float(c["alpha"])
             self.alpha[s] = alpha
-            X, W = torch.cat(xs[s]).to(self.device), torch.cat(ws[s]).to(self.device)
+            dim = self._db_stream[s].shape[-1]
+            X = torch.cat(xs[s]) if xs[s] else torch.zeros(0, dim)  # a rank may hold no labelled video
+            W = torch.cat(ws[s]) if ws[s] else torch.zeros(0, ds.num_classes)
             fit = ccluster.fit_representativeness(
-                X, self._db_stream[s].to(self.device), W, alpha, metric=c["metric"], tol=c["fit_tol"],
-                max_iter=c["fit_max_iter"], log_q=db.log_q.to(self.device),
-                progress=self.cfg["run"]["progress"])
+                X.to(self.device), self._db_stream[s].to(self.device), W.to(self.device), alpha,
+                metric=c["metric"], tol=c["fit_tol"], max_iter=c["fit_max_iter"],
+                log_q=db.log_q.to(self.device), progress=progress,
+                group=torch.distributed.group.WORLD if self.world > 1 else None)
             log_q[s] = fit.log_q
             q = fit.log_q.exp()
             ent = -(torch.where(q > 0, q * fit.log_q, torch.zeros_like(q))).sum(1)
@@ -440,7 +519,8 @@ class Trainer:
                          f"q_perplexity_{s}": float(ent.exp().mean())})
         self.log_q = log_q
         self._refresh_streams()
-        log.info("%s: %s", name, info)
+        if self.is_main:
+            log.info("%s: %s", name, info)
         return info
 
     # ------------------------------------------------------------------------------------------------
@@ -480,38 +560,57 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, progress: bool | None = None, figures: int = 0) -> dict:
-        """Classification mAP (plain and selection-based) and detection mAP on the test subset."""
+        """Classification mAP (plain and selection-based) and detection mAP on the test subset.
+
+        With several processes each rank predicts its share of the videos; the per-video results are
+        gathered (in the test subset's order) and every rank computes the same metrics. Figures are
+        drawn by rank 0."""
         from .eval import classification_map, detection_map, plot_video, tcam_proposals
         ds, cfg = self.dataset, self.cfg
-        progress = cfg["run"]["progress"] if progress is None else progress
+        progress = (cfg["run"]["progress"] if progress is None else progress) and self.is_main
         selection = self.db is not None
-        plain, select, labels, predictions, kept = [], [], [], [], []
-        fig_dir = self.run_dir / "figures"
-        for j, vi in enumerate(tqdm(self.test_idx, desc="evaluate", unit="video", dynamic_ncols=True,
-                                    disable=not progress, leave=False)):
+        positions = list(range(len(self.test_idx)))
+        if self.world > 1:
+            positions = distributed.shard(positions, self.rank, self.world)
+        records = []
+        for j in tqdm(positions, desc="evaluate", unit="video", dynamic_ncols=True, disable=not progress,
+                      leave=False):
+            vi = self.test_idx[j]
             v = ds.videos[vi]
             r = self.predict(vi, selection)
-            plain.append(r["video"].cpu().numpy())
-            labels.append(np.asarray(v.labels))
+            rec = {"j": j, "plain": r["video"].cpu().numpy()}
             if selection:
-                select.append(r["video_select"].cpu().numpy())
-                kept.append(r["selected"])
-            props = tcam_proposals(r["tcam"].cpu().numpy(), plain[-1], ds.feature_rate,
-                                   duration=v.duration)
-            predictions += [dict(video=v.name, **p) for p in props]
+                rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
+            rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
+                                          duration=v.duration)
             if j < figures:
+                rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
+            records.append(rec)
+        if self.world > 1:
+            records = sorted((rec for part in distributed.all_gather_objects(records) for rec in part),
+                             key=lambda rec: rec["j"])
+        plain = [rec["plain"] for rec in records]
+        labels = np.stack([np.asarray(ds.videos[self.test_idx[rec["j"]]].labels) for rec in records])
+        predictions = [dict(video=ds.videos[self.test_idx[rec["j"]]].name, **p)
+                       for rec in records for p in rec["props"]]
+        if self.is_main:
+            fig_dir = self.run_dir / "figures"
+            for rec in records:
+                if "figure" not in rec:
+                    continue
+                v = ds.videos[self.test_idx[rec["j"]]]
                 fig_dir.mkdir(exist_ok=True)
                 gt = [(s, e, lab) for s, e, lab in v.segments]
-                att = r["attention"].cpu().numpy()
+                tcam, att = rec["figure"]
                 plot_video(str(fig_dir / f"tcam-{self.plan[min(self.stage, len(self.plan) - 1)][0]}-"
                                          f"{v.name}.png"),
-                           r["tcam"].cpu().numpy(), att / max(float(att.max()), 1e-12), gt,
-                           [p for p in props], ds.feature_rate, list(ds.classes), title=v.name)
-        labels = np.stack(labels)
+                           tcam, att / max(float(att.max()), 1e-12), gt,
+                           [p for p in rec["props"]], ds.feature_rate, list(ds.classes), title=v.name)
         res = {"cls_map": float(classification_map(np.stack(plain), labels)[0])}
         if selection:
-            res["cls_map_select"] = float(classification_map(np.stack(select), labels)[0])
-            res["selected_segments"] = float(np.mean(kept))
+            res["cls_map_select"] = float(classification_map(np.stack([rec["select"] for rec in records]),
+                                                             labels)[0])
+            res["selected_segments"] = float(np.mean([rec["kept"] for rec in records]))
         per_tiou, avg = detection_map(predictions, ds.ground_truth(ds.videos[self.test_idx[0]].subset),
                                       cfg["eval"]["tiou"], ambiguous=getattr(ds, "ambiguous", None))
         for t, m in zip(cfg["eval"]["tiou"], per_tiou):
@@ -524,6 +623,7 @@ class Trainer:
 
     def run(self) -> dict:
         """Train every remaining stage; returns ``{stage name: evaluation results}`` of train stages."""
+        distributed.barrier()  # every rank has built (or loaded) its state before rank 0 writes
         self._open_logs()
         if self.stage == 0 and self.step == 0 and self.global_step == 0:
             self._log({"kind": "start", "config": self.cfg, "train_videos": len(self.train_idx),
@@ -546,9 +646,12 @@ class Trainer:
             self.step = 0
             self.save(stage_copy=name)
         self.finish()
+        distributed.barrier()  # the files are complete when any rank returns
         return self.results
 
     def finish(self) -> None:
+        if not self.is_main:
+            return
         with open(self.run_dir / "results.json", "w") as f:
             json.dump(self.results, f, indent=2)
         try:
