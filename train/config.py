@@ -67,7 +67,8 @@ DEFAULTS: dict[str, Any] = {
         "alpha_rule": "lashkari",  # auto rule: "lashkari" (log n / mean d) | "median" (1 / median d)
         "alpha_scale": 1.0,        # multiplies the automatic alpha
         "fit_tol": 1.0e-4,         # stop the Q fit when |max log eta - sum q log eta| < tol
-        "fit_max_iter": 500,
+        "fit_max_iter": 500,       # kernel passes at most
+        "fit_accelerate": True,    # SQUAREM extrapolation of the Q update (same certificate, fewer passes)
         "k": 8,                    # test: segments per class kept by select_representative
         "select_by": "distance",   # "distance": closest to the class's exemplars (-log z) | "loss":
                                    # least -p(s|x) log z, the literal L_cc (favours low attention)

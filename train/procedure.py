@@ -508,7 +508,7 @@ class Trainer:
             fit = ccluster.fit_representativeness(
                 X.to(self.device), self._db_stream[s].to(self.device), W.to(self.device), alpha,
                 metric=c["metric"], tol=c["fit_tol"], max_iter=c["fit_max_iter"],
-                log_q=db.log_q.to(self.device), progress=progress,
+                accelerate=c["fit_accelerate"], log_q=db.log_q.to(self.device), progress=progress,
                 group=torch.distributed.group.WORLD if self.world > 1 else None)
             log_q[s] = fit.log_q
             q = fit.log_q.exp()
