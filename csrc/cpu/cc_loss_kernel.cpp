@@ -71,7 +71,6 @@ void cc_loss_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& wei
       std::fill(L.begin(), L.end(), T(0));
       std::fill(omega.begin(), omega.end(), T(0));
       at::Tensor acc_u = need_x ? acc.narrow(0, 0, un.rows) : at::Tensor();
-      if (need_x) acc_u.zero_();
       for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, n - j0);
         const at::Tensor Y = in.db[un.c].narrow(0, j0, nc);
@@ -121,8 +120,12 @@ void cc_loss_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& wei
           omega[r] += o;
         }
         if (need_x) {
-          acc_u.mul_(at::from_blob(scale.data(), {un.rows, 1}, in.x.options()));
-          acc_u.addmm_(g, Y);
+          if (j0 == 0) {  // the first chunk overwrites: no zeroing, no rescaling pass
+            at::mm_out(acc_u, g, Y);
+          } else {
+            acc_u.mul_(at::from_blob(scale.data(), {un.rows, 1}, in.x.options()));
+            acc_u.addmm_(g, Y);
+          }
         }
       }
       T part = 0;
