@@ -204,6 +204,10 @@ if has_compiled_ops():
         return (x.new_empty(()), x.new_empty((x.shape[0], db.shape[0])),
                 x.new_empty(x.shape if grad_x else (0,)))
 
+    @torch.library.register_fake("ccluster::cc_loss_backward")
+    def _(g, dx):
+        return torch.empty_like(dx)
+
     @torch.library.register_fake("ccluster::fit_step")
     def _(x, db, log_q, weight, alpha, metric):
         _check_common("fit_step", x, db, log_q, alpha, metric)
@@ -245,7 +249,7 @@ if has_compiled_ops():
             torch._check(dx.numel() == x.numel(),
                          lambda: "convex_clustering_loss: x requires grad but the forward was run "
                                  "without grad_x=True")
-            gx = g_loss * dx  # dL/dx was accumulated in the forward pass: only scale it
+            gx = torch.ops.ccluster.cc_loss_backward(g_loss, dx)  # accumulated in the forward: only scale it
         if need_w:
             gw = -g_loss * logz  # logz is 0 outside the pairs
         if need_db or need_lq:

@@ -86,6 +86,18 @@ def test_matches_reference_float64_medium(metric):
     _check_against_reference(*_problem(300, 3, COL_BLOCK + 88, 4, "multi_label", True, seed=2), metric)
 
 
+def test_video_runs_mix_row_views_and_gathered_blocks(metric):
+    # Labels come per video, so a class's rows are runs of consecutive segments. A row block lying in
+    # one run is read in place; one straddling two runs is gathered. Both must agree with the oracle.
+    N, C = 2 * ROW_BLOCK + 100, 2
+    x, att, _, db, log_q = _problem(N, C, 9, 3, "dense", False, seed=12, empty_class=False)
+    pairs = torch.zeros(N, C, dtype=torch.bool)
+    pairs[: ROW_BLOCK + 40, 0] = True           # block 0 in place, block 1 straddles the gap
+    pairs[ROW_BLOCK + 50:, 0] = True
+    pairs[ROW_BLOCK - 7: ROW_BLOCK + 60, 1] = True  # one short run: in place
+    _check_against_reference(x, att, pairs, db, log_q, metric)
+
+
 def test_all_pairs_of_empty_classes_give_zero(metric):
     x, att, pairs, db, log_q = _problem(6, 3, 4, 2, "dense", False, seed=3, empty_class=False)
     log_q[:] = -math.inf
@@ -183,6 +195,15 @@ def test_opcheck(metric, grad_x):
     att.requires_grad_()
     db.requires_grad_()
     torch.library.opcheck(torch.ops.ccluster.cc_loss, (x, att, pairs, db, log_q, ALPHA, metric, grad_x))
+
+
+def test_opcheck_backward_op():
+    g = torch.tensor(0.3, dtype=torch.float64)
+    dx = torch.randn(7, 5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.ccluster.cc_loss_backward, (g, dx))
+    assert torch.equal(torch.ops.ccluster.cc_loss_backward(g, dx), g * dx)
+    with pytest.raises(RuntimeError, match="the gradient of the loss must have one element, got shape"):
+        torch.ops.ccluster.cc_loss_backward(torch.ones(2, dtype=torch.float64), dx)
 
 
 @pytest.mark.parametrize("attention_2d", [False, True], ids=["att_N", "att_NC"])

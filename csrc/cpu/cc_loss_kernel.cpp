@@ -54,7 +54,7 @@ void cc_loss_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& wei
     for (int64_t s = 0; s < in.N; ++s)
       if (!seen[s]) std::fill(dxp + s * m, dxp + (s + 1) * m, T(0));
   }
-  at::Tensor side = at::empty({slots, m}, in.x.options());
+  at::Tensor side = empty_large({slots, m}, in.x.options());
   T* sidep = side.data_ptr<T>();
 
   const auto units = row_units(cr, C, kRowBlock, [&](int64_t c) { return empty[c] != 0; });
@@ -177,11 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
-  at::Tensor dx = grad_x ? at::empty(x.sizes(), opts) : at::Tensor();
+  at::Tensor dx = grad_x ? empty_large(x.sizes(), opts) : at::Tensor();
   at::Tensor loss = at::zeros({}, opts);
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0) {
     AT_DISPATCH_FLOATING_TYPES(t, "cc_loss_cpu", [&] {
-      const Inputs in = prepare<scalar_t>(x, db, log_q);
+      const Inputs in = prepare<scalar_t>(x, db, log_q, /*row_norms=*/false);
       const ClassRows cr = rows_from_mask(pairs);
       const at::Tensor w = weight.to(t).contiguous();
       scalar_t l = 0;
@@ -195,9 +195,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
 
+at::Tensor cc_loss_backward_cpu(const at::Tensor& g, const at::Tensor& dx) {
+  TORCH_CHECK(g.numel() == 1, "convex_clustering_loss backward: the gradient of the loss must have one "
+              "element, got shape ", g.sizes());
+  at::Tensor out = empty_large(dx.sizes(), dx.options());
+  return at::mul_out(out, dx, g);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ccluster, CPU, m) { m.impl("cc_loss", &cc_loss_cpu); }
+TORCH_LIBRARY_IMPL(ccluster, CPU, m) {
+  m.impl("cc_loss", &cc_loss_cpu);
+  m.impl("cc_loss_backward", &cc_loss_backward_cpu);
+}
 
 }  // namespace cpu
 }  // namespace ccluster

@@ -97,7 +97,7 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
     at::Tensor xbuf, gbuf, dbuf, tmp;
     at::Tensor gx_local, roww_local;  // this worker's share of grad_x and of rowsum(W)
     if (need_x) {
-      gx_local = u0 == 0 ? gx : at::zeros({N, m}, in.x.options());
+      gx_local = u0 == 0 ? gx : zeros_large({N, m}, in.x.options());
       roww_local = u0 == 0 ? roww_all : at::zeros({N}, in.x.options());
     }
     RowBlock<T> rb;
@@ -236,8 +236,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
   if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
-  at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), opts) : at::Tensor();
-  at::Tensor gdb = output_mask[1] ? at::zeros(db.sizes(), opts) : at::Tensor();
+  at::Tensor gx = output_mask[0] ? zeros_large(x.sizes(), opts) : at::Tensor();
+  at::Tensor gdb = output_mask[1] ? zeros_large(db.sizes(), opts) : at::Tensor();
   at::Tensor glq = output_mask[2] ? at::zeros(log_q.sizes(), opts) : at::Tensor();
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0 && (gx.defined() || gdb.defined() || glq.defined())) {
     AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_backward_cpu", [&] {

@@ -12,8 +12,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "common.h"
 
@@ -38,25 +43,49 @@ void row_sqnorms(const T* a, int64_t rows, int64_t m, T* out) {
 }
 
 // The inputs cast to the accumulation type and made contiguous (no copy when they already are), with
-// the squared norms of every feature row and exemplar.
+// the squared norms of every exemplar and, unless row_norms is false, of every feature row. Without
+// them RowBlock computes the norms of each block it loads: cheaper where most rows are loaded once
+// (label-sparse pairs), since it saves a pass over x.
 struct Inputs {
-  at::Tensor x, db, log_q, xx, yy;  // xx [N], yy [C, n]
+  at::Tensor x, db, log_q, xx, yy;  // xx [N] (or undefined), yy [C, n]
   int64_t N, C, n, m;
 };
 
 template <typename T>
-Inputs prepare(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q) {
+Inputs prepare(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q, bool row_norms = true) {
   Inputs in;
   const auto t = acc_type(x.scalar_type());
   in.x = x.to(t).contiguous();
   in.db = db.to(t).contiguous();
   in.log_q = log_q.to(t).contiguous();
   in.N = x.size(0), in.C = db.size(0), in.n = db.size(1), in.m = db.size(2);
-  in.xx = at::empty({in.N}, in.x.options());
+  if (row_norms) {
+    in.xx = at::empty({in.N}, in.x.options());
+    row_sqnorms(in.x.data_ptr<T>(), in.N, in.m, in.xx.data_ptr<T>());
+  }
   in.yy = at::empty({in.C, in.n}, in.x.options());
-  row_sqnorms(in.x.data_ptr<T>(), in.N, in.m, in.xx.data_ptr<T>());
   row_sqnorms(in.db.data_ptr<T>(), in.C * in.n, in.m, in.yy.data_ptr<T>());
   return in;
+}
+
+// An uninitialised tensor for a large output ([N, m] gradients). Fresh large blocks come from mmap, and
+// on first touch every 4 KB page faults: for a 60 MB gradient that costs ~10x the pass that writes it.
+// Asking for transparent huge pages (Linux, THP in "madvise" or "always" mode) on the 2 MB-aligned
+// interior cuts the faults 512-fold; elsewhere the hint is a no-op.
+inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: failure is harmless
+#endif
+  return t;
+}
+
+inline at::Tensor zeros_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return empty_large(sizes, opts).zero_();
 }
 
 // The rows of x that take part in each class: all of them, or those selected by an [N, C] mask (CSR).
@@ -112,7 +141,8 @@ std::vector<Unit> row_units(const ClassRows& cr, int64_t C, int64_t block, Skip 
   return units;
 }
 
-// A block of rows of x: a view of x when the rows are consecutive, else gathered into `buf`.
+// A block of rows of x: a view of x when the rows are consecutive (all rows, or a run of one video's
+// segments), else gathered into `buf`.
 template <typename T>
 struct RowBlock {
   at::Tensor X;              // [rows, m]
@@ -122,20 +152,22 @@ struct RowBlock {
   void load(const Inputs& in, const ClassRows& cr, const Unit& u, at::Tensor& buf) {
     ids.resize(u.rows);
     xx.resize(u.rows);
-    const T* xxp = in.xx.data_ptr<T>();
-    for (int64_t r = 0; r < u.rows; ++r) {
-      ids[r] = cr.row(u.c, u.r0 + r);
-      xx[r] = xxp[ids[r]];
+    for (int64_t r = 0; r < u.rows; ++r) ids[r] = cr.row(u.c, u.r0 + r);
+    if (cr.dense || ids.back() - ids.front() == u.rows - 1) {  // ascending ids: consecutive rows
+      X = in.x.narrow(0, ids.front(), u.rows);
+    } else {
+      if (!buf.defined()) buf = at::empty({std::max<int64_t>(u.rows, kRowBlock), in.m}, in.x.options());
+      const T* xp = in.x.data_ptr<T>();
+      T* bp = buf.data_ptr<T>();
+      for (int64_t r = 0; r < u.rows; ++r) std::memcpy(bp + r * in.m, xp + ids[r] * in.m, in.m * sizeof(T));
+      X = buf.narrow(0, 0, u.rows);
     }
-    if (cr.dense) {
-      X = in.x.narrow(0, u.r0, u.rows);
-      return;
+    if (in.xx.defined()) {
+      const T* xxp = in.xx.data_ptr<T>();
+      for (int64_t r = 0; r < u.rows; ++r) xx[r] = xxp[ids[r]];
+    } else {
+      row_sqnorms(X.data_ptr<T>(), u.rows, in.m, xx.data());
     }
-    if (!buf.defined()) buf = at::empty({std::max<int64_t>(u.rows, kRowBlock), in.m}, in.x.options());
-    const T* xp = in.x.data_ptr<T>();
-    T* bp = buf.data_ptr<T>();
-    for (int64_t r = 0; r < u.rows; ++r) std::memcpy(bp + r * in.m, xp + ids[r] * in.m, in.m * sizeof(T));
-    X = buf.narrow(0, 0, u.rows);
   }
 };
 
