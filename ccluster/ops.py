@@ -204,10 +204,6 @@ if has_compiled_ops():
         return (x.new_empty(()), x.new_empty((x.shape[0], db.shape[0])),
                 x.new_empty(x.shape if grad_x else (0,)))
 
-    @torch.library.register_fake("ccluster::cc_loss_backward")
-    def _(g, dx):
-        return torch.empty_like(dx)
-
     @torch.library.register_fake("ccluster::fit_step")
     def _(x, db, log_q, weight, alpha, metric):
         _check_common("fit_step", x, db, log_q, alpha, metric)
@@ -233,23 +229,37 @@ if has_compiled_ops():
     def _loss_setup(ctx, inputs, output):
         x, weight, pairs, db, log_q, alpha, metric, grad_x = inputs
         _, logz, dx = output
-        ctx.save_for_backward(x, weight, pairs, db, log_q, logz, dx)
+        ctx.save_for_backward(x, weight, pairs, db, log_q, logz)
+        # dL/dx from the forward pass, kept outside the saved tensors (detached: no reference cycle) because
+        # the first backward scales it in place and hands it out as the gradient, so that fwd+bwd holds one
+        # [N, m] tensor, not two. A second backward through a retained graph recomputes it.
+        ctx.dx = dx.detach()
         ctx.alpha, ctx.metric = alpha, metric
         # logz and dx get no incoming gradient: do not materialise an [N, m] tensor of zeros for dx
         ctx.set_materialize_grads(False)
 
+    def _loss_grad_x(ctx, g_loss, x, weight, pairs, db, log_q):
+        dx, ctx.dx = ctx.dx, None  # drop ctx's reference, so that autograd can take dx as x.grad
+        if dx is not None:
+            torch._check(dx.numel() == x.numel(),
+                         lambda: "convex_clustering_loss: x requires grad but the forward was run "
+                                 "without grad_x=True")
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+            ctx.dx = dx  # traced (fake or functional tensors): out of place, as any formula
+            return g_loss * dx
+        if dx is None:  # handed out by an earlier backward through a retained graph: recompute
+            _, _, dx = torch.ops.ccluster.cc_loss(x, weight, pairs, db, log_q, ctx.alpha, ctx.metric, True)
+        return dx.mul_(g_loss)
+
     def _loss_backward(ctx, g_loss, g_logz, g_dx):
         # logz and dx are auxiliary outputs for this backward; only the loss is differentiated.
-        x, weight, pairs, db, log_q, logz, dx = ctx.saved_tensors
+        x, weight, pairs, db, log_q, logz = ctx.saved_tensors
         need_x, need_w, _, need_db, need_lq = ctx.needs_input_grad[:5]
         gx = gw = gdb = glq = None
         if g_loss is None:  # the loss itself received no gradient
             return gx, gw, None, gdb, glq, None, None, None
         if need_x:
-            torch._check(dx.numel() == x.numel(),
-                         lambda: "convex_clustering_loss: x requires grad but the forward was run "
-                                 "without grad_x=True")
-            gx = torch.ops.ccluster.cc_loss_backward(g_loss, dx)  # accumulated in the forward: only scale it
+            gx = _loss_grad_x(ctx, g_loss, x, weight, pairs, db, log_q)
         if need_w:
             gw = -g_loss * logz  # logz is 0 outside the pairs
         if need_db or need_lq:

@@ -1,7 +1,6 @@
 // Every operator schema of the ccluster library, in one place. Kernels live in csrc/cpu and csrc/cuda;
 // fake kernels and autograd formulas are registered from ccluster/ops.py.
 #include <Python.h>
-#include <ATen/ATen.h>
 #include <torch/library.h>
 
 // `import ccluster._C` only has to load this shared object: the static TORCH_LIBRARY initialisers
@@ -21,17 +20,11 @@ TORCH_LIBRARY(ccluster, m) {
   m.def("exemplar_logsumexp_backward(Tensor grad, Tensor x, Tensor db, Tensor log_q, Tensor logz, "
         "float alpha, str metric, Tensor? pairs, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Convex clustering loss L = -sum_{pairs} weight[s, c] * logz[s, c]. Returns (L, logz on the pairs,
-  // dL/dx accumulated in the same pass when grad_x, else empty).
+  // dL/dx accumulated in the same pass when grad_x, else empty). The autograd formula (ccluster/ops.py)
+  // owns the third output: its backward scales it in place into the gradient of x.
   m.def("cc_loss(Tensor x, Tensor weight, Tensor pairs, Tensor db, Tensor log_q, float alpha, str metric, "
         "bool grad_x) -> (Tensor, Tensor, Tensor)");
-  // dL/dx of cc_loss for an incoming gradient g of L: g * dx, dx being cc_loss's third output.
-  m.def("cc_loss_backward(Tensor g, Tensor dx) -> Tensor");
   // One convex-clustering pass over the pairs with weight > 0: (logz [N, C], log_eta [C, n]).
   m.def("fit_step(Tensor x, Tensor db, Tensor log_q, Tensor weight, float alpha, str metric) "
         "-> (Tensor, Tensor)");
-}
-
-// Every backend but CPU (whose kernel allocates the result for a large tensor first-touch cheaply).
-TORCH_LIBRARY_IMPL(ccluster, CompositeExplicitAutograd, m) {
-  m.impl("cc_loss_backward", [](const at::Tensor& g, const at::Tensor& dx) { return dx * g; });
 }

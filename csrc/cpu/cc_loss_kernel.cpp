@@ -195,18 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
 
-at::Tensor cc_loss_backward_cpu(const at::Tensor& g, const at::Tensor& dx) {
-  TORCH_CHECK(g.numel() == 1, "convex_clustering_loss backward: the gradient of the loss must have one "
-              "element, got shape ", g.sizes());
-  at::Tensor out = empty_large(dx.sizes(), dx.options());
-  return at::mul_out(out, dx, g);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ccluster, CPU, m) {
   m.impl("cc_loss", &cc_loss_cpu);
-  m.impl("cc_loss_backward", &cc_loss_backward_cpu);
 }
 
 }  // namespace cpu

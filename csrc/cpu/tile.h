@@ -68,18 +68,23 @@ Inputs prepare(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_
   return in;
 }
 
-// An uninitialised tensor for a large output ([N, m] gradients). Fresh large blocks come from mmap, and
-// on first touch every 4 KB page faults: for a 60 MB gradient that costs ~10x the pass that writes it.
-// Asking for transparent huge pages (Linux, THP in "madvise" or "always" mode) on the 2 MB-aligned
-// interior cuts the faults 512-fold; elsewhere the hint is a no-op.
+// An uninitialised tensor for a large output ([N, m] gradients). glibc serves blocks of 32 MiB and more
+// (its largest mmap threshold) from a fresh mmap, and on first touch every 4 KB page faults: for a 60 MB
+// gradient that costs several times the pass that writes it. For those blocks we ask for transparent
+// huge pages (Linux, THP in "madvise" or "always" mode) on the 2 MB-aligned interior, which cuts the
+// faults 512-fold. Smaller blocks may come from the reused heap, where the hint was measured to slow
+// things down (huge pages split when the heap is trimmed), so they are left alone.
 inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kMinBytes = size_t(32) << 20;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: failure is harmless
+  if (t.nbytes() >= kMinBytes) {
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (begin + t.nbytes()) & ~(kHuge - 1);
+    madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: failure is harmless
+  }
 #endif
   return t;
 }
