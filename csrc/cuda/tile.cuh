@@ -23,10 +23,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -181,10 +185,115 @@ inline int persistent_grid(int64_t units, int blocks_per_sm) {
 // acc[i][j] = x[s_row[ty + 16 i]] . y[tx + 16 j] over the m features; rows with s_row = -1 and exemplars
 // >= cols read as 0. `y` points at the tile's first exemplar (row-major [cols, m]). Starts and ends with
 // every thread past a barrier on the shared slices, so callers may reuse as/bs right after.
+//
+// float16/bfloat16 inputs on sm_80+ take the tensor-core path (dot_tile_tc below); every other case the
+// SIMT loop. Both accumulate in float32 and hand back the same per-thread layout, so the epilogues of the
+// kernels do not know which one ran.
+
+// The 16-bit element types as the WMMA API spells them.
+template <typename scalar_t>
+struct WmmaType {
+  using type = void;
+};
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// Tensor-core tile: the 8 warps each compute a 16 x 32 part of the 64 x 64 tile with 16 x 16 x 16 WMMA
+// products (float32 accumulators), over K-slices of 64 features staged in shared memory in the input
+// dtype. The products of two 16-bit values are exact in float32, so the result equals the SIMT loop's up
+// to the order of the float32 additions. The accumulators go through shared memory (the same bytes as
+// the staged slices) to the SIMT layout.
+constexpr int kTcK = 64;            // features per staged K-slice
+constexpr int kTcLd = kTcK + 8;     // staged row stride in elements (16-byte multiple, skews the banks)
+constexpr int kTcLdC = kTile + 4;   // accumulator row stride in floats
+constexpr int kTcBytes = 2 * kTile * kTcLd * 2 > kTile * kTcLdC * 4 ? 2 * kTile * kTcLd * 2 : kTile * kTcLdC * 4;
+
+template <typename scalar_t>
+__device__ __forceinline__ void dot_tile_tc(const scalar_t* __restrict__ x, const int* s_row,
+                                            const scalar_t* __restrict__ y, int cols, int m, float (&acc)[4][4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using E = typename WmmaType<scalar_t>::type;
+  __shared__ __align__(128) unsigned char smem[kTcBytes];
+  E* as = reinterpret_cast<E*>(smem);                // [kTile rows][kTcLd]: x rows, row-major
+  E* bs = as + kTile * kTcLd;                          // [kTile cols][kTcLd]: exemplars = B column-major
+  float* cs = reinterpret_cast<float*>(smem);          // [kTile][kTcLdC], after the K-loop
+  const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);  // raw 16-bit copies
+  const unsigned short* yb = reinterpret_cast<const unsigned short*>(y);
+  unsigned short* ab = reinterpret_cast<unsigned short*>(as);
+  unsigned short* bb = reinterpret_cast<unsigned short*>(bs);
+  const int tid = threadIdx.x, warp = tid >> 5, wr = warp >> 1, wc = warp & 1;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
+  wmma::fill_fragment(c[0], 0.0f);
+  wmma::fill_fragment(c[1], 0.0f);
+  // 16-byte loads when every row starts 16-byte aligned (m % 8 == 0 and aligned bases)
+  const bool vec = (m % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
+                   (reinterpret_cast<uintptr_t>(y) % 16 == 0);
+  __syncthreads();  // a previous call's readers of cs are done
+  for (int k0 = 0; k0 < m; k0 += kTcK) {
+    if (vec) {
+      // 64 rows x 8 vectors of 8 elements per side: 2 vectors per thread per side
+#pragma unroll
+      for (int idx = tid; idx < kTile * (kTcK / 8); idx += kThreads) {
+        const int r = idx / (kTcK / 8), k = (idx % (kTcK / 8)) * 8, kg = k0 + k;
+        const int s = s_row[r];
+        uint4 va = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+        if (s >= 0 && kg < m) va = *reinterpret_cast<const uint4*>(xb + int64_t(s) * m + kg);
+        if (r < cols && kg < m) vb = *reinterpret_cast<const uint4*>(yb + int64_t(r) * m + kg);
+        *reinterpret_cast<uint4*>(ab + r * kTcLd + k) = va;
+        *reinterpret_cast<uint4*>(bb + r * kTcLd + k) = vb;
+      }
+    } else {
+      for (int idx = tid; idx < kTile * kTcK; idx += kThreads) {
+        const int r = idx / kTcK, k = idx % kTcK, kg = k0 + k;
+        const int s = s_row[r];
+        ab[r * kTcLd + k] = (s >= 0 && kg < m) ? xb[int64_t(s) * m + kg] : 0;  // 0 bits = +0.0
+        bb[r * kTcLd + k] = (r < cols && kg < m) ? yb[int64_t(r) * m + kg] : 0;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTcK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a;
+      wmma::load_matrix_sync(a, as + (16 * wr) * kTcLd + kk, kTcLd);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b;
+        wmma::load_matrix_sync(b, bs + (32 * wc + 16 * f) * kTcLd + kk, kTcLd);
+        wmma::mma_sync(c[f], a, b, c[f]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f)
+    wmma::store_matrix_sync(cs + (16 * wr) * kTcLdC + 32 * wc + 16 * f, c[f], kTcLdC, wmma::mem_row_major);
+  __syncthreads();
+  const int tx = tid & 15, ty = tid >> 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = cs[(ty + 16 * i) * kTcLdC + tx + 16 * j];
+  __syncthreads();  // cs aliases the staged slices of the next call
+#endif
+}
+
 template <typename scalar_t, typename T, int BK>
 __device__ __forceinline__ void dot_tile(const scalar_t* __restrict__ x, const int* s_row,
                                          const scalar_t* __restrict__ y, int cols, int m, T (&as)[BK][kPad],
                                          T (&bs)[BK][kPad], T (&acc)[4][4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (!std::is_void<typename WmmaType<scalar_t>::type>::value && std::is_same<T, float>::value) {
+    dot_tile_tc<scalar_t>(x, s_row, y, cols, m, acc);
+    return;
+  }
+#endif
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
