@@ -9,9 +9,9 @@
 #   1. environment (GPU, torch, nvcc)
 #   2. build the extension in place with the CUDA kernels (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=9.0)
 #   3. pytest tests/test_cuda.py, then the CUDA-parametrised cases of the other test files (-k cuda)
-#   4. benchmarks/bench_*.py --device cuda --json OUT_DIR/<name>.json, where those scripts exist
+#   4. the benchmarks with --device cuda (float32 and bfloat16), each writing OUT_DIR/<name>.json
 # Writes at most 8 files, all directly in OUT_DIR: gpu_check.log (everything), summary.json (step
-# results), and one JSON per benchmark (at most 6). Exit status: 0 when the build and the tests passed.
+# results), and one JSON per benchmark (5). Exit status: 0 when the build and the tests passed.
 #
 # Environment: PYTHON (default python), CUDA_HOME (default: found from nvcc), TORCH_CUDA_ARCH_LIST
 # (default 9.0), MAX_JOBS (default: number of CPUs), BENCH_TIMEOUT (seconds per benchmark, default 90),
@@ -72,16 +72,21 @@ run_step test_cuda 300 "$PY" -m pytest tests/test_cuda.py -q -rfEsx -p no:cachep
 run_step test_other_cuda 180 "$PY" -m pytest tests -q -rfEx -p no:cacheprovider --ignore=tests/test_cuda.py -k cuda
 [[ ${RESULT[test_other_cuda]} == 5 ]] && RESULT[test_other_cuda]=0
 
-shopt -s nullglob
-n=0
-for bench in benchmarks/bench_*.py; do
-  (( n >= 6 )) && { echo "more than 6 benchmarks: $bench skipped (file limit)"; continue; }
-  name=$(basename "$bench" .py)
-  # shellcheck disable=SC2086  # BENCH_ARGS: extra options, e.g. "--no-memory --rounds 2"
-  run_step "$name" "${BENCH_TIMEOUT:-90}" "$PY" "$bench" --device cuda --json "$OUT_DIR/$name.json" ${BENCH_ARGS:-}
-  n=$((n + 1))
-done
-(( n == 0 )) && echo "no benchmarks/bench_*.py: benchmarks skipped"
+# The benchmarks, at the sizes of the CUDA targets: float32 and bfloat16 log-sum-exp (bf16 against the
+# cuBLAS bf16 GEMM), the loss at N = 16384 (16 videos x 1024), C = 20, n = 512, m = 2048 and at the
+# THUMOS-like batch, one fit iteration.
+# shellcheck disable=SC2086  # BENCH_ARGS: extra options, e.g. "--no-memory --rounds 2"
+bench() {  # bench NAME SCRIPT ARGS...
+  local name=$1 script=$2
+  shift 2
+  run_step "$name" "${BENCH_TIMEOUT:-90}" "$PY" "benchmarks/$script" --device cuda --json "$OUT_DIR/$name.json" \
+    "$@" ${BENCH_ARGS:-}
+}
+bench lse_float32 bench_exemplar_logsumexp.py
+bench lse_bfloat16 bench_exemplar_logsumexp.py --dtype bfloat16
+bench cc_loss_float32 bench_cc_loss.py --sizes "16,1024,20,512,2048;10,750,20,256,1024"
+bench cc_loss_bfloat16 bench_cc_loss.py --dtype bfloat16 --sizes "16,1024,20,512,2048"
+bench fit_float32 bench_fit.py
 
 # summary.json: every step's exit status and duration
 {

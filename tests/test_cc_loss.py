@@ -25,7 +25,7 @@ def _pairs(pattern, N, C, seed):
     elif pattern == "one_label":     # every row exactly one class: the direct-write path only
         p = torch.zeros(N, C, dtype=torch.bool)
         p[torch.arange(N), torch.randint(0, C, (N,), generator=g)] = True
-    elif pattern == "multi_label":   # 2+ labels per row: the side-buffer path
+    elif pattern == "multi_label":   # 2+ labels per row: later rounds add to dL/dx
         p = torch.rand(N, C, generator=g) < 0.6
         p[torch.arange(N), torch.randint(0, C, (N,), generator=g)] = True
     else:
@@ -115,9 +115,9 @@ def test_no_pairs_and_empty_batch(metric):
     assert loss.item() == 0.0 and gx.shape == (0, 2)
 
 
-def test_side_buffer_rows_sum_over_their_classes(metric):
-    # a row with k labels gets its dL/dx from k classes; only the first writes directly, the others go
-    # through the side buffer. The gradient must be the sum of the single-class losses' gradients.
+def test_multi_label_rows_sum_over_their_classes(metric):
+    # a row with k labels gets its dL/dx from k classes, in k rounds: the first writes the row, the others
+    # add to it. The gradient must be the sum of the single-class losses' gradients.
     N, C = ROW_BLOCK + 20, 4
     x, att, pairs, db, log_q = _problem(N, C, 11, 3, "multi_label", True, seed=5, empty_class=False)
     assert int(pairs.sum(1).max()) >= 3
