@@ -143,6 +143,7 @@ def demo_configs(overrides=()) -> tuple[dict, dict]:
     t = method["train"]
     base["name"] = method["name"] + "-baseline"
     base["cc"]["weight"] = 0.0
+    base["cc"]["rounds"] = 0
     base["train"]["baseline_steps"] = t["baseline_steps"] + method["cc"]["rounds"] * t["cc_steps"]
     return method, base
 

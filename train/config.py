@@ -56,7 +56,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "cc": {
         "weight": 1.0,             # lambda in Loss = L_clf + lambda * L_cc
-        "rounds": 1,               # R: repetitions of collect (2) -> fit Q (3) -> train with L_cc (4)
+        "rounds": 1,               # R: repetitions of collect (2) -> fit Q (3) -> train with L_cc (4);
+                                   # 0: the baseline alone. weight 0 keeps the stages (a same-batch control)
         "size": 64,                # n: exemplars per class in the database
         "on": "embedding",         # "embedding" (phi, shapes features and attention) | "input"
         "detach_attention": False, # True: L_cc shapes phi only (p(s|x) as a constant weight); False: the
@@ -93,6 +94,8 @@ DEFAULTS: dict[str, Any] = {
         "dir": "",                 # run folder; "" -> runs/<name>
         "tensorboard": True,       # also log to TensorBoard when it is installed
         "progress": True,          # tqdm bars
+        "threads": 0,              # torch intra-op threads (0: torch's default, one per core). Results
+                                   # are bitwise reproducible at a fixed thread count only
     },
 }
 
@@ -108,6 +111,7 @@ PRESETS: dict[str, dict] = {
         "train": {"lr": 1.0e-3, "baseline_steps": 200, "cc_steps": 100, "checkpoint_every": 1,
                   "log_every": 10},
         "eval": {"figures": 4},
+        "run": {"threads": 1},
     },
     "tiny": {
         "name": "tiny",
@@ -116,7 +120,7 @@ PRESETS: dict[str, dict] = {
         "cc": {"weight": 1.0, "rounds": 1, "size": 8, "k": 2, "fit_max_iter": 100},
         "train": {"lr": 1.0e-3, "baseline_steps": 6, "cc_steps": 4, "log_every": 2},
         "eval": {"figures": 1},
-        "run": {"progress": False, "tensorboard": False},
+        "run": {"progress": False, "tensorboard": False, "threads": 1},
     },
 }
 
@@ -136,7 +140,7 @@ CHOICES = {
 POSITIVE = {"data.max_seqlen", "data.batch_size",
             "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
-NON_NEGATIVE = {"seed", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
+NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
                 "train.eval_every", "eval.figures"}
 

@@ -1,0 +1,129 @@
+"""What every part of a run shares: the config, the dataset and its subsets, the device and the process
+group, and the model. :class:`RunContext` is built once per run and handed to the training steps
+(:mod:`train.steps`), the exemplar database (:mod:`train.exemplars`) and the evaluation
+(:mod:`train.evaluation`), so that each of them can be used alone (``python -m train compare`` reuses
+them stage by stage).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .config import ConfigError, check_against_data, resolve_subsets
+from .models import TwoStreamAttention
+
+STREAMS = ("rgb", "flow")
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (deterministic across runs and platforms)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def default_cache() -> Path:
+    """Where generated synthetic sets live: ``$CCLUSTER_CACHE`` or ``~/.cache/ccluster``."""
+    return Path(os.environ.get("CCLUSTER_CACHE", Path.home() / ".cache" / "ccluster"))
+
+
+def open_dataset(cfg: dict):
+    """Load (and, for a synthetic preset, first generate) the dataset named by the config."""
+    from . import data as tdata
+    d = cfg["data"]
+    root, name = d["root"], d["name"]
+    if d["synthetic"]:  # generated once into the cache (generate() skips an identical earlier run)
+        from .data import synthetic
+        root = root or str(default_cache() / f"synthetic-{d['synthetic']}")
+        gen = None
+        for turn in range(3 if distributed.world_size() > 1 else 1):  # one writer at a time
+            if turn == distributed.generation_turn():
+                gen = synthetic.generate(root, preset=d["synthetic"], seed=0)
+            distributed.barrier()
+        root, gen_name = gen
+        name = name or gen_name
+    if not Path(root).exists():
+        raise ConfigError(f"config key 'data.root': dataset folder not found: {root}")
+    try:
+        kwargs = {"layout": d["layout"]}
+        if d["feature_rate"]:
+            kwargs["feature_rate"] = d["feature_rate"]
+        if d["rgb_dim"]:
+            kwargs["rgb_dim"] = d["rgb_dim"]
+        return tdata.load_dataset(root, name, **kwargs)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config key 'data.root' ({root}, dataset '{name}'): missing file: "
+                          f"{exc.filename or exc}") from None
+
+
+@dataclass
+class RunContext:
+    """The shared, fixed parts of a run. ``model`` is the bare model; ``net`` is what the training
+    forward runs through (the model itself, or its DistributedDataParallel wrapper)."""
+    cfg: dict
+    dataset: object
+    train_idx: list
+    test_idx: list
+    device: torch.device
+    rank: int
+    world: int
+    model: TwoStreamAttention
+    net: torch.nn.Module
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def progress(self) -> bool:
+        """Whether this process draws progress bars (rank 0 with ``run.progress``)."""
+        return bool(self.cfg["run"]["progress"]) and self.is_main
+
+    @property
+    def stream_dims(self) -> tuple[int, int]:
+        """Width of what L_cc and the database see, per stream: phi's, or the input features'."""
+        if self.cfg["cc"]["on"] == "input":
+            return self.dataset.rgb_dim, self.dataset.feature_dim - self.dataset.rgb_dim
+        e = self.cfg["model"]["embed_dim"]
+        return e, e
+
+    def video(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One whole video as a batch of one: ``features [1, T, D]`` and an all-true ``mask [1, T]``."""
+        feats = torch.as_tensor(self.dataset.videos[index].features, dtype=torch.float32)
+        feats = feats[None].to(self.device)
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=self.device)
+
+
+def build_context(cfg: dict, dataset=None) -> RunContext:
+    """Open the dataset (unless given), check the config against it, seed and build the model (wrapped
+    in DistributedDataParallel when several processes run)."""
+    dataset = dataset if dataset is not None else open_dataset(cfg)
+    train_idx, test_idx = resolve_subsets(cfg, dataset)
+    check_against_data(cfg, dataset, train_idx, test_idx)
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1 and min(cfg["data"]["batch_size"], len(train_idx)) < world:
+        raise ConfigError(f"config key 'data.batch_size': expected at least one video per process "
+                          f"({world} processes), got a batch of "
+                          f"{min(cfg['data']['batch_size'], len(train_idx))}")
+    device = torch.device(cfg["device"])
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if cfg["run"]["threads"] > 0:
+        torch.set_num_threads(cfg["run"]["threads"])
+    torch.manual_seed(cfg["seed"])
+    m = cfg["model"]
+    model = TwoStreamAttention(
+        dataset.feature_dim, dataset.rgb_dim, dataset.num_classes, embed_dim=m["embed_dim"],
+        dropout=m["dropout"], attention=m["attention"], attention_hidden=m["attention_hidden"],
+        probabilities=cfg["loss"]["classification"]).to(device)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return RunContext(cfg, dataset, train_idx, test_idx, device, rank, world, model, net)

@@ -1,0 +1,121 @@
+"""Evaluation on the test subset: video classification mAP (plain and with test-time selection) and
+detection mAP from the T-CAM.
+
+* **Plain video score:** the fused attention-pooled class probabilities.
+* **Selection score:** per stream, :func:`ccluster.select_representative` picks per class the ``cc.k``
+  segments with least L_cc (``cc.select_by: loss``, the literal ``-p(s|x) log z``) or closest to the
+  class's exemplars (``distance``, ``-log z``); the union is re-scored by the classifier and attention
+  of that stream and the two streams' probabilities are averaged.
+* **Localization** uses the T-CAM (the fused score) of the *full* video with the plain video scores, so
+  detection measures what training did to the network, not the selection.
+* **Several processes:** each rank predicts its share of the videos; the per-video results are gathered
+  in the test subset's order and every rank computes the same metrics. Figures are drawn by rank 0.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import ccluster
+from . import distributed
+from .context import STREAMS, RunContext
+from .exemplars import ExemplarState, cc_features
+
+
+class Evaluator:
+    """Predictions and metrics of the model of ``ctx`` with the exemplars of ``exemplars``."""
+
+    def __init__(self, ctx: RunContext, exemplars: ExemplarState):
+        self.ctx = ctx
+        self.exemplars = exemplars
+
+    @torch.no_grad()
+    def predict(self, index: int, selection: bool) -> dict:
+        """Plain and (optionally) selection-based video scores, T-CAM and attention of one video."""
+        ctx, ex = self.ctx, self.exemplars
+        feats, mask = ctx.video(index)
+        ctx.model.eval()
+        out = ctx.model(feats, mask)
+        res = {"video": out["video"][0], "tcam": out["tcam"][0], "attention": out["attention"][0]}
+        if selection and ex.ready:
+            c = ctx.cfg["cc"]
+            T = feats.shape[1]
+            classes = None
+            if c["select_top_classes"] > 0:
+                classes = torch.topk(res["video"], min(c["select_top_classes"], len(res["video"]))).indices
+            probs, kept = [], 0
+            for s in STREAMS:
+                x = cc_features(ctx, out, feats, s)[0]
+                if c["select_by"] == "loss":
+                    a = out[f"att_{s}"][0]
+                    weight = a / a.sum().clamp_min(1e-12)
+                else:
+                    weight = torch.full((T,), 1.0 / T, device=x.device)
+                sel = ccluster.select_representative(x, weight, ex.streams[s], ex.log_q[s], ex.alpha[s],
+                                                     c["k"], metric=c["metric"], classes=classes)
+                idx = sel.indices if sel.indices.numel() else torch.arange(T, device=x.device)
+                kept += idx.numel()
+                logits = ctx.model.rescore(s, out[f"emb_{s}"][0, idx])
+                probs.append(ctx.model.class_probabilities(logits))
+            res["video_select"] = sum(probs) / 2
+            res["selected"] = kept / 2
+        return res
+
+    @torch.no_grad()
+    def evaluate(self, run_dir: Path, tag: str, progress: bool | None = None, figures: int = 0) -> dict:
+        """Classification mAP (plain and selection-based) and detection mAP on the test subset.
+        ``figures``: T-CAM figures of the first test videos, into ``run_dir/figures/tcam-<tag>-*.png``."""
+        from .eval import classification_map, detection_map, plot_video, tcam_proposals
+        ctx = self.ctx
+        ds, cfg = ctx.dataset, ctx.cfg
+        progress = ctx.progress if progress is None else (progress and ctx.is_main)
+        selection = self.exemplars.ready
+        positions = list(range(len(ctx.test_idx)))
+        if ctx.world > 1:
+            positions = distributed.shard(positions, ctx.rank, ctx.world)
+        records = []
+        for j in tqdm(positions, desc="evaluate", unit="video", dynamic_ncols=True, disable=not progress,
+                      leave=False):
+            vi = ctx.test_idx[j]
+            v = ds.videos[vi]
+            r = self.predict(vi, selection)
+            rec = {"j": j, "plain": r["video"].cpu().numpy()}
+            if selection:
+                rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
+            rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
+                                          duration=v.duration)
+            if j < figures:
+                rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
+            records.append(rec)
+        if ctx.world > 1:
+            records = sorted((rec for part in distributed.all_gather_objects(records) for rec in part),
+                             key=lambda rec: rec["j"])
+        plain = [rec["plain"] for rec in records]
+        labels = np.stack([np.asarray(ds.videos[ctx.test_idx[rec["j"]]].labels) for rec in records])
+        predictions = [dict(video=ds.videos[ctx.test_idx[rec["j"]]].name, **p)
+                       for rec in records for p in rec["props"]]
+        if ctx.is_main:
+            for rec in records:
+                if "figure" not in rec:
+                    continue
+                v = ds.videos[ctx.test_idx[rec["j"]]]
+                fig_dir = Path(run_dir) / "figures"
+                fig_dir.mkdir(parents=True, exist_ok=True)
+                tcam, att = rec["figure"]
+                plot_video(str(fig_dir / f"tcam-{tag}-{v.name}.png"), tcam, att / max(float(att.max()), 1e-12),
+                           list(v.segments), list(rec["props"]), ds.feature_rate, list(ds.classes),
+                           title=v.name)
+        res = {"cls_map": float(classification_map(np.stack(plain), labels)[0])}
+        if selection:
+            res["cls_map_select"] = float(classification_map(np.stack([rec["select"] for rec in records]),
+                                                             labels)[0])
+            res["selected_segments"] = float(np.mean([rec["kept"] for rec in records]))
+        per_tiou, avg = detection_map(predictions, ds.ground_truth(ds.videos[ctx.test_idx[0]].subset),
+                                      cfg["eval"]["tiou"], ambiguous=getattr(ds, "ambiguous", None))
+        for t, m in zip(cfg["eval"]["tiou"], per_tiou):
+            res[f"det_map@{t:g}"] = float(m)
+        res["det_map_avg"] = float(avg)
+        return res

@@ -1,0 +1,178 @@
+"""Steps 2 and 3 of the procedure: collect the exemplar database with the network fixed, set the
+bandwidth alpha, and fit the representativeness Q.
+
+* **One selection of exemplars, two databases.** A single :class:`ccluster.ExemplarDatabase` holds the
+  concatenation ``[phi_rgb | phi_flow]`` of each selected segment, ranked by the fused score
+  ``s_i = (p_rgb a_rgb + p_flow a_flow) / 2``, so both streams use the same segments. Each stream gets
+  its own slice of it, its own alpha and its own Q (the two embeddings have different geometry).
+* **alpha from the data** at each collection when ``cc.alpha: auto``. ``lashkari``: per class
+  ``n^2 log n / sum_ij d_ij`` over the class's exemplars (Lashkari & Golland's reference beta_0), the
+  median over classes; ``median``: ``1 / median d`` over within-class exemplar pairs. Times
+  ``cc.alpha_scale``.
+* **Several processes.** Each rank collects from its share of the videos; the databases are merged
+  (:func:`train.distributed.all_gather_database`) and the Q fit sums its per-pass statistics over the
+  ranks' segments, so every rank ends with the same state.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import ccluster
+from . import distributed
+from .context import STREAMS, RunContext
+
+log = logging.getLogger("train")
+
+
+def auto_alpha(features: torch.Tensor, count: torch.Tensor, rule: str = "lashkari",
+               metric: str = "sqeuclidean") -> float:
+    """Bandwidth from within-class exemplar distances (see the module docstring). ``features``
+    ``[C, n, m]``, ``count [C]``. Returns NaN when no class has two distinct exemplars."""
+    values = []
+    for c in range(features.shape[0]):
+        k = int(count[c])
+        if k < 2:
+            continue
+        y = features[c, :k].double()
+        d = torch.cdist(y, y).pow(2) if metric == "sqeuclidean" else torch.cdist(y, y)
+        off = d[~torch.eye(k, dtype=torch.bool)]
+        if rule == "lashkari":
+            total = float(d.sum())
+            if total > 0:
+                values.append(k * k * math.log(k) / total)
+        else:
+            med = float(off.median())
+            if med > 0:
+                values.append(1.0 / med)
+    return float(np.median(values)) if values else math.nan
+
+
+def cc_features(ctx: RunContext, out: dict, features: torch.Tensor, stream: str) -> torch.Tensor:
+    """What L_cc and the database see for one stream: phi (``cc.on: embedding``) or the input features
+    (``input``), L2-normalised per segment with ``cc.normalize``."""
+    if ctx.cfg["cc"]["on"] == "embedding":
+        x = out[f"emb_{stream}"]
+    else:
+        rgb, flow = ctx.model.split(features)
+        x = rgb if stream == "rgb" else flow
+    return torch.nn.functional.normalize(x, dim=-1) if ctx.cfg["cc"]["normalize"] else x
+
+
+class ExemplarState:
+    """The exemplar database, and per stream its slice, alpha and log Q. Empty until :meth:`build`."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.db: ccluster.ExemplarDatabase | None = None
+        self.log_q: dict = {s: None for s in STREAMS}
+        self.alpha: dict = {s: None for s in STREAMS}
+        self.streams: dict = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.db is not None
+
+    def state_dict(self) -> dict:
+        return {"database": self.db.state_dict() if self.db is not None else None,
+                "log_q": dict(self.log_q), "alpha": dict(self.alpha)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["database"] is not None:
+            first = state["database"]["features"]
+            self.db = ccluster.ExemplarDatabase(first.shape[0], first.shape[1], first.shape[2])
+            self.db.load_state_dict(state["database"])
+        self.log_q, self.alpha = dict(state["log_q"]), dict(state["alpha"])
+        self._split()
+
+    def _split(self) -> None:
+        if self.db is None:
+            return
+        e0 = self.ctx.stream_dims[0]
+        self.streams = {"rgb": self.db.features[:, :, :e0].contiguous(),
+                        "flow": self.db.features[:, :, e0:].contiguous()}
+
+    @torch.no_grad()
+    def build(self, name: str) -> dict:
+        """Collect the database over the training videos with the network fixed, set alpha, fit Q.
+        Returns a summary (fill, alpha, fit passes and gap, Q perplexity per stream)."""
+        ctx, c = self.ctx, self.ctx.cfg["cc"]
+        ds = ctx.dataset
+        ctx.model.eval()
+        db = ccluster.ExemplarDatabase(ds.num_classes, c["size"], sum(ctx.stream_dims))
+        xs = {s: [] for s in STREAMS}
+        ws = {s: [] for s in STREAMS}
+        pending, pending_rows = [], 0
+        e0 = ctx.stream_dims[0]
+
+        def flush():
+            nonlocal pending, pending_rows
+            if pending:
+                f, sc, lb, ids = (torch.cat(t) for t in zip(*pending))
+                db.update(f, sc, lb, ids)
+            pending, pending_rows = [], 0
+
+        videos = ctx.train_idx if ctx.world == 1 else distributed.shard(ctx.train_idx, ctx.rank, ctx.world)
+        for vi in tqdm(videos, desc=f"{name}: collect", unit="video", dynamic_ncols=True,
+                       disable=not ctx.progress, leave=False):
+            feats, mask = ctx.video(vi)
+            out = ctx.model(feats, mask)
+            x = torch.cat([cc_features(ctx, out, feats, s)[0] for s in STREAMS], -1)
+            T = x.shape[0]
+            labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
+            lab = labels[None].expand(T, -1)
+            ids = torch.stack([torch.full((T,), vi, dtype=torch.long), torch.arange(T)], 1)
+            pending.append((x.cpu(), out["tcam"][0].cpu(), lab.cpu(), ids))
+            pending_rows += T
+            if pending_rows >= 16384:
+                flush()
+            if labels.any():
+                for s in STREAMS:
+                    a = out[f"att_{s}"][0]
+                    p = a / a.sum().clamp_min(1e-12)
+                    xs[s].append((x[:, :e0] if s == "rgb" else x[:, e0:]).cpu())
+                    ws[s].append((p[:, None] * labels[None].to(p.dtype)).cpu())
+        flush()
+        if ctx.world > 1:
+            db = distributed.all_gather_database(db)
+        self.db = db
+        self._split()
+        info = {"filled": int(db.count.sum()), "empty_classes": int((db.count == 0).sum())}
+        log_q = {}
+        for s in STREAMS:
+            alpha = self._alpha(name, s)
+            self.alpha[s] = alpha
+            dim = self.streams[s].shape[-1]
+            X = torch.cat(xs[s]) if xs[s] else torch.zeros(0, dim)  # a rank may hold no labelled video
+            W = torch.cat(ws[s]) if ws[s] else torch.zeros(0, ds.num_classes)
+            fit = ccluster.fit_representativeness(
+                X.to(ctx.device), self.streams[s].to(ctx.device), W.to(ctx.device), alpha,
+                metric=c["metric"], tol=c["fit_tol"], max_iter=c["fit_max_iter"],
+                accelerate=c["fit_accelerate"], log_q=db.log_q.to(ctx.device), progress=ctx.progress,
+                group=torch.distributed.group.WORLD if ctx.world > 1 else None)
+            log_q[s] = fit.log_q
+            q = fit.log_q.exp()
+            ent = -(torch.where(q > 0, q * fit.log_q, torch.zeros_like(q))).sum(1)
+            info.update({f"alpha_{s}": alpha,
+                         f"fit_iters_{s}": int(fit.n_iter.max()),
+                         f"fit_gap_{s}": float(torch.nan_to_num(fit.gap, nan=0.0).max()),
+                         f"q_perplexity_{s}": float(ent.exp().mean())})
+        self.log_q = log_q
+        if ctx.is_main:
+            log.info("%s: %s", name, info)
+        return info
+
+    def _alpha(self, name: str, stream: str) -> float:
+        c = self.ctx.cfg["cc"]
+        if c["alpha"] != "auto":
+            return float(c["alpha"])
+        a = auto_alpha(self.streams[stream], self.db.count, c["alpha_rule"], c["metric"])
+        if not math.isfinite(a):
+            log.warning("%s: could not set alpha from the data (fewer than two distinct exemplars per "
+                        "class); using 1.0", name)
+            a = 1.0
+        return a * c["alpha_scale"]
