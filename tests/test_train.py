@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from train import checkpoint as ckpt
-from train.cli import demo_configs, format_table, main
+from train.cli import format_table, main
 from train.config import load_config
 from train.procedure import Trainer, open_dataset, stage_plan
 
@@ -150,12 +150,11 @@ def test_resume_refuses_a_different_config(reference, tmp_path, capsys):
     assert code == 2 and "cc.size" in capsys.readouterr().err
 
 
-def test_demo_configs_compare_equal_lengths():
-    method, base = demo_configs(["data.synthetic=tiny"])
-    assert base["cc"]["weight"] == 0 and method["cc"]["weight"] == 1
-    t = method["train"]
-    assert base["train"]["baseline_steps"] == t["baseline_steps"] + method["cc"]["rounds"] * t["cc_steps"]
-    assert stage_plan(base) == [("baseline", "train")]
+def test_weight_zero_keeps_the_stages_rounds_zero_drops_them():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.weight=0", "cc.rounds=2"])
+    assert [n for n, _ in stage_plan(cfg)] == ["baseline", "db1", "cc1", "db2", "cc2"]
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.rounds=0"])
+    assert stage_plan(cfg) == [("baseline", "train")]
 
 
 def test_open_dataset_missing_files(tmp_path):

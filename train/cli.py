@@ -3,6 +3,7 @@
     python -m train fit --config configs/synthetic.yaml [key=value ...] [--resume]
     python -m train eval --checkpoint runs/synthetic/latest.pt
     python -m train demo [--out runs/demo] [key=value ...]
+    python -m train compare --config configs/calibrated.yaml --variants variants.yaml --seeds 0 1 2 3 4
     python -m train steptime [--config ...] [key=value ...]   # a training step with vs without L_cc
     python -m train config --config configs/thumos14.yaml [key=value ...]   # print the resolved config
 
@@ -14,7 +15,6 @@ Several processes (data-parallel, torch.distributed; see train/distributed.py):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -135,17 +135,10 @@ def cmd_config(args) -> int:
     return 0
 
 
-def demo_configs(overrides=()) -> tuple[dict, dict]:
-    """The method and its equal-length baseline (L_cc off, the same total number of steps)."""
-    method = load_config(None, [f"{k}={json.dumps(v)}" for k, v in _flat(PRESETS["synthetic"])]
-                         + list(overrides))
-    base = copy.deepcopy(method)
-    t = method["train"]
-    base["name"] = method["name"] + "-baseline"
-    base["cc"]["weight"] = 0.0
-    base["cc"]["rounds"] = 0
-    base["train"]["baseline_steps"] = t["baseline_steps"] + method["cc"]["rounds"] * t["cc_steps"]
-    return method, base
+def demo_config(overrides=()) -> dict:
+    """The demo's config: the synthetic preset (``configs/synthetic.yaml``) with ``overrides``."""
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in _flat(PRESETS["synthetic"])]
+                       + list(overrides))
 
 
 def _flat(tree, prefix=""):
@@ -157,34 +150,40 @@ def _flat(tree, prefix=""):
 
 
 def cmd_demo(args) -> int:
-    from .procedure import Trainer, open_dataset
-    method, base = demo_configs(args.overrides)
+    """The method against its same-batch control (cc.weight 0) from one shared stage 1, one seed."""
+    from .compare import CONTROL, Comparison
+    cfg = demo_config(args.overrides)
     out = Path(args.out)
+    if args.fresh and out.exists():
+        import shutil
+        shutil.rmtree(out)
     t0 = time.time()
-    dataset = open_dataset(method)
-    print(f"dataset: {dataset!r}", file=sys.stderr)
-    rows = []
-    for cfg, tag in ((base, "baseline"), (method, "method")):
-        run_dir = out / tag
-        if args.fresh and run_dir.exists():
-            import shutil
-            shutil.rmtree(run_dir)
-        cfg["run"]["dir"] = str(run_dir)
-        trainer = Trainer.resume(run_dir, dataset) if (run_dir / "latest.pt").exists() else \
-            Trainer(cfg, run_dir, dataset)
-        results = trainer.run()
-        if tag == "baseline":
-            rows.append((f"baseline ({cfg['train']['baseline_steps']} steps)", results["baseline"]))
-        else:
-            t = cfg["train"]
-            rows.append((f"baseline ({t['baseline_steps']} steps, stage 1)", results["baseline"]))
-            last = [k for k in results if k != "baseline"][-1]
-            rows.append((f"method (+{cfg['cc']['rounds']}x{t['cc_steps']} steps with L_cc)",
-                         results[last]))
-    table = format_table(rows, method["eval"]["tiou"])
+    comp = Comparison(cfg, {"method": {}}, [cfg["seed"]], out)
+    res = comp.run()["results"]
+    seed = cfg["seed"]
+    c, t = cfg["cc"], cfg["train"]
+    ctrl, method = res[CONTROL][seed], res["method"][seed]
+    diff = {k: method[k] - ctrl[k] for k in method if k in ctrl and isinstance(method[k], float)}
+    rows = [(f"control (lambda 0, +{c['rounds']}x{t['cc_steps']} steps)", ctrl),
+            (f"method (lambda {c['weight']:g}, +{c['rounds']}x{t['cc_steps']} steps)", method),
+            ("method - control", diff)]
+    table = format_table(rows, cfg["eval"]["tiou"], signed={"method - control"})
     (out / "table.txt").write_text(table + "\n")
     print(table)
-    print(f"({time.time() - t0:.0f} s; runs in {out}/baseline and {out}/method; table in {out}/table.txt)")
+    print(f"({time.time() - t0:.0f} s; both continue from the same {t['baseline_steps']}-step stage 1 "
+          f"on the same batches; runs in {out}/seed-{seed}; table in {out}/table.txt)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import Comparison, load_variants
+    cfg = load_config(args.config, args.overrides)
+    variants = load_variants(args.variants, args.variant)
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{cfg['name']}"
+    t0 = time.time()
+    res = Comparison(cfg, variants, args.seeds, out).run()
+    print(res["table"])
+    print(f"({time.time() - t0:.0f} s; runs, results.json, table.txt and compare.png in {out})")
     return 0
 
 
@@ -195,7 +194,7 @@ def cmd_steptime(args) -> int:
 
     import ccluster
     from .procedure import Trainer
-    cfg = load_config(args.config, args.overrides) if args.config else demo_configs(args.overrides)[0]
+    cfg = load_config(args.config, args.overrides) if args.config else demo_config(args.overrides)
     cfg["run"]["progress"] = False
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp)
@@ -229,13 +228,16 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def format_table(rows, tiou) -> str:
-    """One line per (name, results): cls mAP (plain, selection), det mAP per tIoU and their mean (%)."""
-    def pct(v):
-        return "    -" if v is None else f"{100 * v:5.1f}"
+def format_table(rows, tiou, signed=()) -> str:
+    """One line per (name, results): cls mAP (plain, selection), det mAP per tIoU and their mean (%).
+    Rows named in ``signed`` are differences, printed with a sign."""
+    def cell(v, sign):
+        return "    -" if v is None else (f"{100 * v:+5.1f}" if sign else f"{100 * v:5.1f}")
     head = f"{'':<40} {'cls':>5} {'cls*':>5} " + " ".join(f"{t:>5g}" for t in tiou) + f" {'avg':>5}"
     lines = [head]
     for name, r in rows:
+        def pct(v, sign=name in signed):
+            return cell(v, sign)
         det = " ".join(pct(r.get(f"det_map@{t:g}")) for t in tiou)
         lines.append(f"{name:<40} {pct(r.get('cls_map'))} {pct(r.get('cls_map_select'))} {det} "
                      f"{pct(r.get('det_map_avg'))}")
@@ -279,11 +281,20 @@ def _main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     _dist_args(p)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("demo", help="synthetic data: baseline vs the method, one table")
-    p.add_argument("--out", default="runs/demo", help="folder of the two runs (default runs/demo)")
+    p = sub.add_parser("demo", help="synthetic data: the method vs its same-batch control, one table")
+    p.add_argument("--out", default="runs/demo", help="folder of the runs (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete earlier demo runs in --out first")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("compare", help="variants vs a same-batch control over seeds: mean, sd, paired 95% CI")
+    p.add_argument("--config", help="YAML file: the base config (its cc.* is what an empty variant runs)")
+    p.add_argument("--variants", help="YAML file of variants: 'name: {key: value, ...}' per line")
+    p.add_argument("--variant", action="append", default=[], metavar="'NAME: {KEY: VALUE}'",
+                   help="one more variant (repeatable), e.g. --variant 'lam01: {cc.weight: 0.1}'")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--out", help="comparison folder (default runs/compare-<name>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("steptime", help="time a training step with and without L_cc")
     p.add_argument("--config", help="YAML file (default: the synthetic demo preset)")
     p.add_argument("--steps", type=int, default=20, help="pairs of steps to time")
@@ -309,4 +320,4 @@ def _main(argv=None) -> int:
         return 2
 
 
-__all__ = ["main", "format_table", "demo_configs", "DEFAULTS"]
+__all__ = ["main", "format_table", "demo_config", "DEFAULTS"]

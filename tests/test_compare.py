@@ -1,0 +1,152 @@
+"""``python -m train compare`` on the tiny preset: variants share stage 1 and its batches, the summary's
+statistics, reproducibility, and a killed comparison resumed to the same table."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train.compare import CONTROL, Comparison, load_variants, parse_variants, summarize, variant_config
+from train.config import ConfigError, load_config
+from train.procedure import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["train.baseline_steps=10", "train.cc_steps=6", "cc.rounds=1", "eval.figures=0"]
+VARIANTS = {"lam1": {"cc": {"weight": 1.0}}, "lam01": {"cc.weight": 0.1, "cc.detach_attention": True}}
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("CCLUSTER_CACHE")
+    os.environ["CCLUSTER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CCLUSTER_CACHE"]
+    else:
+        os.environ["CCLUSTER_CACHE"] = old
+
+
+def _base():
+    return load_config(ROOT / "configs" / "tiny.yaml", TINY)
+
+
+@pytest.fixture(scope="module")
+def compared(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    res = Comparison(_base(), parse_variants(VARIANTS), SEEDS, out).run()
+    return out, res
+
+
+def test_variants_parse_and_refuse_stage1_keys(tmp_path):
+    assert parse_variants({"a": {"cc": {"weight": 2}}, "b": {"train.cc_steps": 3}, "c": None}) == {
+        "a": {"cc.weight": 2}, "b": {"train.cc_steps": 3}, "c": {}}
+    with pytest.raises(ConfigError, match=r"variant 'x': key 'model\.dropout' changes stage 1"):
+        parse_variants({"x": {"model.dropout": 0.1}})
+    with pytest.raises(ConfigError, match=r"variant name 'stage1'"):
+        parse_variants({"stage1": {}})
+    path = tmp_path / "v.yaml"
+    path.write_text("lam: {cc.weight: 0.5}\n")
+    assert load_variants(str(path), ["det: {cc.detach_attention: true}"]) == {
+        "lam": {"cc.weight": 0.5}, "det": {"cc.detach_attention": True}}
+    with pytest.raises(ConfigError, match=r"--variant 'oops'"):
+        load_variants(None, ["oops"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'cc\.nonsense'"):
+        Comparison(_base(), {"bad": {"cc.nonsense": 1}}, [0], tmp_path / "c")
+
+
+def test_summary_statistics_by_hand():
+    seeds = [0, 1, 2]
+    ctrl = [0.50, 0.60, 0.70]
+    var = [0.55, 0.62, 0.78]
+    results = {CONTROL: {s: {"cls_map": c} for s, c in zip(seeds, ctrl)},
+               "v": {s: {"cls_map": v} for s, v in zip(seeds, var)}}
+    row = summarize(results, seeds)["v"]["cls_map"]
+    diff = [v - c for v, c in zip(var, ctrl)]                      # 0.05, 0.02, 0.08
+    mean = sum(diff) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)                   # t(0.975, 2)
+    assert row["diff"] == pytest.approx(mean)
+    assert row["ci95"] == pytest.approx([mean - half, mean + half])
+    assert row["mean"] == pytest.approx(sum(var) / 3)
+    assert row["std"] == pytest.approx(math.sqrt(sum((v - sum(var) / 3) ** 2 for v in var) / 2))
+    assert "diff" not in summarize(results, seeds)[CONTROL]["cls_map"]
+
+
+def test_comparison_outputs(compared):
+    out, res = compared
+    assert set(res["results"]) == {CONTROL, "lam1", "lam01"}
+    for name in (CONTROL, "lam1", "lam01"):
+        assert set(res["results"][name]) == set(SEEDS)
+        for s in SEEDS:
+            assert (out / f"seed-{s}" / name / "results.json").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == SEEDS and saved["threads"] == 1
+    assert saved["summary"]["lam1"]["cls_map"]["diff"] == pytest.approx(
+        sum(res["results"]["lam1"][s]["cls_map"] - res["results"][CONTROL][s]["cls_map"] for s in SEEDS) / 2)
+    assert (out / "compare.png").is_file() and "control" in (out / "table.txt").read_text()
+
+
+def test_variants_share_stage1_and_equal_a_standalone_run(compared, tmp_path):
+    out, res = compared
+    # every variant of a seed starts from the same stage-1 results
+    for s in SEEDS:
+        base = [json.loads((out / f"seed-{s}" / v / "results.json").read_text())["baseline"]
+                for v in (CONTROL, "lam1", "lam01")]
+        assert base[0] == base[1] == base[2]
+    # a variant is exactly the run `fit` makes with the same config
+    cfg = variant_config(_base(), parse_variants(VARIANTS)["lam01"], 1)
+    Comparison._quiet(cfg)
+    alone = Trainer(cfg, tmp_path / "alone").run()
+    assert alone["cc1"] == res["results"]["lam01"][1]
+    a = ckpt.load(tmp_path / "alone" / "latest.pt")["model"]
+    b = ckpt.load(out / "seed-1" / "lam01" / "latest.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the control trains the same steps without the exemplar loss: it differs from lam1
+    rows = [json.loads(line) for line in open(out / "seed-0" / CONTROL / "metrics.jsonl")]
+    assert [r["stage"] for r in rows if r["kind"] == "database"] == ["db1"]
+    assert not any("cc" in r for r in rows if r["kind"] == "train")
+
+
+def test_same_command_twice_same_table(compared, tmp_path):
+    out, res = compared
+    again = Comparison(_base(), parse_variants(VARIANTS), SEEDS, tmp_path / "again").run()
+    assert again["table"] == res["table"]
+    # and rerunning in a finished folder trains nothing and prints the same table
+    t0 = time.time()
+    assert Comparison(_base(), parse_variants(VARIANTS), SEEDS, out).run()["table"] == res["table"]
+    assert time.time() - t0 < 30
+
+
+def test_killed_comparison_resumes_to_the_same_table(compared, tmp_path):
+    out, res = compared
+    folder = tmp_path / "killed"
+    vfile = tmp_path / "variants.yaml"
+    vfile.write_text(json.dumps(VARIANTS))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "train", "compare", "--config", str(ROOT / "configs" / "tiny.yaml"),
+           "--variants", str(vfile), "--seeds", *map(str, SEEDS), "--out", str(folder), *TINY]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = folder / "seed-0" / "lam1" / "metrics.jsonl"   # kill inside the second variant of seed 0
+    start = time.time()
+    while time.time() - start < 300:
+        if proc.poll() is not None:
+            raise AssertionError(f"the comparison ended before it could be killed:\n{proc.stderr.read()}")
+        if target.exists() and sum('"train"' in line for line in open(target)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "table.txt").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (folder / "table.txt").read_text() == (out / "table.txt").read_text()
+    assert res["table"] in done.stdout

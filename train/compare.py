@@ -1,0 +1,327 @@
+"""``python -m train compare``: variants of the exemplar stages against a same-batch control, over seeds.
+
+Per seed, stage 1 (the baseline) is trained once. Every variant then continues from that checkpoint:
+the same model, optimizer state and step counter, and (since the batch and dropout of step ``t`` of
+stage ``i`` derive from ``(seed, i, t)``) the same batches in every later stage. The control is the
+variant ``control`` (``cc.weight: 0``): the same stages and steps without the exemplar loss. It is
+always included. A variant may change only what comes after stage 1 (:data:`VARIANT_KEYS`).
+
+Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
+difference from the control (variant minus control, per seed) with its 95 % confidence interval
+(Student's t over the seeds). Results are bitwise reproducible at a fixed thread count
+(``run.threads``) and differ slightly between thread counts.
+
+Folder layout (``--out``)::
+
+    compare.yaml             the base config, variants and seeds (a resumed comparison must match it)
+    seed-<s>/stage1/         stage 1 of seed s (a normal run folder)
+    seed-<s>/<variant>/      each variant's run folder, started from stage1's last checkpoint
+    results.json             every run's results per seed and variant, and the summary
+    table.txt, compare.png   the summary as a table and a plot
+
+Every run folder checkpoints as ``python -m train fit`` does, so a killed comparison rerun with the same
+command continues where it stopped and ends with the same table.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, _merge_yaml, validate
+
+log = logging.getLogger("train")
+
+CONTROL = "control"
+# What a variant may change: everything after stage 1. Anything else would change the shared stage 1.
+VARIANT_KEYS = ("cc.", "train.cc_steps", "train.reset_optimizer", "eval.")
+# The summary's metrics: (results key, column label).
+METRICS = (("cls_map", "cls"), ("cls_map_select", "cls*"), ("det_map@0.5", "det@0.5"),
+           ("det_map_avg", "det avg"))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_variants(tree) -> dict[str, dict]:
+    """``{name: {dotted key: value}}`` from a mapping of names to (nested or dotted) overrides."""
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"variants: expected a mapping 'name: {{key: value, ...}}', got "
+                          f"{type(tree).__name__}")
+    out = {}
+    for name, over in tree.items():
+        name = str(name)
+        if not name or "/" in name or name.startswith(".") or name == "stage1":
+            raise ConfigError(f"variant name {name!r}: expected a plain folder name other than 'stage1'")
+        if over is None:
+            over = {}
+        if not isinstance(over, dict):
+            raise ConfigError(f"variant '{name}': expected a mapping of config keys, got {over!r}")
+        flat = _flatten(over)
+        for key in flat:
+            if not key.startswith(VARIANT_KEYS):
+                raise ConfigError(f"variant '{name}': key '{key}' changes stage 1, which all variants "
+                                  f"share; variants may set {', '.join(k + '*' if k.endswith('.') else k for k in VARIANT_KEYS)}")
+        out[name] = flat
+    return out
+
+
+def variant_config(base: dict, overrides: dict, seed: int) -> dict:
+    """The base config with a variant's overrides and the seed, validated."""
+    cfg = copy.deepcopy(base)
+    cfg["seed"] = seed
+    tree: dict = {}
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    _merge_yaml(cfg, tree, "variant")
+    return validate(cfg)
+
+
+def summarize(results: dict, seeds: list[int]) -> dict:
+    """Per variant and metric: mean, std over seeds, and the paired difference from the control with
+    its 95 % interval. ``results[variant][seed]`` are final-stage results."""
+    from scipy import stats
+    out = {}
+    for name, per_seed in results.items():
+        row = {}
+        for key, _ in METRICS:
+            vals = np.array([per_seed[s].get(key, math.nan) for s in seeds], dtype=float)
+            ctrl = np.array([results[CONTROL][s].get(key, math.nan) for s in seeds], dtype=float)
+            diff = vals - ctrl
+            n = len(seeds)
+            entry = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if n > 1 else math.nan,
+                     "values": vals.tolist()}
+            if name != CONTROL:
+                d_mean = float(np.mean(diff))
+                if n > 1:
+                    half = float(stats.t.ppf(0.975, n - 1) * np.std(diff, ddof=1) / math.sqrt(n))
+                else:
+                    half = math.nan
+                entry.update({"diff": d_mean, "ci95": [d_mean - half, d_mean + half]})
+            row[key] = entry
+        out[name] = row
+    return out
+
+
+def format_summary(summary: dict, seeds: list[int], threads: int) -> str:
+    """The summary as a fixed-width table (all in %)."""
+    def pct(v):
+        return "  -  " if v is None or not math.isfinite(v) else f"{100 * v:5.1f}"
+    width = max(12, *(len(n) for n in summary))
+    head = f"{'variant':<{width}}" + "".join(f" | {label:^27}" for _, label in METRICS)
+    sub = f"{'':<{width}}" + "".join(f" | {'mean ± sd':>11} {'Δ [95% CI]':>15}" for _ in METRICS)
+    lines = [head, sub, "-" * len(sub)]
+    for name, row in summary.items():
+        cells = []
+        for key, _ in METRICS:
+            e = row[key]
+            ms = f"{pct(e['mean'])}±{pct(e['std']).strip():>4}"
+            if "diff" in e:
+                lo, hi = e["ci95"]
+                ci = (f"{100 * e['diff']:+5.1f} [{100 * lo:+.1f},{100 * hi:+.1f}]" if math.isfinite(lo)
+                      else f"{100 * e['diff']:+5.1f}")
+                if math.isfinite(lo) and (lo > 0 or hi < 0):
+                    ci += "*"
+            else:
+                ci = ""
+            cells.append(f" | {ms:>11} {ci:>15}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    lines.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
+                 f"seeds; Δ: paired difference from '{CONTROL}' with its 95 % t-interval (* excludes 0). "
+                 "cls: classification mAP; cls*: with test-time selection; det@0.5, det avg: detection "
+                 "mAP at tIoU 0.5 and averaged over eval.tiou (all %).")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict, out: Path) -> None:
+    """Per metric, each variant's seeds as dots and its mean, with the control's mean as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(summary)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 0.5 * len(names) + 1.6),
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[0], METRICS):
+        ctrl = summary[CONTROL][key]["mean"]
+        for i, name in enumerate(names):
+            vals = [100 * v for v in summary[name][key]["values"]]
+            ax.scatter(vals, [i] * len(vals), s=12, color="C0", alpha=0.6)
+            ax.scatter([100 * summary[name][key]["mean"]], [i], marker="|", s=200, color="k")
+        if math.isfinite(ctrl):
+            ax.axvline(100 * ctrl, color="C3", lw=1, ls="--", label="control mean")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names if ax is axes[0][0] else [])
+        ax.invert_yaxis()
+        ax.set_title(f"{label} (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+class Comparison:
+    """Stage 1 once per seed, then every variant from it (see the module docstring).
+
+    Args:
+        base: the validated base config (its ``cc.*`` are what a variant without overrides runs).
+        variants: ``{name: {dotted key: value}}``; ``control`` is added (``cc.weight: 0``) if absent.
+        seeds: the seeds; each gets its own stage 1.
+        out: the comparison's folder.
+    """
+
+    def __init__(self, base: dict, variants: dict[str, dict], seeds: list[int], out: str | Path):
+        if not seeds:
+            raise ConfigError("compare: expected at least one seed, got none")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"compare: seeds must not repeat, got {seeds}")
+        if base["cc"]["rounds"] < 1:
+            raise ConfigError("config key 'cc.rounds': compare needs at least one exemplar round, got 0")
+        self.base = base
+        self.variants = {CONTROL: {"cc.weight": 0.0}, **{k: v for k, v in variants.items() if k != CONTROL}}
+        if CONTROL in variants:
+            self.variants[CONTROL] = {**variants[CONTROL], "cc.weight": 0.0}
+        self.seeds = list(seeds)
+        self.out = Path(out)
+        for name, over in self.variants.items():  # fail before any training
+            try:
+                variant_config(base, over, self.seeds[0])
+            except ConfigError as exc:
+                raise ConfigError(f"variant '{name}': {exc}") from None
+        self.dataset = None
+
+    def _manifest(self) -> dict:
+        cfg = copy.deepcopy(self.base)
+        cfg["run"] = {"threads": cfg["run"]["threads"]}  # progress bars and the like may change
+        return {"config": cfg, "variants": self.variants, "seeds": self.seeds}
+
+    def _check_folder(self) -> None:
+        path = self.out / "compare.yaml"
+        self.out.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            saved = yaml.safe_load(path.read_text())
+            now = yaml.safe_load(yaml.safe_dump(self._manifest(), sort_keys=False))
+            if saved["config"] != now["config"]:
+                raise ConfigError(f"compare: {self.out} holds a comparison with another base config; "
+                                  f"choose another --out")
+            for name, over in now["variants"].items():  # adding variants or seeds is fine
+                if name in saved["variants"] and saved["variants"][name] != over:
+                    raise ConfigError(f"compare: variant '{name}' differs from the one run in {self.out} "
+                                      f"({saved['variants'][name]} there, {over} now); rename it")
+            merged = {**saved["variants"], **now["variants"]}
+            seeds = sorted(set(saved["seeds"]) | set(self.seeds))
+            manifest = {"config": now["config"], "variants": merged, "seeds": seeds}
+        else:
+            manifest = self._manifest()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        tmp.replace(path)
+
+    def _run(self, cfg: dict, run_dir: Path, start: dict | None):
+        """Train ``cfg`` in ``run_dir`` to its end (resuming it if it was started) and return its
+        results; ``start`` is the stage-1 checkpoint a variant begins from."""
+        from .procedure import Trainer
+        from .config import from_dict
+        if (run_dir / ckpt.LATEST).exists():
+            state = ckpt.load(run_dir / ckpt.LATEST)
+            if from_dict(state["config"]) != cfg:
+                raise ConfigError(f"compare: {run_dir} holds a run with another config; remove it")
+            if (run_dir / "results.json").exists():  # written when a run has finished
+                return state["results"]
+            trainer = Trainer.resume(run_dir, self.dataset, state=state)
+        else:
+            trainer = Trainer(cfg, run_dir, self.dataset)
+            if start is not None:
+                trainer.load_state_dict(start)
+                trainer.metrics_offset = 0
+                trainer.step = 0
+        return trainer.run()
+
+    def run(self) -> dict:
+        """Train whatever is missing, then write and return the summary."""
+        from .context import open_dataset
+        self._check_folder()
+        self.dataset = open_dataset(self.base)
+        jobs = [(s, None) for s in self.seeds] + [(s, v) for s in self.seeds for v in self.variants]
+        results = {v: {} for v in self.variants}
+        bar = tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True, disable=not self.base["run"]["progress"])
+        for seed, variant in bar:
+            bar.set_postfix_str(f"seed {seed} {variant or 'stage1'}")
+            folder = self.out / f"seed-{seed}"
+            if variant is None:
+                cfg = variant_config(self.base, {"cc.rounds": 0}, seed)
+                self._quiet(cfg)
+                res = self._run(cfg, folder / "stage1", None)
+                log.info("seed %d stage 1: cls %.1f, det avg %.1f", seed, 100 * res["baseline"]["cls_map"],
+                         100 * res["baseline"]["det_map_avg"])
+                continue
+            cfg = variant_config(self.base, self.variants[variant], seed)
+            self._quiet(cfg)
+            start = ckpt.load(folder / "stage1" / ckpt.LATEST)
+            res = self._run(cfg, folder / variant, start)
+            final = res[[k for k in res if k != "baseline"][-1]]
+            results[variant][seed] = final
+            log.info("seed %d %s: cls %.1f, cls* %.1f, det avg %.1f", seed, variant, 100 * final["cls_map"],
+                     100 * final.get("cls_map_select", math.nan), 100 * final["det_map_avg"])
+        summary = summarize(results, self.seeds)
+        threads = self.base["run"]["threads"]
+        table = format_summary(summary, self.seeds, threads)
+        payload = {"seeds": self.seeds, "threads": threads, "variants": self.variants,
+                   "results": {v: {str(s): r for s, r in per.items()} for v, per in results.items()},
+                   "summary": summary}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=1))
+        (self.out / "table.txt").write_text(table + "\n")
+        try:
+            plot_summary(summary, self.out / "compare.png")
+        except Exception as exc:  # a figure is never a reason to lose a finished comparison
+            log.warning("could not draw the comparison: %s", exc)
+        return {"summary": summary, "table": table, "results": results}
+
+    @staticmethod
+    def _quiet(cfg: dict) -> None:
+        """Inner runs: no per-run bars or TensorBoard (the comparison reports progress itself)."""
+        cfg["run"]["progress"] = False
+        cfg["run"]["tensorboard"] = False
+
+
+def load_variants(path: str | None, inline: list[str]) -> dict[str, dict]:
+    """Variants from a YAML file (``name: {key: value}``) and ``--variant 'name: {key: value}'``."""
+    tree = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"variants file not found: {path}")
+        try:
+            tree.update(yaml.safe_load(p.read_text()) or {})
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"variants file {path}: invalid YAML ({exc})") from None
+    for text in inline:
+        try:
+            item = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--variant {text!r}: invalid YAML ({exc})") from None
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(f"--variant {text!r}: expected 'name: {{key: value, ...}}'")
+        tree.update(item)
+    return parse_variants(tree)
+
