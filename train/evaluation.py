@@ -8,6 +8,10 @@ detection mAP from the T-CAM.
   of that stream and the two streams' probabilities are averaged.
 * **Localization** uses the T-CAM (the fused score) of the *full* video with the plain video scores, so
   detection measures what training did to the network, not the selection.
+* **Attention diagnostics:** ``att_in_gt`` is the share of the (common-scale) attention mass on
+  segments inside ground-truth instances, ``gt_share`` the share of such segments, both averaged over
+  the test videos with instances; weak labels carry a localisation signal when the first is well
+  above the second.
 * **Several processes:** each rank predicts its share of the videos; the per-video results are gathered
   in the test subset's order and every rank computes the same metrics. Figures are drawn by rank 0.
 """
@@ -23,6 +27,16 @@ import ccluster
 from . import distributed
 from .context import STREAMS, RunContext
 from .exemplars import ExemplarState, cc_features
+
+
+def inside_ground_truth(segments, length: int, feature_rate: float) -> np.ndarray:
+    """``[length]`` bool: whether each feature segment's centre lies inside a ground-truth instance
+    (``segments``: ``(start_s, end_s, label)``)."""
+    centre = (np.arange(length) + 0.5) / feature_rate
+    inside = np.zeros(length, dtype=bool)
+    for start, end, _ in segments:
+        inside |= (centre >= start) & (centre < end)
+    return inside
 
 
 class Evaluator:
@@ -87,6 +101,11 @@ class Evaluator:
                 rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
             rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
                                           duration=v.duration)
+            att = r["attention"].cpu().numpy()
+            inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
+            if inside.any():
+                rec["att_in_gt"] = float(att[inside].sum() / max(float(att.sum()), 1e-12))
+                rec["gt_share"] = float(inside.mean())
             if j < figures:
                 rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
             records.append(rec)
@@ -113,6 +132,10 @@ class Evaluator:
             res["cls_map_select"] = float(classification_map(np.stack([rec["select"] for rec in records]),
                                                              labels)[0])
             res["selected_segments"] = float(np.mean([rec["kept"] for rec in records]))
+        located = [rec for rec in records if "att_in_gt" in rec]
+        if located:  # the share of attention inside the actions, against the actions' share of time
+            res["att_in_gt"] = float(np.mean([rec["att_in_gt"] for rec in located]))
+            res["gt_share"] = float(np.mean([rec["gt_share"] for rec in located]))
         per_tiou, avg = detection_map(predictions, ds.ground_truth(ds.videos[ctx.test_idx[0]].subset),
                                       cfg["eval"]["tiou"], ambiguous=getattr(ds, "ambiguous", None))
         for t, m in zip(cfg["eval"]["tiou"], per_tiou):
