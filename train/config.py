@@ -75,6 +75,12 @@ DEFAULTS: dict[str, Any] = {
                                    # least -p(s|x) log z, the literal L_cc (favours low attention)
         "select_top_classes": 0,   # 0: select for every class; N: only the N top-scored classes
         "reduction": "mean",       # L_cc summed over videos ("sum") or averaged ("mean")
+        "scale": "relative",       # "relative": each stream's loss divided by its mean per video over the
+                                   # training set at collection time, so lambda means the same on every
+                                   # dataset and alpha; "none": the raw loss (its size follows alpha * d)
+        "guard_alpha_jump": 10.0,  # warn when an automatic alpha changes by more than this factor
+        "guard_q_uniform": 0.95,   # warn when Q's perplexity / filled slots (median class) is above this
+        "guard_phi_shrink": 100.0, # warn when phi's mean norm falls by more than this factor
     },
     "train": {
         "lr": 1.0e-4,
@@ -136,9 +142,11 @@ CHOICES = {
     "cc.alpha_rule": ("lashkari", "median"),
     "cc.reduction": ("mean", "sum"),
     "cc.select_by": ("distance", "loss"),
+    "cc.scale": ("relative", "none"),
 }
 POSITIVE = {"data.max_seqlen", "data.batch_size",
             "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
+            "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
 NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",

@@ -52,15 +52,17 @@ def auto_alpha(features: torch.Tensor, count: torch.Tensor, rule: str = "lashkar
     return float(np.median(values)) if values else math.nan
 
 
-def cc_features(ctx: RunContext, out: dict, features: torch.Tensor, stream: str) -> torch.Tensor:
+def cc_features(ctx: RunContext, out: dict, features: torch.Tensor, stream: str,
+                normalize: bool | None = None) -> torch.Tensor:
     """What L_cc and the database see for one stream: phi (``cc.on: embedding``) or the input features
-    (``input``), L2-normalised per segment with ``cc.normalize``."""
+    (``input``), L2-normalised per segment with ``cc.normalize`` (or ``normalize`` when given)."""
     if ctx.cfg["cc"]["on"] == "embedding":
         x = out[f"emb_{stream}"]
     else:
         rgb, flow = ctx.model.split(features)
         x = rgb if stream == "rgb" else flow
-    return torch.nn.functional.normalize(x, dim=-1) if ctx.cfg["cc"]["normalize"] else x
+    normalize = ctx.cfg["cc"]["normalize"] if normalize is None else normalize
+    return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
 class ExemplarState:
@@ -72,6 +74,11 @@ class ExemplarState:
         self.log_q: dict = {s: None for s in STREAMS}
         self.alpha: dict = {s: None for s in STREAMS}
         self.streams: dict = {}
+        # per stream: the loss's mean per video over the training set at collection (cc.scale), and
+        # the mean raw phi norm there (the collapse guard's reference)
+        self.loss_scale: dict = {s: None for s in STREAMS}
+        self.phi_norm: dict = {s: None for s in STREAMS}
+        self.info: dict | None = None  # the last collection's summary
 
     @property
     def ready(self) -> bool:
@@ -79,7 +86,8 @@ class ExemplarState:
 
     def state_dict(self) -> dict:
         return {"database": self.db.state_dict() if self.db is not None else None,
-                "log_q": dict(self.log_q), "alpha": dict(self.alpha)}
+                "log_q": dict(self.log_q), "alpha": dict(self.alpha), "loss_scale": dict(self.loss_scale),
+                "phi_norm": dict(self.phi_norm), "collection": self.info}
 
     def load_state_dict(self, state: dict) -> None:
         if state["database"] is not None:
@@ -87,6 +95,8 @@ class ExemplarState:
             self.db = ccluster.ExemplarDatabase(first.shape[0], first.shape[1], first.shape[2])
             self.db.load_state_dict(state["database"])
         self.log_q, self.alpha = dict(state["log_q"]), dict(state["alpha"])
+        self.loss_scale, self.phi_norm = dict(state["loss_scale"]), dict(state["phi_norm"])
+        self.info = state["collection"]
         self._split()
 
     def _split(self) -> None:
@@ -106,6 +116,7 @@ class ExemplarState:
         db = ccluster.ExemplarDatabase(ds.num_classes, c["size"], sum(ctx.stream_dims))
         xs = {s: [] for s in STREAMS}
         ws = {s: [] for s in STREAMS}
+        norm_sum = torch.zeros(len(STREAMS), dtype=torch.float64)
         pending, pending_rows = [], 0
         e0 = ctx.stream_dims[0]
 
@@ -123,6 +134,8 @@ class ExemplarState:
             out = ctx.model(feats, mask)
             x = torch.cat([cc_features(ctx, out, feats, s)[0] for s in STREAMS], -1)
             T = x.shape[0]
+            for i, s in enumerate(STREAMS):
+                norm_sum[i] += float(cc_features(ctx, out, feats, s, normalize=False)[0].norm(dim=-1).sum())
             labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
             lab = labels[None].expand(T, -1)
             ids = torch.stack([torch.full((T,), vi, dtype=torch.long), torch.arange(T)], 1)
@@ -141,6 +154,10 @@ class ExemplarState:
             db = distributed.all_gather_database(db)
         self.db = db
         self._split()
+        counts = distributed.all_reduce_sum(torch.cat([norm_sum, torch.tensor(
+            [float(sum(len(ds.videos[v].features) for v in videos)),
+             float(sum(1 for v in videos if np.asarray(ds.videos[v].labels).any()))], dtype=torch.float64)]))
+        n_seg, n_videos = float(counts[-2]), max(float(counts[-1]), 1.0)
         info = {"filled": int(db.count.sum()), "empty_classes": int((db.count == 0).sum())}
         log_q = {}
         for s in STREAMS:
@@ -157,14 +174,37 @@ class ExemplarState:
             log_q[s] = fit.log_q
             q = fit.log_q.exp()
             ent = -(torch.where(q > 0, q * fit.log_q, torch.zeros_like(q))).sum(1)
+            filled = db.count > 0
+            self.phi_norm[s] = float(norm_sum[STREAMS.index(s)]) / max(n_seg, 1.0)
+            self.loss_scale[s] = self._mean_loss(X, W, s, alpha, fit.log_q) / n_videos
             info.update({f"alpha_{s}": alpha,
                          f"fit_iters_{s}": int(fit.n_iter.max()),
                          f"fit_gap_{s}": float(torch.nan_to_num(fit.gap, nan=0.0).max()),
-                         f"q_perplexity_{s}": float(ent.exp().mean())})
+                         f"fit_unconverged_{s}": int((~fit.converged & ~torch.isnan(fit.gap)).sum()),
+                         f"q_perplexity_{s}": float(ent.exp().mean()),
+                         f"q_uniformity_{s}": float((ent.exp()[filled] / db.count[filled]).median())
+                         if filled.any() else float("nan"),
+                         f"loss_scale_{s}": self.loss_scale[s],
+                         f"phi_norm_{s}": self.phi_norm[s]})
         self.log_q = log_q
+        self.info = info
         if ctx.is_main:
             log.info("%s: %s", name, info)
         return info
+
+    def _mean_loss(self, x: torch.Tensor, weight: torch.Tensor, stream: str, alpha: float,
+                   log_q: torch.Tensor) -> float:
+        """``sum_s,c w_sc (-log z_sc)`` over this rank's segments, summed over the ranks: the loss's
+        total over the training videos with the fitted Q."""
+        dev = self.ctx.device
+        total = torch.zeros(1, dtype=torch.float64)
+        if x.shape[0]:
+            logz = ccluster.exemplar_logsumexp(x.to(dev), self.streams[stream].to(dev), log_q.to(dev), alpha,
+                                               metric=self.ctx.cfg["cc"]["metric"], pairs=(weight > 0).to(dev))
+            w = weight.to(dev)
+            keep = (w > 0) & torch.isfinite(logz)  # a labelled class with no exemplar adds nothing
+            total[0] = float(torch.where(keep, -w * logz, torch.zeros_like(logz)).double().sum())
+        return float(distributed.all_reduce_sum(total)[0])
 
     def _alpha(self, name: str, stream: str) -> float:
         c = self.ctx.cfg["cc"]

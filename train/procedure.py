@@ -38,6 +38,7 @@ from .config import from_dict, save_config
 from .context import STREAMS, RunContext, build_context, default_cache, mix_seed, open_dataset  # noqa: F401
 from .evaluation import Evaluator
 from .exemplars import ExemplarState, auto_alpha  # noqa: F401
+from .guards import collection_warnings, phi_shrink_warnings
 from .steps import StepRunner
 
 log = logging.getLogger("train")
@@ -175,6 +176,14 @@ class Trainer:
             except ImportError:
                 self._writer = None
 
+    def _warn(self, stage: str, warnings: list[tuple[str, str]]) -> None:
+        """Print each ``(guard, message)`` and record it in metrics.jsonl."""
+        for guard, message in warnings:
+            if self.is_main:
+                log.warning("warning (%s): %s", stage, message)
+            self._log({"kind": "warning", "stage": stage, "step": self.global_step, "guard": guard,
+                       "message": message})
+
     # ------------------------------------------------------------------------------------------------
     # the units, as tools call them one at a time
 
@@ -200,6 +209,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True,
                    disable=not self.ctx.progress)
         running = {}
+        shrink_warned = set()
         while self.step < steps:
             t0 = time.perf_counter()
             terms = self.train_step(self.stage, self.step, use_cc)
@@ -216,6 +226,12 @@ class Trainer:
                            "step_time": dt, **rec})
                 bar.set_postfix(loss=f"{rec['total']:.3f}")
                 running = {}
+                if use_cc:
+                    norms = {s: rec.get(f"phi_norm_{s}") for s in STREAMS if s not in shrink_warned}
+                    found = phi_shrink_warnings(norms, self.exemplars.phi_norm, self.cfg,
+                                                "since the last collection")
+                    shrink_warned |= {m.split(":")[0] for _, m in found}
+                    self._warn(name, found)
             if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < steps:
                 self._log({"kind": "eval", "stage": name, "step": self.global_step,
                            **self.evaluate(progress=False)})
@@ -236,8 +252,10 @@ class Trainer:
         while self.stage < len(self.plan):
             name, kind = self.plan[self.stage]
             if kind == "database":
+                previous = self.exemplars.info
                 info = self.build_database(name)
                 self._log({"kind": "database", "stage": name, "step": self.global_step, **info})
+                self._warn(name, collection_warnings(info, previous, self.cfg))
             else:
                 use_cc = name != "baseline" and self.cfg["cc"]["weight"] > 0
                 self._train_stage(name, t["baseline_steps"] if name == "baseline" else t["cc_steps"], use_cc)

@@ -33,6 +33,7 @@ class StepRunner:
         self.exemplars = exemplars
         c = ctx.cfg["cc"]
         self.cc_loss = ccluster.ConvexClusteringLoss(1.0, metric=c["metric"], reduction=c["reduction"])
+        self.diagnostics: dict = {}  # of the last forward with the exemplar loss: phi's mean norm per stream
 
     def batch(self, stage: int, step: int) -> dict:
         """The batch of step ``step`` of stage ``stage``: an epoch-wise permutation seeded by
@@ -97,10 +98,16 @@ class StepRunner:
                 stream: str) -> torch.Tensor:
         """The exemplar loss of one stream on one batch."""
         c, ex = self.ctx.cfg["cc"], self.exemplars
-        x = cc_features(self.ctx, out, feats, stream)
+        raw = cc_features(self.ctx, out, feats, stream, normalize=False)
+        with torch.no_grad():
+            self.diagnostics[f"phi_norm_{stream}"] = float(raw.norm(dim=-1)[mask].mean()) if mask.any() else 0.0
+        x = torch.nn.functional.normalize(raw, dim=-1) if c["normalize"] else raw
         att = out[f"att_{stream}"].detach() if c["detach_attention"] else out[f"att_{stream}"]
         self.cc_loss.alpha = ex.alpha[stream]
-        return self.cc_loss(x, att, labels, mask, ex.streams[stream], ex.log_q[stream])
+        loss = self.cc_loss(x, att, labels, mask, ex.streams[stream], ex.log_q[stream])
+        if c["scale"] == "relative":  # in units of the loss at collection time (per video)
+            loss = loss / max(ex.loss_scale[stream], 1e-12)
+        return loss
 
     def train_step(self, optimizer: torch.optim.Optimizer, stage: int, step: int, use_cc: bool) -> dict:
         """One optimisation step on the batch of ``(stage, step)``; returns the loss terms as floats
@@ -117,8 +124,8 @@ class StepRunner:
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
-            return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-                    for k, v in terms.items()}
+            return {**{k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+                       for k, v in terms.items()}, **(self.diagnostics if use_cc else {})}
         # Each term is a mean over the videos of the rank's block: weighted by the block's share of the
         # batch, the terms of all ranks sum to those of the global batch. DDP averages the gradients
         # over the ranks, hence the factor world.
@@ -134,4 +141,4 @@ class StepRunner:
         local = torch.stack([torch.as_tensor(terms[k], dtype=torch.float64).detach().cpu().reshape(())
                              for k in keys])
         total = distributed.all_reduce_sum(local)
-        return {k: float(v) for k, v in zip(keys, total.tolist())}
+        return {**{k: float(v) for k, v in zip(keys, total.tolist())}, **(self.diagnostics if use_cc else {})}

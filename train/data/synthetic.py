@@ -83,6 +83,8 @@ class SyntheticSpec:
     context_min: float = 1.0
     context_max: float = 4.0
     context_similarity: float = 0.35  # weight of the class mean in its context concept
+    context_groups: int = 1         # classes sharing one context concept (a venue shared by several
+                                    # sports): 1 = every class has its own
     standalone_context: float = 0.15  # share of background chunks that show the class context
     hard_negative_rate: float = 0.15  # share of background chunks that show a hard negative
     hard_similarity: float = 0.6    # weight of the shared classes' means in a hard negative
@@ -274,7 +276,15 @@ class _World:
         base = _unit(rng.standard_normal((c, 2, k)))
         self.action = _unit(base[:, None] + spec.subcluster_spread * _unit(
             rng.standard_normal((c, spec.subclusters, 2, k)))) * scale("action")
-        self.context = _unit(spec.context_similarity * base + _unit(rng.standard_normal((c, 2, k)))) * scale("context")
+        own = _unit(rng.standard_normal((c, 2, k)))
+        # Classes in one context group share their context (the group's mean direction and the first
+        # member's own part); drawn from a separate stream so that context_groups=1 changes nothing.
+        order = np.random.default_rng(np.random.SeedSequence([seed, 4])).permutation(c)
+        shared_base, shared_own = base.copy(), own.copy()
+        for g in (order[i:i + spec.context_groups] for i in range(0, c, spec.context_groups)):
+            shared_base[g] = _unit(base[g].mean(0)) if len(g) > 1 else base[g]
+            shared_own[g] = own[g[0]]
+        self.context = _unit(spec.context_similarity * shared_base + shared_own) * scale("context")
         self.background = _unit(rng.standard_normal((spec.num_background, 2, k))) * scale("background")
         self.hard = np.stack([
             _unit(spec.hard_similarity * _unit(base[g].mean(0)) + (1 - spec.hard_similarity) *
