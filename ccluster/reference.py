@@ -99,3 +99,90 @@ def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: tor
     t = torch.where(torch.isfinite(log_q), neg_ad, torch.full_like(neg_ad, -torch.inf))
     log_eta = torch.logsumexp(t + lw[:, :, None], dim=0)          # [C, n]
     return torch.where(pairs, logz, torch.zeros_like(logz)), log_eta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exemplar losses of ccluster.exemplar_losses (our extension), materialised
+
+
+def exemplar_cross_entropy(x: torch.Tensor, target: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor,
+                           alpha: float, metric: str = "sqeuclidean", temperature: float = 1.0) -> torch.Tensor:
+    """Reference for :func:`ccluster.exemplar_cross_entropy`: dense [N, K*n] scores, empty classes
+    (all log q = -inf) removed from the database and the target before the log-softmax."""
+    keep = ~(log_q == -torch.inf).all(1)
+    if not bool(keep.any()):
+        return (target * 0).sum() + 0 * x.sum()
+    logz = exemplar_logsumexp(x, db[keep], log_q[keep], alpha, metric)
+    log_p = torch.log_softmax(logz / temperature, dim=1)
+    return -(target[:, keep] * log_p).sum()
+
+
+def class_contrastive_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, db: torch.Tensor,
+                           log_q: torch.Tensor, alpha: float, metric: str = "sqeuclidean",
+                           temperature: float = 1.0, background_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for :func:`ccluster.class_contrastive_loss`: the target ``w_s / |L_s|`` on each labelled
+    class (|L_s| counting every label of the row), ``+ v_s`` on the last class, then
+    :func:`exemplar_cross_entropy`."""
+    lab = labels != 0
+    count = lab.sum(1).clamp_min(1).to(weight.dtype)
+    target = lab.to(weight.dtype) * (weight / count)[:, None]
+    if background_weight is not None:
+        onehot = torch.zeros(db.shape[0], dtype=weight.dtype, device=weight.device)
+        onehot[-1] = 1.0
+        target = target + background_weight[:, None] * onehot
+    return exemplar_cross_entropy(x, target, db, log_q, alpha, metric, temperature)
+
+
+def attention_prior_target(features: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, db: torch.Tensor,
+                           log_q: torch.Tensor, alpha: float, metric: str = "sqeuclidean",
+                           temperature: float = 1.0, aggregate: str = "max",
+                           standardize: bool = False) -> torch.Tensor:
+    """Reference for :func:`ccluster.attention_prior_target`, one video at a time: dense log z of the
+    video's valid segments against its labelled non-empty classes, max/mean over them, optional
+    standardisation (population std; std 0 gives a uniform target), softmax of v / tau."""
+    B, T, _ = features.shape
+    out = torch.zeros(B, T, dtype=features.dtype, device=features.device)
+    nonempty = ~(log_q == -torch.inf).all(1)
+    for b in range(B):
+        rows = mask[b].nonzero().squeeze(1)
+        cls = ((labels[b] != 0) & nonempty).nonzero().squeeze(1)
+        if rows.numel() == 0 or cls.numel() == 0:
+            continue
+        logz = exemplar_logsumexp(features[b, rows].detach(), db[cls].detach(), log_q[cls].detach(), alpha,
+                                  metric)
+        v = logz.max(1).values if aggregate == "max" else logz.mean(1)
+        if standardize:
+            std = v.std(unbiased=False)
+            v = (v - v.mean()) / std if float(std) > 0 else torch.zeros_like(v)
+        out[b, rows] = torch.softmax(v / temperature, dim=0)
+    return out
+
+
+def attention_prior_loss(features: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor,
+                         mask: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
+                         metric: str = "sqeuclidean", temperature: float = 1.0, aggregate: str = "max",
+                         standardize: bool = False, log_attention: bool = False,
+                         reduction: str = "sum") -> torch.Tensor:
+    """Reference for :func:`ccluster.attention_prior_loss`, one video at a time:
+    ``sum_b sum_t target_t (log target_t - log p_t)`` over the target's support, with
+    ``p = a / sum a`` (or ``softmax(log a)``); videos without a target or with zero attention skipped."""
+    target = attention_prior_target(features, labels, mask, db, log_q, alpha, metric, temperature,
+                                    aggregate, standardize)
+    total = attention.new_zeros(())
+    for b in range(features.shape[0]):
+        rows = mask[b].nonzero().squeeze(1)
+        t = target[b, rows]
+        if rows.numel() == 0 or float(t.sum()) == 0.0:
+            continue
+        a = attention[b, rows]
+        if log_attention:
+            if not bool((a > -torch.inf).any()):
+                continue
+            log_p = torch.log_softmax(a, dim=0)
+        else:
+            if float(a.sum().detach()) == 0.0:
+                continue
+            log_p = torch.log(a) - torch.log(a.sum())
+        on = t > 0
+        total = total + (t[on] * (t[on].log() - log_p[on])).sum()
+    return total / features.shape[0] if reduction == "mean" and features.shape[0] > 0 else total
