@@ -56,6 +56,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "cc": {
         "weight": 1.0,             # lambda in Loss = L_clf + lambda * L_cc
+        "loss": "literal",         # the exemplar loss: "literal" (the poster's L_cc), or our extensions
+                                   # "contrastive" (segments classified by their exemplars, cross-entropy
+                                   # toward the video's labels) and "prior" (attention trained toward a
+                                   # tempered softmax of log z over the video's segments)
+        "background": False,       # add a background class to D (the cc.size least-attended segments of
+                                   # the labelled videos); "contrastive" then also pulls unattended
+                                   # segments toward it
+        "temperature": 1.0,        # tau of "contrastive" (log z / tau) and "prior" (standardised log z / tau)
         "rounds": 1,               # R: repetitions of collect (2) -> fit Q (3) -> train with L_cc (4);
                                    # 0: the baseline alone. weight 0 keeps the stages (a same-batch control)
         "size": 64,                # n: exemplars per class in the database
@@ -75,9 +83,10 @@ DEFAULTS: dict[str, Any] = {
                                    # least -p(s|x) log z, the literal L_cc (favours low attention)
         "select_top_classes": 0,   # 0: select for every class; N: only the N top-scored classes
         "reduction": "mean",       # L_cc summed over videos ("sum") or averaged ("mean")
-        "scale": "relative",       # "relative": each stream's loss divided by its mean per video over the
-                                   # training set at collection time, so lambda means the same on every
-                                   # dataset and alpha; "none": the raw loss (its size follows alpha * d)
+        "scale": "relative",       # "literal" loss only. "relative": each stream's loss divided by its mean
+                                   # per video over the training set at collection time, so lambda means
+                                   # the same on every dataset and alpha; "none": the raw loss (its size
+                                   # follows alpha * d). The extensions are in nats already
         "guard_alpha_jump": 10.0,  # warn when an automatic alpha changes by more than this factor
         "guard_q_uniform": 0.95,   # warn when Q's perplexity / filled slots (median class) is above this
         "guard_phi_shrink": 100.0, # warn when phi's mean norm falls by more than this factor
@@ -143,10 +152,11 @@ CHOICES = {
     "cc.reduction": ("mean", "sum"),
     "cc.select_by": ("distance", "loss"),
     "cc.scale": ("relative", "none"),
+    "cc.loss": ("literal", "contrastive", "prior"),
 }
 POSITIVE = {"data.max_seqlen", "data.batch_size",
             "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
-            "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink",
+            "cc.temperature", "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
 NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
@@ -254,6 +264,9 @@ def validate(cfg: dict) -> dict:
     if cfg["cc"]["alpha"] != "auto" and cfg["cc"]["alpha"] <= 0:
         raise ConfigError(f"config key 'cc.alpha': expected a number > 0 or 'auto', got "
                           f"{cfg['cc']['alpha']}")
+    if cfg["cc"]["background"] and cfg["cc"]["loss"] != "contrastive":
+        raise ConfigError(f"config key 'cc.background': a background class is used by cc.loss "
+                          f"'contrastive' only, got cc.loss '{cfg['cc']['loss']}'")
     tiou = cfg["eval"]["tiou"]
     if not tiou or not all(0 < t < 1 for t in tiou):
         raise ConfigError(f"config key 'eval.tiou': expected a non-empty list of numbers in (0, 1), "

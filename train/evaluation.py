@@ -57,7 +57,7 @@ class Evaluator:
         if selection and ex.ready:
             c = ctx.cfg["cc"]
             T = feats.shape[1]
-            classes = None
+            classes = torch.arange(ctx.dataset.num_classes, device=feats.device)  # never background
             if c["select_top_classes"] > 0:
                 classes = torch.topk(res["video"], min(c["select_top_classes"], len(res["video"]))).indices
             probs, kept = [], 0

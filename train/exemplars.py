@@ -113,7 +113,8 @@ class ExemplarState:
         ctx, c = self.ctx, self.ctx.cfg["cc"]
         ds = ctx.dataset
         ctx.model.eval()
-        db = ccluster.ExemplarDatabase(ds.num_classes, c["size"], sum(ctx.stream_dims))
+        bg = c["background"]  # one more class: the least-attended segments of the labelled videos
+        db = ccluster.ExemplarDatabase(ds.num_classes + bg, c["size"], sum(ctx.stream_dims))
         xs = {s: [] for s in STREAMS}
         ws = {s: [] for s in STREAMS}
         norm_sum = torch.zeros(len(STREAMS), dtype=torch.float64)
@@ -137,9 +138,13 @@ class ExemplarState:
             for i, s in enumerate(STREAMS):
                 norm_sum[i] += float(cc_features(ctx, out, feats, s, normalize=False)[0].norm(dim=-1).sum())
             labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
+            score = out["tcam"][0]
+            if bg:
+                labels = torch.cat([labels, labels.any()[None]])
+                score = torch.cat([score, -out["attention"][0, :, None]], 1)
             lab = labels[None].expand(T, -1)
             ids = torch.stack([torch.full((T,), vi, dtype=torch.long), torch.arange(T)], 1)
-            pending.append((x.cpu(), out["tcam"][0].cpu(), lab.cpu(), ids))
+            pending.append((x.cpu(), score.cpu(), lab.cpu(), ids))
             pending_rows += T
             if pending_rows >= 16384:
                 flush()
@@ -147,8 +152,12 @@ class ExemplarState:
                 for s in STREAMS:
                     a = out[f"att_{s}"][0]
                     p = a / a.sum().clamp_min(1e-12)
+                    w = p[:, None] * labels[None].to(p.dtype)
+                    if bg:  # as ccluster.ClassContrastiveLoss weighs its background term
+                        comp = 1 - a / a.max().clamp_min(1e-12)
+                        w[:, -1] = comp / comp.sum() if comp.sum() > 0 else 0.0
                     xs[s].append((x[:, :e0] if s == "rgb" else x[:, e0:]).cpu())
-                    ws[s].append((p[:, None] * labels[None].to(p.dtype)).cpu())
+                    ws[s].append(w.cpu())
         flush()
         if ctx.world > 1:
             db = distributed.all_gather_database(db)
@@ -165,7 +174,7 @@ class ExemplarState:
             self.alpha[s] = alpha
             dim = self.streams[s].shape[-1]
             X = torch.cat(xs[s]) if xs[s] else torch.zeros(0, dim)  # a rank may hold no labelled video
-            W = torch.cat(ws[s]) if ws[s] else torch.zeros(0, ds.num_classes)
+            W = torch.cat(ws[s]) if ws[s] else torch.zeros(0, ds.num_classes + bg)
             fit = ccluster.fit_representativeness(
                 X.to(ctx.device), self.streams[s].to(ctx.device), W.to(ctx.device), alpha,
                 metric=c["metric"], tol=c["fit_tol"], max_iter=c["fit_max_iter"],

@@ -25,14 +25,24 @@ from .exemplars import ExemplarState, cc_features
 from .models.losses import classification_loss, co_activity_loss, sparsity_loss, topk_pool
 
 
+def exemplar_loss(c: dict) -> torch.nn.Module:
+    """The exemplar loss module that ``cc.loss`` names (alpha is set per stream before each call)."""
+    if c["loss"] == "contrastive":
+        return ccluster.ClassContrastiveLoss(1.0, metric=c["metric"], temperature=c["temperature"],
+                                             background=c["background"], reduction=c["reduction"])
+    if c["loss"] == "prior":
+        return ccluster.AttentionPriorLoss(1.0, metric=c["metric"], temperature=c["temperature"],
+                                           standardize=True, log_attention=True, reduction=c["reduction"])
+    return ccluster.ConvexClusteringLoss(1.0, metric=c["metric"], reduction=c["reduction"])
+
+
 class StepRunner:
     """Batches, loss terms and optimisation steps of one run (see the module docstring)."""
 
     def __init__(self, ctx: RunContext, exemplars: ExemplarState):
         self.ctx = ctx
         self.exemplars = exemplars
-        c = ctx.cfg["cc"]
-        self.cc_loss = ccluster.ConvexClusteringLoss(1.0, metric=c["metric"], reduction=c["reduction"])
+        self.cc_loss = exemplar_loss(ctx.cfg["cc"])
         self.diagnostics: dict = {}  # of the last forward with the exemplar loss: phi's mean norm per stream
 
     def batch(self, stage: int, step: int) -> dict:
@@ -103,9 +113,11 @@ class StepRunner:
             self.diagnostics[f"phi_norm_{stream}"] = float(raw.norm(dim=-1)[mask].mean()) if mask.any() else 0.0
         x = torch.nn.functional.normalize(raw, dim=-1) if c["normalize"] else raw
         att = out[f"att_{stream}"].detach() if c["detach_attention"] else out[f"att_{stream}"]
+        if c["loss"] == "prior":  # the attention as log-weights: exact where a sigmoid saturates
+            att = out[f"logatt_{stream}"]
         self.cc_loss.alpha = ex.alpha[stream]
         loss = self.cc_loss(x, att, labels, mask, ex.streams[stream], ex.log_q[stream])
-        if c["scale"] == "relative":  # in units of the loss at collection time (per video)
+        if c["loss"] == "literal" and c["scale"] == "relative":  # in units of the loss at collection
             loss = loss / max(ex.loss_scale[stream], 1e-12)
         return loss
 

@@ -97,6 +97,13 @@ class TwoStreamAttention(nn.Module):
             return masked_softmax(raw, mask, dim=-1)
         return torch.sigmoid(raw) * mask
 
+    def log_attention_weights(self, raw: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``log`` of :meth:`attention_weights`, computed stably (no ``log 0`` where a sigmoid
+        saturates); padding gets a large negative value, never NaN."""
+        if self.attention_kind == "untrimmednet":
+            return torch.log_softmax(raw.masked_fill(~mask, torch.finfo(raw.dtype).min), dim=-1)
+        return torch.nn.functional.logsigmoid(raw)
+
     def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, -1) if self.probabilities == "softmax" else torch.sigmoid(logits)
 
@@ -118,6 +125,7 @@ class TwoStreamAttention(nn.Module):
             att = self.attention_weights(raw, mask)
             out[f"emb_{name}"], out[f"seg_{name}"], out[f"att_{name}"] = emb, seg, att
             out[f"raw_{name}"] = raw
+            out[f"logatt_{name}"] = self.log_attention_weights(raw, mask)
             out[f"video_{name}"] = self.pool(seg, att)
             common = att * length if self.attention_kind == "untrimmednet" else att
             tcam = tcam + self.class_probabilities(seg) * common[..., None] / 2
