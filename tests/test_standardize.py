@@ -96,7 +96,8 @@ def test_apply_masks_padding_and_checks_shapes():
     assert torch.allclose(out[0, :3], st.apply(batch[0, :3]))
     assert (out[1, 0] != 0).all()  # a real segment of zeros is standardised, not masked
     np.testing.assert_array_equal(st.apply(batch.numpy(), mask.numpy()), out.numpy())
-    with pytest.raises(ValueError, match=r"FeatureStandardizer.apply: features must be \[\.\.\., 6\], got shape \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"FeatureStandardizer.apply: features must be \[\.\.\., 6\], got shape "
+                                         r"\(2, 5\)"):
         st.apply(np.zeros((2, 5), np.float32))
     with pytest.raises(ValueError, match=r"FeatureStandardizer.apply: mask must have shape \(2, 4\)"):
         st.apply(batch, mask[:, :3])

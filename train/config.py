@@ -12,7 +12,9 @@ Values are read as YAML (PyYAML's YAML 1.1 safe loader) with one addition: every
 ``float()`` accepts is a float (``1e-3``, ``1E-3``, ``-2.5e+3``, ``.5``, ``-.5``, ``5.``, ``1_000.5``,
 ``inf``, ``nan``), where YAML 1.1 alone would keep ``1e-3`` as a string. Non-finite numbers are then refused
 by validation like ``.inf``. At a key whose value is a string (``name``, ``data.root``, ...), an unquoted
-value keeps its text: ``data.name=1e-3`` is the string ``"1e-3"``, ``name=2024`` the string ``"2024"``. Checks that need the data (``cc.k`` against the number of segments, missing feature files) are
+value keeps its text: ``data.name=1e-3`` is the string ``"1e-3"``, ``name=2024`` the string ``"2024"``.
+
+Checks that need the data (``cc.k`` against the number of segments, missing feature files) are
 in :func:`check_against_data`, run before any training.
 """
 from __future__ import annotations

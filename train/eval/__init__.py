@@ -14,8 +14,8 @@ from .proposals import (DEFAULT_THRESHOLDS, runs_above, smooth_sequence, smoothi
 __all__ = [
     "classification_map", "average_precision", "detection_map", "detection_ap_per_class", "segment_iou",
     "drop_ambiguous", "THUMOS14_TIOU", "ACTIVITYNET_TIOU", "tcam_proposals", "temporal_nms", "runs_above",
-    "DEFAULT_THRESHOLDS", "smooth_sequence", "smoothing_weights", "plot_video", "GroundTruthFile", "read_ground_truth_json",
-    "write_ground_truth_json", "read_predictions_json", "write_predictions_json",
+    "DEFAULT_THRESHOLDS", "smooth_sequence", "smoothing_weights", "plot_video", "GroundTruthFile",
+    "read_ground_truth_json", "write_ground_truth_json", "read_predictions_json", "write_predictions_json",
 ]
 
 
