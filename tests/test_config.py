@@ -1,5 +1,6 @@
 """train/config.py: defaults tree, YAML, key=value overrides, validation messages; the CLI's handling."""
 import copy
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -8,8 +9,8 @@ import pytest
 import yaml
 
 from train import cli
-from train.config import (DEFAULTS, PRESETS, ConfigError, check_against_data, from_dict, load_config,
-                          save_config)
+from train.config import (DEFAULTS, PRESETS, ConfigError, check_against_data, from_dict, load_config, load_yaml,
+                          parse_override, save_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,3 +132,92 @@ def test_cli_stops_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "missing" in err and "thumos" in err
     assert not run.exists()
+
+
+# ------------------------------------------------------------------ float literals
+FLOAT_LITERALS = [("1e-3", 1e-3), ("1E-3", 1e-3), (".5", 0.5), ("5.", 5.0), ("-2.5e+3", -2500.0),
+                  ("-.5", -0.5), ("+.5e1", 5.0), ("2.5E3", 2500.0), ("1e5", 1e5), ("1.0e-3", 1e-3),
+                  ("0.001", 1e-3), ("1_000.5", 1000.5), ("5.e-1", 0.5)]
+
+
+@pytest.mark.parametrize("text, value", FLOAT_LITERALS)
+def test_float_literals_in_overrides(text, value):
+    assert float(text) == value  # every case is a literal Python reads
+    key, parsed = parse_override(f"cc.alpha_scale={text}")
+    assert key == "cc.alpha_scale" and isinstance(parsed, float) and parsed == value
+    if value > 0:
+        cfg = load_config(None, ["data.synthetic=tiny", f"cc.alpha_scale={text}"])
+        assert cfg["cc"]["alpha_scale"] == value and isinstance(cfg["cc"]["alpha_scale"], float)
+
+
+@pytest.mark.parametrize("text, value", FLOAT_LITERALS)
+def test_float_literals_in_yaml_files(tmp_path, text, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  synthetic: tiny\ncc:\n  weight: {text}\n")
+    if value < 0:
+        with pytest.raises(ConfigError, match=r"'cc\.weight': expected a value >= 0"):
+            load_config(path)
+    else:
+        cfg = load_config(path)
+        assert cfg["cc"]["weight"] == value and isinstance(cfg["cc"]["weight"], float)
+    path.write_text(f"data:\n  synthetic: tiny\neval:\n  tiou: [{text}, 0.5]\n")
+    assert load_yaml(path.read_text())["eval"]["tiou"] == [value, 0.5]
+
+
+def test_lr_in_exponent_notation_and_integers_from_floats(tmp_path):
+    cfg = load_config(None, ["data.synthetic=tiny", "train.lr=1e-3", "train.baseline_steps=1e3",
+                             "eval.tiou=[1e-1,5E-1]", "cc.alpha=5e-1"])
+    assert cfg["train"]["lr"] == 0.001
+    assert cfg["train"]["baseline_steps"] == 1000 and isinstance(cfg["train"]["baseline_steps"], int)
+    assert cfg["eval"]["tiou"] == [0.1, 0.5] and cfg["cc"]["alpha"] == 0.5
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  synthetic: tiny\ntrain:\n  lr: 3E-4\n  weight_decay: 5e-4\n")
+    cfg = load_config(path)
+    assert cfg["train"]["lr"] == 3e-4 and cfg["train"]["weight_decay"] == 5e-4
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "Infinity", "nan", "NaN", ".inf", ".nan"])
+def test_non_finite_literals_are_refused(text):
+    value = parse_override(f"train.lr={text}")[1]
+    assert isinstance(value, float) and not math.isfinite(value)  # parsed as a float ...
+    with pytest.raises(ConfigError, match=r"'train\.lr': expected a finite number"):  # ... then refused
+        load_config(None, ["data.synthetic=tiny", f"train.lr={text}"])
+    with pytest.raises(ConfigError, match=r"'cc\.alpha': expected a finite number"):
+        load_config(None, ["data.synthetic=tiny", f"cc.alpha={text}"])
+    with pytest.raises(ConfigError, match=r"'cc\.size': expected an integer"):
+        load_config(None, ["data.synthetic=tiny", f"cc.size={text}"])
+
+
+@pytest.mark.parametrize("text", ["1e3abc", "1e", "e3", ".", "1.2.3", "_1.5", "abc", "1e-3x", "inf1"])
+def test_other_strings_stay_strings(text):
+    assert parse_override(f"cc.alpha_scale={text}")[1] == text
+    with pytest.raises(ConfigError, match=r"'cc\.alpha_scale': expected a number"):
+        load_config(None, ["data.synthetic=tiny", f"cc.alpha_scale={text}"])
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E3", ".5", "5.", "-2.5e+3", "inf", "nan", "1e3abc", "2024", "0.5",
+                                  "yes"])
+def test_string_keys_keep_the_text(tmp_path, text):
+    cfg = load_config(None, ["data.synthetic=tiny", f"data.name={text}", f"name={text}"])
+    assert cfg["data"]["name"] == text and cfg["name"] == text
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: {text}\ndata:\n  synthetic: tiny\n  name: {text}\n  root: '{text}'\n")
+    cfg = load_config(path)
+    assert cfg["name"] == cfg["data"]["name"] == cfg["data"]["root"] == text
+    save_config(cfg, tmp_path / "saved.yaml")  # written so that it reads back the same
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["name"] == text  # any YAML reader agrees
+
+
+def test_new_keys_validate():
+    cfg = load_config(None, ["data.synthetic=tiny"])
+    assert cfg["eval"]["smooth"] == DEFAULTS["eval"]["smooth"] and isinstance(cfg["eval"]["smooth"], int)
+    assert cfg["data"]["standardize"] in ("none", "zscore")
+    cfg = load_config(None, ["data.synthetic=tiny", "eval.smooth=5", "data.standardize=none"])
+    assert cfg["eval"]["smooth"] == 5 and cfg["data"]["standardize"] == "none"
+    with pytest.raises(ConfigError, match=r"'eval\.smooth': expected a value >= 0, got -1"):
+        load_config(None, ["data.synthetic=tiny", "eval.smooth=-1"])
+    with pytest.raises(ConfigError, match=r"'eval\.smooth': expected an integer, got 2\.5"):
+        load_config(None, ["data.synthetic=tiny", "eval.smooth=2.5"])
+    with pytest.raises(ConfigError, match=r"'data\.standardize': expected one of \['none', 'zscore'\]"):
+        load_config(None, ["data.synthetic=tiny", "data.standardize=minmax"])

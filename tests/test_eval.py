@@ -7,9 +7,10 @@ import pytest
 
 from train.eval import (ACTIVITYNET_TIOU, THUMOS14_TIOU, average_precision, classification_map,
                         detection_ap_per_class, detection_map, plot_video, read_ground_truth_json,
-                        read_predictions_json, tcam_proposals, temporal_nms, write_ground_truth_json,
-                        write_predictions_json)
+                        read_predictions_json, smooth_sequence, smoothing_weights, tcam_proposals, temporal_nms,
+                        write_ground_truth_json, write_predictions_json)
 from train.eval.__main__ import main as eval_main
+from train.eval.plot import main as plot_main
 
 
 def P(video, label, start, end, score):
@@ -210,6 +211,97 @@ def test_proposals_reject_bad_inputs():
         tcam_proposals(np.zeros((5, 3)), np.zeros(3), 1.0, attention=np.zeros(4))
 
 
+# ------------------------------------------------------------------ T-CAM smoothing
+def _gap_cam(t_len=45, start=10, end=31, gap=20):
+    """Class 1 on [start, end) at height 1 with segment ``gap`` dropped to the background 0."""
+    tcam = np.zeros((t_len, 3))
+    tcam[start:end, 1] = 1.0
+    tcam[gap, 1] = 0.0
+    return tcam, np.array([0.05, 0.9, 0.02])
+
+
+def _iou(a, b):
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def test_smoothing_bridges_a_one_segment_gap():
+    rate = 25 / 16
+    tcam, scores = _gap_cam()
+    raw = tcam_proposals(tcam, scores, rate, thresholds=(0.5,))
+    assert np.allclose([(p["start"] * rate, p["end"] * rate) for p in raw], [(10, 20), (21, 31)])
+    for w in (3, 4, 5, 6, 7):
+        smooth = tcam_proposals(tcam, scores, rate, thresholds=(0.5,), smooth=w)
+        assert len(smooth) == 1, w
+        assert (smooth[0]["start"] * rate, smooth[0]["end"] * rate) == pytest.approx((10, 31)), w
+    # the default threshold grid: the best-ranked proposal is the whole instance only with smoothing
+    truth = (10 / rate, 31 / rate)
+    raw = tcam_proposals(tcam, scores, rate)
+    assert len(raw) == 2 and max(_iou((p["start"], p["end"]), truth) for p in raw) < 0.5
+    best = tcam_proposals(tcam, scores, rate, smooth=5)[0]
+    assert _iou((best["start"], best["end"]), truth) > 0.9
+
+
+def test_smoothing_applies_to_the_attention():
+    rate = 1.0
+    tcam = np.ones((40, 2))  # flat class 0: the localization signal is the attention alone
+    att = np.zeros(40)
+    att[10:30] = 1.0
+    att[19] = 0.0  # the gap is in the attention
+    raw = tcam_proposals(tcam, np.array([0.9, 0.1]), rate, attention=att, classes=[0], thresholds=(0.5,))
+    assert [(p["start"], p["end"]) for p in raw] == [(10.0, 19.0), (20.0, 30.0)]
+    smooth = tcam_proposals(tcam, np.array([0.9, 0.1]), rate, attention=att, classes=[0], thresholds=(0.5,),
+                            smooth=5)
+    assert [(p["start"], p["end"]) for p in smooth] == [(10.0, 30.0)]
+
+
+@pytest.mark.parametrize("t_len", [1, 2, 3, 6, 40])
+@pytest.mark.parametrize("window", [0, 1, 2, 3, 4, 5, 8, 51])
+def test_smoothing_keeps_constants_and_matches_the_definition(t_len, window):
+    const = np.full((t_len, 3), -2.75)
+    if window <= 1:
+        np.testing.assert_array_equal(smooth_sequence(const[:, 0], window), const[:, 0])
+    np.testing.assert_allclose(smooth_sequence(const, window), const, rtol=1e-14, atol=0)  # edges included
+    x = np.random.default_rng(t_len * 100 + window).normal(size=(t_len, 3))
+    taps = smoothing_weights(window)
+    half = len(taps) // 2
+    expect = np.empty_like(x)
+    for t in range(t_len):  # literal definition: in-range taps, renormalised
+        idx = [(t + j - half, k) for j, k in enumerate(taps) if 0 <= t + j - half < t_len]
+        expect[t] = sum(k * x[i] for i, k in idx) / sum(k for _, k in idx)
+    np.testing.assert_allclose(smooth_sequence(x, window), expect, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(smooth_sequence(x[:, 1], window), expect[:, 1], rtol=1e-13, atol=1e-13)
+
+
+def test_smoothing_window_zero_and_one_are_identity_and_taps_are_centred():
+    x = np.random.default_rng(0).normal(size=(17, 4))
+    for w in (0, 1):
+        np.testing.assert_array_equal(smooth_sequence(x, w), x)
+        tcam, scores = _gap_cam()
+        assert tcam_proposals(tcam, scores, 1.0, smooth=w) == tcam_proposals(tcam, scores, 1.0)
+    np.testing.assert_allclose(smoothing_weights(5), [0.2] * 5)
+    np.testing.assert_allclose(smoothing_weights(4), [0.125, 0.25, 0.25, 0.25, 0.125])
+    for w in range(2, 10):
+        taps = smoothing_weights(w)
+        assert taps.sum() == pytest.approx(1.0) and np.array_equal(taps, taps[::-1])
+        assert (np.arange(len(taps)) - len(taps) // 2) @ taps == pytest.approx(0.0)  # no shift
+    ramp = np.arange(30, dtype=float)  # a linear signal is unchanged away from the ends
+    np.testing.assert_allclose(smooth_sequence(ramp, 6)[3:-3], ramp[3:-3], atol=1e-12)
+
+
+def test_smoothing_rejects_bad_windows():
+    tcam, scores = _gap_cam()
+    for bad in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=r"tcam_proposals: smooth must be an integer >= 0"):
+            tcam_proposals(tcam, scores, 1.0, smooth=bad)
+        with pytest.raises(ValueError, match=r"smoothing_weights: window must be an integer >= 0"):
+            smooth_sequence(tcam, bad)
+    with pytest.raises(ValueError, match=r"smooth_sequence: x must be \[T\] or \[T, C\]"):
+        smooth_sequence(np.zeros((2, 3, 4)), 3)
+    with pytest.raises(ValueError, match="smooth_sequence: x contains NaN"):
+        smooth_sequence(np.array([0.0, np.nan]), 3)
+
+
 def test_temporal_nms():
     segs = np.array([[0, 10], [1, 10], [20, 30], [0, 9.5]])
     assert temporal_nms(segs, np.array([0.9, 0.8, 0.7, 0.95]), 0.5) == [3, 2]
@@ -267,3 +359,44 @@ def test_plot_video(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="class names"):
         plot_video(str(tmp_path / "w.png"), tcam, None, [], [], rate, ["A"])
+
+
+def _captured_figure(monkeypatch):
+    import matplotlib.pyplot as plt
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure plot_video would close
+    return figs
+
+
+def test_plot_video_draws_the_smoothed_curves(tmp_path, monkeypatch):
+    figs = _captured_figure(monkeypatch)
+    tcam, _ = _gap_cam()
+    att = np.linspace(0, 1, len(tcam))
+    att[5] = 0.0
+    plot_video(str(tmp_path / "s.png"), tcam, att, [(10, 31, 1)], [], 1.0, ["A", "B", "C"], smooth=5)
+    ax, axr = figs[0].axes[0], figs[0].axes[2]
+    curves = [line.get_ydata() for line in ax.lines]
+    assert any(np.allclose(c, smooth_sequence(tcam[:, 1], 5)) for c in curves)
+    assert any(np.array_equal(c, tcam[:, 1]) for c in curves)  # the raw curve, drawn faint
+    att_curves = [line.get_ydata() for line in axr.lines]
+    assert any(np.allclose(c, smooth_sequence(att, 5)) for c in att_curves)
+    with pytest.raises(ValueError, match=r"plot_video: smooth must be an integer >= 0"):
+        plot_video(str(tmp_path / "t.png"), tcam, None, [], [], 1.0, ["A", "B", "C"], smooth=-2)
+
+
+def test_plot_cli_smooth(tmp_path, capsys, monkeypatch):
+    gt_path, pred_path = _write_case(tmp_path)
+    tcam = np.zeros((160, 2))
+    tcam[0:16, 0] = 1.0
+    np.savez(tmp_path / "cam.npz", tcam=tcam, attention=np.ones(160), feature_rate=1.6)
+    figs = _captured_figure(monkeypatch)
+    out = tmp_path / "a.png"
+    assert plot_main(["--cam", str(tmp_path / "cam.npz"), "--ground-truth", str(gt_path), "--predictions",
+                      str(pred_path), "--video", "a", "--out", str(out), "--smooth", "3"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = [line.get_ydata() for line in figs[0].axes[0].lines]
+    assert any(np.allclose(c, smooth_sequence(tcam[:, 0], 3)) for c in curves)
+    with pytest.raises(SystemExit):
+        plot_main(["--cam", str(tmp_path / "cam.npz"), "--ground-truth", str(gt_path), "--video", "a",
+                   "--out", str(out), "--smooth", "-1"])
+    assert "--smooth: expected an integer >= 0" in capsys.readouterr().err

@@ -6,7 +6,15 @@
 
 Every key a YAML file or an override may set is in :data:`DEFAULTS`; an unknown key, a value of the wrong
 type or out of range stops with a :class:`ConfigError` that names the key, what was expected and what
-arrived. Checks that need the data (``cc.k`` against the number of segments, missing feature files) are
+arrived.
+
+Values are read as YAML (PyYAML's YAML 1.1 safe loader) with one addition: every float literal Python's
+``float()`` accepts is a float (``1e-3``, ``1E-3``, ``-2.5e+3``, ``.5``, ``-.5``, ``5.``, ``1_000.5``,
+``inf``, ``nan``), where YAML 1.1 alone would keep ``1e-3`` as a string. Non-finite numbers are then refused
+by validation like ``.inf``. At a key whose value is a string (``name``, ``data.root``, ...), an unquoted
+value keeps its text: ``data.name=1e-3`` is the string ``"1e-3"``, ``name=2024`` the string ``"2024"``.
+
+Checks that need the data (``cc.k`` against the number of segments, missing feature files) are
 in :func:`check_against_data`, run before any training.
 """
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from typing import Any
 
 import yaml
@@ -39,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 16,
         "train_subset": "",        # "" -> the dataset's convention (THUMOS14: validation; ANet: training)
         "test_subset": "",         # "" -> the dataset's convention (THUMOS14: test; ANet: validation)
+        "standardize": "zscore",   # "zscore": subtract the per-dimension mean and divide by the std of the
+                                   # training subset's features (float64 statistics, kept in the
+                                   # checkpoint, used for every forward: training, database, evaluation)
+                                   # | "none": the features as stored
     },
     "model": {
         "embed_dim": 512,          # width of the embedding phi (Linear -> ReLU -> Dropout), per stream
@@ -104,6 +117,8 @@ DEFAULTS: dict[str, Any] = {
     "eval": {
         "tiou": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
         "figures": 4,              # T-CAM figures of this many test videos at the end
+        "smooth": 0,               # centred moving average of this many segments on the T-CAM and the
+                                   # attention before proposals and in figures (0 = off; ends renormalised)
     },
     "run": {
         "dir": "",                 # run folder; "" -> runs/<name>
@@ -144,6 +159,7 @@ CHOICES = {
     "device": ("cpu", "cuda"),
     "data.synthetic": ("", "tiny", "demo", "thumos14"),
     "data.layout": ("standard", "native"),
+    "data.standardize": ("none", "zscore"),
     "model.attention": ("untrimmednet", "stpn"),
     "loss.classification": ("softmax", "bce"),
     "cc.on": ("embedding", "input"),
@@ -160,7 +176,68 @@ POSITIVE = {"data.max_seqlen", "data.batch_size",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
 NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
-                "train.eval_every", "eval.figures"}
+                "train.eval_every", "eval.figures", "eval.smooth"}
+
+
+# Float literals as Python's float() reads them (optional sign; digits with single underscores between them;
+# a dot or an exponent; inf / infinity / nan in any case). YAML 1.1 floats need a dot and a signed exponent.
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_FLOAT_LITERAL = re.compile(
+    rf"^[-+]?(?:(?:{_DIGITS})?\.{_DIGITS}(?:[eE][-+]?{_DIGITS})?"   # .5  1.5  1.5e3
+    rf"|{_DIGITS}\.(?:[eE][-+]?{_DIGITS})?"                         # 5.  5.e-3
+    rf"|{_DIGITS}[eE][-+]?{_DIGITS}"                                # 1e-3  1E+3
+    r"|(?i:inf|infinity|nan))$")                                   # inf  -Infinity  NaN
+_FLOAT_FIRST = list("-+0123456789.iInN")
+_STR_TAG = "tag:yaml.org,2002:str"
+_TEXT_KEPT = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
+_STRING_OR_NUMBER = {"cc.alpha"}  # string-valued defaults that also take numbers
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader, plus a resolver that makes every Python float literal a float."""
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """The safe dumper, quoting the strings that :class:`_ConfigLoader` would read as floats."""
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_LITERAL, _FLOAT_FIRST)
+_ConfigDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_LITERAL, _FLOAT_FIRST)
+
+
+def _string_key(key: str) -> bool:
+    node = DEFAULTS
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return isinstance(node, str) and key not in _STRING_OR_NUMBER
+
+
+def _keep_text(node, key: str) -> None:
+    """Unquoted numbers and booleans at string-valued keys are read as their text."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                _keep_text(v, f"{key}.{k.value}" if key else str(k.value))
+    elif (isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _TEXT_KEPT
+          and _string_key(key)):
+        node.tag = _STR_TAG
+
+
+def load_yaml(stream, key: str = ""):
+    """Parse a config YAML document (text or file object) the way config files and overrides are read:
+    the safe loader with Python float literals as floats, and the text kept for unquoted values at
+    string-valued keys (``key``: the dotted key the document's root stands for; "" for a whole file)."""
+    loader = _ConfigLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _keep_text(node, key)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _walk(tree, prefix=""):
@@ -306,13 +383,15 @@ def check_against_data(cfg: dict, dataset, train_idx, test_idx) -> None:
 
 
 def parse_override(text: str):
-    """``"cc.alpha=0.5"`` -> ``("cc.alpha", 0.5)``; the value is parsed as YAML (numbers, lists, bools)."""
+    """``"cc.alpha=0.5"`` -> ``("cc.alpha", 0.5)``; the value is parsed as YAML (numbers, lists, bools)
+    with every Python float literal a float (``train.lr=1e-3`` -> 0.001) and the text kept at
+    string-valued keys (``data.name=1e-3`` -> ``"1e-3"``); see :func:`load_yaml`."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, key) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: cannot parse the value ({exc})") from None
     return key, "" if value is None else value
@@ -326,7 +405,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
             try:
-                tree = yaml.safe_load(f) or {}
+                tree = load_yaml(f) or {}
             except yaml.YAMLError as exc:
                 raise ConfigError(f"config file {path}: invalid YAML ({exc})") from None
         _merge_yaml(cfg, tree, str(path))
@@ -344,11 +423,13 @@ def from_dict(tree: dict) -> dict:
 
 
 def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML to ``path`` (atomically); :func:`load_config` reads it back unchanged."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+        yaml.dump(cfg, f, Dumper=_ConfigDumper, sort_keys=False)
     os.replace(tmp, path)
 
 
 def to_yaml(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+    """``cfg`` as YAML text (strings that would read back as numbers are quoted)."""
+    return yaml.dump(cfg, Dumper=_ConfigDumper, sort_keys=False)

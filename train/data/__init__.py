@@ -4,6 +4,8 @@ batching, and the synthetic benchmark (:mod:`train.data.synthetic`).
 ``load_dataset(root, name, layout="native")`` reads our safe layout; ``layout="standard"`` reads the
 pickled W-TALC release files (``<root>/<Name>-I3D-JOINTFeatures.npy`` + ``<root>/<Name>-Annotations/``),
 which can run code when loaded: use it only on files you trust, from a path you give yourself.
+:class:`FeatureStandardizer` (:mod:`train.data.standardize`) standardises the features per dimension with
+training-subset statistics.
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from .dataset import (DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, Vid
                       seconds_to_index)
 from .native import read_native, write_native
 from .standard import read_standard, write_standard
+from .standardize import (FeatureStandardizer, conditioning_warning, dead_unit_fraction, fit_standardizer,
+                          relu_unit_fractions)
 
 __all__ = [
     "VideoRecord", "FeatureDataset", "load_dataset", "iterate_batches", "collate", "read_native",
     "write_native", "read_standard", "write_standard", "seconds_to_index", "index_to_seconds",
-    "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM",
+    "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM", "FeatureStandardizer", "fit_standardizer", "conditioning_warning",
+    "relu_unit_fractions", "dead_unit_fraction",
 ]
 
 

@@ -3,10 +3,13 @@
 Command line::
 
     python -m train.eval.plot --cam cam.npz --ground-truth gt.json [--predictions results.json]
-                              --video NAME --out video.png [--top-k 10]
+                              --video NAME --out video.png [--top-k 10] [--smooth W]
 
 ``cam.npz`` holds ``tcam`` [T, C], optionally ``attention`` [T], ``feature_rate`` (segments per second,
-default 25/16) and ``classes`` (names; default: the ground-truth file's classes).
+default 25/16) and ``classes`` (names; default: the ground-truth file's classes). ``--smooth W`` draws the
+T-CAM and attention after the moving average of W segments that proposals use (``eval.smooth``), with the
+raw curves faint behind them; the predictions are drawn as they are in the results file (this command
+does not recompute proposals).
 """
 from __future__ import annotations
 
@@ -33,15 +36,18 @@ def _as_segments(items, with_score: bool) -> list[tuple]:
 
 def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt_segments, pred_segments,
                feature_rate: float, class_names: Sequence[str], *, title: str | None = None,
-               max_classes: int = 5) -> str:
+               max_classes: int = 5, smooth: int = 0) -> str:
     """Draw the T-CAM (top panel, one line per shown class), the attention (dashed, right axis) and the
     ground-truth / predicted segments (bottom panel, one row pair per shown class) of one video to a PNG.
 
     tcam: [T, C]; attention: [T] or None; gt_segments: (start, end, label) tuples or dicts with those keys;
     pred_segments: (start, end, label, score) tuples or dicts (video, label, start, end, score); labels are
     class indices or names; times in seconds. Shown classes: those in the ground truth and predictions,
-    then the most activated, up to ``max_classes``. Returns ``path_png``.
+    then the most activated, up to ``max_classes``. ``smooth`` > 1: the T-CAM and the attention are drawn
+    after the moving average of ``smooth`` segments that :func:`~train.eval.proposals.tcam_proposals`
+    applies with the same argument (solid), the raw curves faint behind them. Returns ``path_png``.
     """
+    from .proposals import smooth_sequence, smoothing_weights
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -52,6 +58,14 @@ def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt
     names = list(class_names)
     if len(names) != tcam.shape[1]:
         raise ValueError(f"plot_video: {len(names)} class names for a T-CAM with {tcam.shape[1]} classes")
+    try:
+        smoothing_weights(smooth)
+    except ValueError:
+        raise ValueError(f"plot_video: smooth must be an integer >= 0 (segments), got {smooth!r}") from None
+    smoothed = smooth > 1
+    raw_tcam = tcam
+    if smoothed:
+        tcam = smooth_sequence(tcam, smooth)
 
     def index(label):
         if isinstance(label, str):
@@ -74,14 +88,21 @@ def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(12, 3.2 + 0.55 * len(shown)), sharex=True,
                                   gridspec_kw={"height_ratios": [3, max(1.2, 0.55 * len(shown))]})
     for k, c in enumerate(shown):
+        if smoothed:
+            ax.plot(t, raw_tcam[:, c], color=colors(k % 10), lw=0.7, alpha=0.35)
         ax.plot(t, tcam[:, c], color=colors(k % 10), lw=1.3, label=names[c])
-    ax.set_ylabel("T-CAM")
+    ax.set_ylabel(f"T-CAM (moving average of {smooth}; faint: raw)" if smoothed else "T-CAM")
     ax.set_xlim(0, end_time)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if attention is not None:
         att = np.asarray(attention, dtype=np.float64).ravel()
+        if att.shape != (tcam.shape[0],):
+            raise ValueError(f"plot_video: attention must have T={tcam.shape[0]} entries, got {att.shape}")
         axr = ax.twinx()
+        if smoothed:
+            axr.plot(t, att, color="black", ls="--", lw=0.7, alpha=0.35)
+            att = smooth_sequence(att, smooth)
         line, = axr.plot(t, att, color="black", ls="--", lw=1.2, label="attention")
         axr.set_ylim(-0.02, 1.05)
         axr.set_ylabel("attention")
@@ -132,7 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--video", required=True, help="video name")
     ap.add_argument("--out", required=True, help="output PNG path")
     ap.add_argument("--top-k", type=int, default=10, help="plot at most this many predictions (best first)")
+    ap.add_argument("--smooth", type=int, default=0,
+                    help="draw the T-CAM and attention after a moving average of this many segments (0: raw)")
     args = ap.parse_args(argv)
+    if args.smooth < 0:
+        ap.error(f"--smooth: expected an integer >= 0 (segments), got {args.smooth}")
 
     if not os.path.isfile(args.cam):
         ap.error(f"--cam: file not found: {args.cam}")
@@ -152,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.predictions:
         preds = sorted((p for p in read_predictions_json(args.predictions) if p["video"] == args.video),
                        key=lambda p: -p["score"])[:args.top_k]
-    plot_video(args.out, tcam, attention, gts, preds, rate, classes, title=args.video)
+    plot_video(args.out, tcam, attention, gts, preds, rate, classes, title=args.video, smooth=args.smooth)
     print(args.out)
     return 0
 

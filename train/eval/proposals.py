@@ -2,6 +2,9 @@
 
 Default pipeline (:func:`tcam_proposals`), for one video:
 
+0. smoothing (``smooth`` = w segments, 0 = off): every T-CAM column, and the attention when one is given,
+   is replaced by its centred moving average over w segments (:func:`smooth_sequence`), before anything
+   else below (class selection uses the video scores and is unaffected);
 1. classes: those with video score >= ``class_threshold`` (0.1), and always the top-scoring class;
 2. per kept class c, the localization signal is the T-CAM column min-max normalized over time to [0, 1]
    (``normalize="minmax"``), multiplied by the attention when one is given (attention-weighted T-CAM, with
@@ -22,9 +25,61 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_THRESHOLDS", "tcam_proposals", "runs_above", "temporal_nms"]
+__all__ = ["DEFAULT_THRESHOLDS", "tcam_proposals", "runs_above", "temporal_nms", "smooth_sequence",
+           "smoothing_weights"]
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+def smoothing_weights(window: int) -> np.ndarray:
+    """Taps of the centred moving average of width ``window`` segments (sum 1, symmetric).
+
+    Odd ``w``: ``w`` equal taps ``1 / w`` (offsets ``-(w - 1) / 2 ... (w - 1) / 2``). Even ``w``: ``w + 1``
+    taps, ``1 / w`` inside and ``1 / (2 w)`` at both ends (offsets ``-w / 2 ... w / 2``): the average of
+    the two moving averages of width ``w`` that start half a segment left and right of the centre, so the
+    result is not shifted by half a segment. ``window`` 0 or 1: the single tap ``[1.0]`` (identity).
+    """
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ValueError(f"smoothing_weights: window must be an integer >= 0 (segments), got {window!r}")
+    w = int(window)
+    if w <= 1:
+        return np.ones(1)
+    if w % 2:
+        return np.full(w, 1.0 / w)
+    taps = np.full(w + 1, 1.0 / w)
+    taps[0] = taps[-1] = 0.5 / w
+    return taps
+
+
+def smooth_sequence(x: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average of width ``window`` segments along axis 0 of ``x`` ([T] or [T, C]).
+
+    Taps: :func:`smoothing_weights`. At the ends the window is cut to the segments that exist and its
+    remaining taps are renormalised to sum 1 (``y_t = sum_j k_j x_{t+j} / sum_j k_j`` over the j with
+    ``0 <= t + j < T``), so no zero padding pulls the first and last segments down: a constant stays that
+    constant everywhere, and a step at the start of the video keeps its height. Output: float64, same shape.
+    ``window`` 0 (off) or 1 returns a float64 copy of ``x``. A window longer than the video averages over
+    what there is (the whole video for the middle segment).
+    """
+    taps = smoothing_weights(window)
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim not in (1, 2):
+        raise ValueError(f"smooth_sequence: x must be [T] or [T, C], got shape {x.shape}")
+    if np.isnan(x).any():
+        raise ValueError("smooth_sequence: x contains NaN")
+    if taps.size == 1 or x.shape[0] == 0:
+        return x.copy()
+    t_len, half = x.shape[0], taps.size // 2
+    total = np.zeros_like(x)
+    weight = np.zeros(t_len)
+    for j, k in enumerate(taps):
+        off = j - half  # y_t += k * x_{t + off} where t + off is inside the video
+        lo, hi = max(0, -off), min(t_len, t_len - off)
+        if lo >= hi:
+            continue
+        total[lo:hi] += k * x[lo + off:hi + off]
+        weight[lo:hi] += k
+    return total / (weight if x.ndim == 1 else weight[:, None])
 
 
 def runs_above(signal: np.ndarray, threshold: float) -> list[tuple[int, int]]:
@@ -58,14 +113,17 @@ def tcam_proposals(tcam: np.ndarray, video_scores: np.ndarray, feature_rate: flo
                    class_threshold: float = 0.1, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
                    normalize: str = "minmax", scoring: str = "oic", inflation: float = 0.25,
                    video_weight: float = 0.5, nms_threshold: float | None = 0.5,
-                   duration: float | None = None, max_per_class: int | None = None) -> list[dict]:
+                   duration: float | None = None, max_per_class: int | None = None,
+                   smooth: int = 0) -> list[dict]:
     """Temporal proposals for one video from its T-CAM (see the module docstring for the pipeline).
 
     tcam: [T, C] class activations (logits or probabilities); video_scores: [C] video-level class scores in
     [0, 1] (e.g. sigmoid/softmax of the video logits); feature_rate: segments per second;
     attention: [T] in [0, 1] or None; classes: class indices to localize (default: by ``class_threshold``);
     normalize: "minmax" (per class over time) or "none" (use the T-CAM as it is, e.g. probabilities);
-    scoring: "oic" or "mean"; duration: clip end times to it (seconds); max_per_class: keep the best N.
+    scoring: "oic" or "mean"; duration: clip end times to it (seconds); max_per_class: keep the best N;
+    smooth: moving-average window in segments applied to the T-CAM and the attention before
+    normalization and thresholding (:func:`smooth_sequence`; 0 = off, 1 = identity).
     Returns a list of dict(label, start, end, score), times in seconds, best first within each class.
     """
     tcam = np.asarray(tcam, dtype=np.float64)
@@ -90,6 +148,12 @@ def tcam_proposals(tcam: np.ndarray, video_scores: np.ndarray, feature_rate: flo
         raise ValueError(f"tcam_proposals: normalize must be 'minmax' or 'none', got {normalize!r}")
     if scoring not in ("oic", "mean"):
         raise ValueError(f"tcam_proposals: scoring must be 'oic' or 'mean', got {scoring!r}")
+    if isinstance(smooth, (bool, np.bool_)) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
+        raise ValueError(f"tcam_proposals: smooth must be an integer >= 0 (segments), got {smooth!r}")
+    if smooth > 1:
+        tcam = smooth_sequence(tcam, smooth)
+        if attention is not None:
+            attention = smooth_sequence(attention, smooth)
 
     if classes is None:
         classes = [c for c in range(n_cls) if video_scores[c] >= class_threshold]
