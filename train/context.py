@@ -14,6 +14,7 @@ import torch
 
 from . import distributed
 from .config import ConfigError, check_against_data, resolve_subsets
+from .data.standardize import FeatureStandardizer, fit_standardizer
 from .models import TwoStreamAttention
 
 STREAMS = ("rgb", "flow")
@@ -75,6 +76,13 @@ class RunContext:
     world: int
     model: TwoStreamAttention
     net: torch.nn.Module
+    feature_stats: FeatureStandardizer      # raw statistics of the training subset (for the checks)
+    standardizer: FeatureStandardizer | None  # what every forward applies (data.standardize), or None
+
+    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features as the model sees them: standardised with ``data.standardize: zscore`` (padding,
+        where ``mask`` is False, set to 0)."""
+        return features if self.standardizer is None else self.standardizer.apply(features, mask)
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +104,7 @@ class RunContext:
     def video(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One whole video as a batch of one: ``features [1, T, D]`` and an all-true ``mask [1, T]``."""
         feats = torch.as_tensor(self.dataset.videos[index].features, dtype=torch.float32)
-        feats = feats[None].to(self.device)
+        feats = self.prepare(feats[None].to(self.device))
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=self.device)
 
 
@@ -106,6 +114,9 @@ def build_context(cfg: dict, dataset=None) -> RunContext:
     dataset = dataset if dataset is not None else open_dataset(cfg)
     train_idx, test_idx = resolve_subsets(cfg, dataset)
     check_against_data(cfg, dataset, train_idx, test_idx)
+    # Input statistics of the training subset (streamed, float64): always measured for the conditioning
+    # check; with data.standardize: zscore they standardise every forward. A checkpoint's replace them.
+    stats = fit_standardizer(dataset, train_idx)
     rank, world = distributed.rank(), distributed.world_size()
     if world > 1 and min(cfg["data"]["batch_size"], len(train_idx)) < world:
         raise ConfigError(f"config key 'data.batch_size': expected at least one video per process "
@@ -126,4 +137,5 @@ def build_context(cfg: dict, dataset=None) -> RunContext:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return RunContext(cfg, dataset, train_idx, test_idx, device, rank, world, model, net)
+    return RunContext(cfg, dataset, train_idx, test_idx, device, rank, world, model, net, stats,
+                      stats if cfg["data"]["standardize"] == "zscore" else None)

@@ -100,7 +100,7 @@ class Evaluator:
             if selection:
                 rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
             rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
-                                          duration=v.duration)
+                                          duration=v.duration, smooth=cfg["eval"]["smooth"])
             att = r["attention"].cpu().numpy()
             inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
             if inside.any():
@@ -126,7 +126,7 @@ class Evaluator:
                 tcam, att = rec["figure"]
                 plot_video(str(fig_dir / f"tcam-{tag}-{v.name}.png"), tcam, att / max(float(att.max()), 1e-12),
                            list(v.segments), list(rec["props"]), ds.feature_rate, list(ds.classes),
-                           title=v.name)
+                           title=v.name, smooth=cfg["eval"]["smooth"])
         res = {"cls_map": float(classification_map(np.stack(plain), labels)[0])}
         if selection:
             res["cls_map_select"] = float(classification_map(np.stack([rec["select"] for rec in records]),

@@ -35,6 +35,7 @@ import ccluster
 from . import checkpoint as ckpt
 from . import distributed
 from .config import from_dict, save_config
+from .data.standardize import FeatureStandardizer, conditioning_warning, relu_unit_fractions
 from .context import STREAMS, RunContext, build_context, default_cache, mix_seed, open_dataset  # noqa: F401
 from .evaluation import Evaluator
 from .exemplars import ExemplarState, auto_alpha  # noqa: F401
@@ -114,11 +115,17 @@ class Trainer:
             "results": self.results,
             "metrics_offset": self.metrics_offset,
             "classes": list(self.dataset.classes),
+            "standardizer": (self.ctx.standardizer.state_dict() if self.ctx.standardizer is not None
+                             else None),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("standardizer")  # absent in checkpoints older than data.standardize: none
+        self.ctx.standardizer = FeatureStandardizer.from_state_dict(saved) if saved is not None else None
+        if saved is None:
+            self.cfg["data"]["standardize"] = "none"
         self.exemplars.load_state_dict(state)
         self.stage, self.step, self.global_step = state["stage"], state["step"], state["global_step"]
         self.results = state["results"]
@@ -176,6 +183,17 @@ class Trainer:
             except ImportError:
                 self._writer = None
 
+    @torch.no_grad()
+    def unit_health(self) -> dict:
+        """Fractions of dead and always-on first-layer ReLUs per stream on the current stage's first
+        batch (real segments only): ``dead_rgb``, ``always_on_rgb``, ``dead_flow``, ``always_on_flow``."""
+        batch = self.steps.batch(self.stage, 0)
+        out = {}
+        for s, x in zip(STREAMS, self.model.split(batch["features"])):
+            dead, on = relu_unit_fractions(getattr(self.model, s).phi[0](x), batch["mask"])
+            out[f"dead_{s}"], out[f"always_on_{s}"] = dead, on
+        return out
+
     def _warn(self, stage: str, warnings: list[tuple[str, str]]) -> None:
         """Print each ``(guard, message)`` and record it in metrics.jsonl."""
         for guard, message in warnings:
@@ -210,6 +228,7 @@ class Trainer:
                    disable=not self.ctx.progress)
         running = {}
         shrink_warned = set()
+        health_checked = self.step > 0
         while self.step < steps:
             t0 = time.perf_counter()
             terms = self.train_step(self.stage, self.step, use_cc)
@@ -222,6 +241,15 @@ class Trainer:
             if self.step % t["log_every"] == 0 or self.step == steps:
                 n = running.pop("n")
                 rec = {k: v / n for k, v in running.items()}
+                if not health_checked:  # once per stage, after its first logged steps
+                    health_checked = True
+                    rec.update(self.unit_health())
+                    dead = max(rec["dead_rgb"], rec["dead_flow"])
+                    if dead > 0.5:
+                        self._warn(name, [("dead_units", f"{100 * dead:.0f} % of a stream's first-layer ReLUs "
+                                                         f"are dead on the stage's first batch; the inputs "
+                                                         f"may be badly conditioned (data.standardize: zscore "
+                                                         f"standardises them)")])
                 self._log({"kind": "train", "stage": name, "step": self.global_step, "stage_step": self.step,
                            "step_time": dt, **rec})
                 bar.set_postfix(loss=f"{rec['total']:.3f}")
@@ -247,6 +275,9 @@ class Trainer:
         if self.stage == 0 and self.step == 0 and self.global_step == 0:
             self._log({"kind": "start", "config": self.cfg, "train_videos": len(self.ctx.train_idx),
                        "test_videos": len(self.ctx.test_idx), "compiled_ops": ccluster.has_compiled_ops()})
+            found = conditioning_warning(self.ctx.feature_stats, self.cfg["data"]["standardize"])
+            if found:
+                self._warn("start", [("input_conditioning", found)])
             self.save()
         t = self.cfg["train"]
         while self.stage < len(self.plan):

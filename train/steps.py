@@ -66,7 +66,9 @@ class StepRunner:
             t = int(batch["mask"][lo:hi].sum(1).max())
             batch = {k: v[lo:hi, :t] if k in ("features", "mask") else v[lo:hi] for k, v in batch.items()}
             batch["share"] = (hi - lo) / bs
-        return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch["features"] = ctx.prepare(batch["features"], batch["mask"])
+        return batch
 
     def losses(self, batch: dict, use_cc: bool, scale: dict | None = None) -> dict:
         """Forward one batch; returns the loss terms (tensors) and ``total``. ``scale`` multiplies

@@ -1,0 +1,97 @@
+"""Standardised inputs and T-CAM smoothing in the training procedure (tiny synthetic preset)."""
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train.eval as ev
+from train import checkpoint as ckpt
+from train.config import load_config
+from train.data.standardize import FeatureStandardizer
+from train.procedure import Trainer, open_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["train.baseline_steps=6", "train.cc_steps=4", "train.log_every=2", "cc.rounds=1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("CCLUSTER_CACHE")
+    os.environ["CCLUSTER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["CCLUSTER_CACHE"]
+    else:
+        os.environ["CCLUSTER_CACHE"] = old
+
+
+def _affine(dataset, scale=250.0, shift=40.0):
+    """The same dataset with every feature dimension scaled and shifted (a badly conditioned copy)."""
+    out = copy.deepcopy(dataset)
+    d = out.feature_dim
+    a = scale * (1 + np.arange(d) / d)
+    for v in out.videos:
+        v.features = (v.features.astype(np.float64) * a + shift).astype(np.float32)
+    return out
+
+
+def test_standardizer_in_checkpoint_and_used_at_evaluation(cache, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["data.standardize=zscore"])
+    run = tmp_path / "z"
+    trainer = Trainer(cfg, run)
+    results = trainer.run()
+    state = torch.load(run / "latest.pt", weights_only=False)
+    assert set(state["standardizer"]) == {"count", "mean", "m2", "scale", "min_std_ratio"}
+    again = Trainer.resume(run)
+    np.testing.assert_array_equal(again.ctx.standardizer.mean, trainer.ctx.standardizer.mean)
+    np.testing.assert_array_equal(again.ctx.standardizer.scale, trainer.ctx.standardizer.scale)
+    assert again.evaluate(progress=False) == pytest.approx(results["cc1"])
+    # evaluation reads the checkpoint's statistics, not new ones: perturbed statistics change the result
+    shifted = dict(state["standardizer"])
+    shifted["mean"] = shifted["mean"] + 5 * shifted["scale"]
+    again.ctx.standardizer = FeatureStandardizer.from_state_dict(shifted)
+    assert again.evaluate(progress=False) != pytest.approx(results["cc1"])
+
+
+def test_zscore_makes_training_invariant_to_per_dimension_affine_maps(cache, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["data.standardize=zscore", "cc.weight=0"])
+    ds = open_dataset(cfg)
+    a = Trainer(cfg, tmp_path / "a", ds).run()
+    b = Trainer(cfg, tmp_path / "b", _affine(ds)).run()
+    for stage in a:
+        assert a[stage] == pytest.approx(b[stage], abs=1e-3)
+    t = Trainer(load_config(ROOT / "configs" / "tiny.yaml", TINY + ["data.standardize=none"]), tmp_path / "c",
+                _affine(ds))
+    assert t.ctx.standardizer is None
+
+
+def test_smoothing_is_applied_in_evaluation(cache, tmp_path, monkeypatch):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["eval.smooth=5"])
+    trainer = Trainer(cfg, tmp_path / "s")
+    trainer.run()
+    captured = []
+    orig = ev.tcam_proposals
+
+    def spy(*args, **kw):
+        captured.append(kw.get("smooth"))
+        return orig(*args, **kw)
+    monkeypatch.setattr(ev, "tcam_proposals", spy)
+    trainer.evaluate(progress=False)
+    assert captured and set(captured) == {5}
+
+
+def test_old_checkpoint_without_standardizer_evaluates_unstandardised(cache, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["data.standardize=none"])
+    run = tmp_path / "old"
+    res = Trainer(cfg, run).run()
+    state = ckpt.load(run / "latest.pt")
+    del state["standardizer"]
+    del state["config"]["data"]["standardize"]  # as written before the key existed
+    ckpt.save_atomic(state, run / "latest.pt")
+    again = Trainer.resume(run)
+    assert again.ctx.standardizer is None and again.cfg["data"]["standardize"] == "none"
+    assert again.evaluate(progress=False) == pytest.approx(res["cc1"])
