@@ -49,8 +49,8 @@ def compared(cache, tmp_path_factory):
 def test_variants_parse_and_refuse_stage1_keys(tmp_path):
     assert parse_variants({"a": {"cc": {"weight": 2}}, "b": {"train.cc_steps": 3}, "c": None}) == {
         "a": {"cc.weight": 2}, "b": {"train.cc_steps": 3}, "c": {}}
-    with pytest.raises(ConfigError, match=r"variant 'x': key 'model\.dropout' changes stage 1"):
-        parse_variants({"x": {"model.dropout": 0.1}})
+    with pytest.raises(ConfigError, match=r"variant 'x': key 'seed' is set by the comparison"):
+        parse_variants({"x": {"seed": 3}})
     with pytest.raises(ConfigError, match=r"variant name 'stage1'"):
         parse_variants({"stage1": {}})
     path = tmp_path / "v.yaml"
@@ -114,6 +114,18 @@ def test_variants_share_stage1_and_equal_a_standalone_run(compared, tmp_path):
     rows = [json.loads(line) for line in open(out / "seed-0" / CONTROL / "metrics.jsonl")]
     assert [r["stage"] for r in rows if r["kind"] == "database"] == ["db1"]
     assert not any("cc" in r for r in rows if r["kind"] == "train")
+
+
+def test_a_variant_that_changes_stage1_gets_its_own(cache, tmp_path):
+    variants = parse_variants({"nodrop": {"model.dropout": 0.0, "cc.weight": 0.0}, "lam1": {}})
+    res = Comparison(_base(), variants, [0], tmp_path).run()
+    folders = sorted(p.name for p in (tmp_path / "seed-0").iterdir())
+    assert folders[:2] == [CONTROL, "lam1"] and folders[2] == "nodrop" and folders[3] == "stage1"
+    assert len(folders) == 5 and folders[4].startswith("stage1-")
+    base = [json.loads((tmp_path / "seed-0" / v / "results.json").read_text())["baseline"]
+            for v in (CONTROL, "lam1", "nodrop")]
+    assert base[0] == base[1] != base[2]
+    assert set(res["results"]) == {CONTROL, "lam1", "nodrop"}
 
 
 def test_same_command_twice_same_table(compared, tmp_path):

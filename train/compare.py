@@ -4,7 +4,8 @@ Per seed, stage 1 (the baseline) is trained once. Every variant then continues f
 the same model, optimizer state and step counter, and (since the batch and dropout of step ``t`` of
 stage ``i`` derive from ``(seed, i, t)``) the same batches in every later stage. The control is the
 variant ``control`` (``cc.weight: 0``): the same stages and steps without the exemplar loss. It is
-always included. A variant may change only what comes after stage 1 (:data:`VARIANT_KEYS`).
+always included. A variant that also changes stage 1 (any key outside :data:`AFTER_STAGE1`, e.g.
+``data.standardize`` or ``model.dropout``) gets a stage 1 of its own, still on the same seed's batches.
 
 Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
 difference from the control (variant minus control, per seed) with its 95 % confidence interval
@@ -14,8 +15,9 @@ difference from the control (variant minus control, per seed) with its 95 % conf
 Folder layout (``--out``)::
 
     compare.yaml             the base config, variants and seeds (a resumed comparison must match it)
-    seed-<s>/stage1/         stage 1 of seed s (a normal run folder)
-    seed-<s>/<variant>/      each variant's run folder, started from stage1's last checkpoint
+    seed-<s>/stage1/         stage 1 of seed s (a normal run folder); stage1-<hash>/ for variants
+                             that change stage 1
+    seed-<s>/<variant>/      each variant's run folder, started from its stage 1's last checkpoint
     results.json             every run's results per seed and variant, and the summary
     table.txt, compare.png   the summary as a table and a plot
 
@@ -40,8 +42,9 @@ from .config import ConfigError, _merge_yaml, validate
 log = logging.getLogger("train")
 
 CONTROL = "control"
-# What a variant may change: everything after stage 1. Anything else would change the shared stage 1.
-VARIANT_KEYS = ("cc.", "train.cc_steps", "train.reset_optimizer", "eval.")
+# Keys that act only after stage 1: variants that differ in nothing else share one stage 1.
+AFTER_STAGE1 = ("cc.", "train.cc_steps", "train.reset_optimizer", "train.eval_every", "eval.", "name", "run.")
+FIXED = ("seed", "run.")  # a comparison sets these itself
 # The summary's metrics: (results key, column label).
 METRICS = (("cls_map", "cls"), ("cls_map_select", "cls*"), ("det_map@0.5", "det@0.5"),
            ("det_map_avg", "det avg"))
@@ -67,17 +70,18 @@ def parse_variants(tree) -> dict[str, dict]:
     out = {}
     for name, over in tree.items():
         name = str(name)
-        if not name or "/" in name or name.startswith(".") or name == "stage1":
-            raise ConfigError(f"variant name {name!r}: expected a plain folder name other than 'stage1'")
+        if not name or "/" in name or name.startswith((".", "stage1")):
+            raise ConfigError(f"variant name {name!r}: expected a plain folder name not starting with "
+                              f"'stage1'")
         if over is None:
             over = {}
         if not isinstance(over, dict):
             raise ConfigError(f"variant '{name}': expected a mapping of config keys, got {over!r}")
         flat = _flatten(over)
         for key in flat:
-            if not key.startswith(VARIANT_KEYS):
-                raise ConfigError(f"variant '{name}': key '{key}' changes stage 1, which all variants "
-                                  f"share; variants may set {', '.join(k + '*' if k.endswith('.') else k for k in VARIANT_KEYS)}")
+            if key.startswith(FIXED):
+                raise ConfigError(f"variant '{name}': key '{key}' is set by the comparison (seeds with "
+                                  f"--seeds, run.* on the command line)")
         out[name] = flat
     return out
 
@@ -95,6 +99,13 @@ def variant_config(base: dict, overrides: dict, seed: int) -> dict:
         node[leaf] = value
     _merge_yaml(cfg, tree, "variant")
     return validate(cfg)
+
+
+def stage1_id(cfg: dict) -> str:
+    """A digest of everything in ``cfg`` that stage 1 depends on (all but :data:`AFTER_STAGE1`)."""
+    import hashlib
+    kept = {k: v for k, v in _flatten(cfg).items() if not k.startswith(AFTER_STAGE1)}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def summarize(results: dict, seeds: list[int]) -> dict:
@@ -262,22 +273,31 @@ class Comparison:
         from .context import open_dataset
         self._check_folder()
         self.dataset = open_dataset(self.base)
-        jobs = [(s, None) for s in self.seeds] + [(s, v) for s in self.seeds for v in self.variants]
+        configs = {v: variant_config(self.base, over, self.seeds[0]) for v, over in self.variants.items()}
+        base_id = stage1_id(variant_config(self.base, {}, self.seeds[0]))
+        stage1 = {}  # stage-1 folder name -> the overrides of the first variant that needs it
+        for v, cfg in configs.items():
+            sid = stage1_id(cfg)
+            stage1.setdefault("stage1" if sid == base_id else f"stage1-{sid}", self.variants[v])
+        folder_of = {v: "stage1" if stage1_id(cfg) == base_id else f"stage1-{stage1_id(cfg)}"
+                     for v, cfg in configs.items()}
+        jobs = [(s, f, None) for s in self.seeds for f in stage1] + \
+               [(s, folder_of[v], v) for s in self.seeds for v in self.variants]
         results = {v: {} for v in self.variants}
         bar = tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True, disable=not self.base["run"]["progress"])
-        for seed, variant in bar:
-            bar.set_postfix_str(f"seed {seed} {variant or 'stage1'}")
+        for seed, s1, variant in bar:
+            bar.set_postfix_str(f"seed {seed} {variant or s1}")
             folder = self.out / f"seed-{seed}"
             if variant is None:
-                cfg = variant_config(self.base, {"cc.rounds": 0}, seed)
+                cfg = variant_config(self.base, {**stage1[s1], "cc.rounds": 0}, seed)
                 self._quiet(cfg)
-                res = self._run(cfg, folder / "stage1", None)
-                log.info("seed %d stage 1: cls %.1f, det avg %.1f", seed, 100 * res["baseline"]["cls_map"],
+                res = self._run(cfg, folder / s1, None)
+                log.info("seed %d %s: cls %.1f, det avg %.1f", seed, s1, 100 * res["baseline"]["cls_map"],
                          100 * res["baseline"]["det_map_avg"])
                 continue
             cfg = variant_config(self.base, self.variants[variant], seed)
             self._quiet(cfg)
-            start = ckpt.load(folder / "stage1" / ckpt.LATEST)
+            start = ckpt.load(folder / s1 / ckpt.LATEST)
             res = self._run(cfg, folder / variant, start)
             final = res[[k for k in res if k != "baseline"][-1]]
             results[variant][seed] = final
