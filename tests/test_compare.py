@@ -128,6 +128,18 @@ def test_a_variant_that_changes_stage1_gets_its_own(cache, tmp_path):
     assert set(res["results"]) == {CONTROL, "lam1", "nodrop"}
 
 
+def test_evaluation_only_variants_reuse_the_training(cache, tmp_path):
+    variants = parse_variants({"smooth3": {"cc.weight": 0.0, "eval.smooth": 3}})
+    res = Comparison(_base(), variants, [0], tmp_path).run()
+    run = tmp_path / "seed-0" / "smooth3"
+    assert not (run / "latest.pt").exists()          # not trained again
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["evaluated_from"] == CONTROL
+    ctrl = res["results"][CONTROL][0]
+    assert res["results"]["smooth3"][0]["cls_map"] == ctrl["cls_map"]           # same network
+    assert res["results"]["smooth3"][0]["det_map_avg"] != ctrl["det_map_avg"]   # evaluated otherwise
+
+
 def test_same_command_twice_same_table(compared, tmp_path):
     out, res = compared
     again = Comparison(_base(), parse_variants(VARIANTS), SEEDS, tmp_path / "again").run()

@@ -6,6 +6,8 @@ stage ``i`` derive from ``(seed, i, t)``) the same batches in every later stage.
 variant ``control`` (``cc.weight: 0``): the same stages and steps without the exemplar loss. It is
 always included. A variant that also changes stage 1 (any key outside :data:`AFTER_STAGE1`, e.g.
 ``data.standardize`` or ``model.dropout``) gets a stage 1 of its own, still on the same seed's batches.
+A variant that differs from an earlier one in ``eval.*`` only is not trained again: the earlier run's
+final checkpoint is evaluated with its settings.
 
 Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
 difference from the control (variant minus control, per seed) with its 95 % confidence interval
@@ -101,11 +103,20 @@ def variant_config(base: dict, overrides: dict, seed: int) -> dict:
     return validate(cfg)
 
 
+def _digest(cfg: dict, ignore: tuple) -> str:
+    import hashlib
+    kept = {k: v for k, v in _flatten(cfg).items() if not k.startswith(ignore)}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def stage1_id(cfg: dict) -> str:
     """A digest of everything in ``cfg`` that stage 1 depends on (all but :data:`AFTER_STAGE1`)."""
-    import hashlib
-    kept = {k: v for k, v in _flatten(cfg).items() if not k.startswith(AFTER_STAGE1)}
-    return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+    return _digest(cfg, AFTER_STAGE1)
+
+
+def training_id(cfg: dict) -> str:
+    """A digest of everything in ``cfg`` that training depends on (all but ``eval.*``, ``run.*``, name)."""
+    return _digest(cfg, ("eval.", "run.", "name"))
 
 
 def summarize(results: dict, seeds: list[int]) -> dict:
@@ -297,8 +308,13 @@ class Comparison:
                 continue
             cfg = variant_config(self.base, self.variants[variant], seed)
             self._quiet(cfg)
-            start = ckpt.load(folder / s1 / ckpt.LATEST)
-            res = self._run(cfg, folder / variant, start)
+            trained = next((v for v in self.variants if v in results and seed in results[v]
+                            and training_id(configs[v]) == training_id(configs[variant])), None)
+            if trained is not None:
+                res = self._evaluate(cfg, folder / trained, folder / variant)
+            else:
+                start = ckpt.load(folder / s1 / ckpt.LATEST)
+                res = self._run(cfg, folder / variant, start)
             final = res[[k for k in res if k != "baseline"][-1]]
             results[variant][seed] = final
             log.info("seed %d %s: cls %.1f, cls* %.1f, det avg %.1f", seed, variant, 100 * final["cls_map"],
@@ -316,6 +332,26 @@ class Comparison:
         except Exception as exc:  # a figure is never a reason to lose a finished comparison
             log.warning("could not draw the comparison: %s", exc)
         return {"summary": summary, "table": table, "results": results}
+
+    def _evaluate(self, cfg: dict, trained: Path, run_dir: Path) -> dict:
+        """The final checkpoint of the finished run in ``trained`` evaluated with ``cfg``'s evaluation
+        settings, into ``run_dir/results.json`` (the same form as a trained run's)."""
+        from .procedure import Trainer
+        done = run_dir / "results.json"
+        if done.exists():
+            results = json.loads(done.read_text())
+            results.pop("evaluated_from", None)
+            return results
+        state = ckpt.load(trained / ckpt.LATEST)
+        trainer = Trainer(cfg, run_dir, self.dataset)
+        trainer.load_state_dict(state)
+        results = dict(state["results"])
+        results[trainer.plan[-1][0]] = trainer.evaluate(progress=False)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "results.json.tmp"
+        tmp.write_text(json.dumps({**results, "evaluated_from": trained.name}, indent=2))
+        tmp.replace(done)
+        return results
 
     @staticmethod
     def _quiet(cfg: dict) -> None:
