@@ -103,6 +103,16 @@ def variant_config(base: dict, overrides: dict, seed: int) -> dict:
     return validate(cfg)
 
 
+def stage1_config(base: dict, overrides: dict, seed: int) -> dict:
+    """The config of a stage-1 run: the variant's, with ``cc.*`` at its defaults and no rounds (stage 1
+    reads none of them), so that comparisons with other exemplar settings can share the run."""
+    from .config import DEFAULTS
+    cfg = variant_config(base, overrides, seed)
+    cfg["cc"] = {**copy.deepcopy(DEFAULTS["cc"]), "rounds": 0}
+    Comparison._quiet(cfg)
+    return validate(cfg)
+
+
 def _digest(cfg: dict, ignore: tuple) -> str:
     import hashlib
     kept = {k: v for k, v in _flatten(cfg).items() if not k.startswith(ignore)}
@@ -238,23 +248,16 @@ class Comparison:
         return {"config": cfg, "variants": self.variants, "seeds": self.seeds}
 
     def _check_folder(self) -> None:
+        """Record what this comparison runs in ``compare.yaml`` (merged with an earlier record there).
+        Every run folder checks its own config when it is reused, so a folder can be shared by
+        comparisons whose runs agree."""
         path = self.out / "compare.yaml"
         self.out.mkdir(parents=True, exist_ok=True)
+        manifest = yaml.safe_load(yaml.safe_dump(self._manifest(), sort_keys=False))
         if path.exists():
             saved = yaml.safe_load(path.read_text())
-            now = yaml.safe_load(yaml.safe_dump(self._manifest(), sort_keys=False))
-            if saved["config"] != now["config"]:
-                raise ConfigError(f"compare: {self.out} holds a comparison with another base config; "
-                                  f"choose another --out")
-            for name, over in now["variants"].items():  # adding variants or seeds is fine
-                if name in saved["variants"] and saved["variants"][name] != over:
-                    raise ConfigError(f"compare: variant '{name}' differs from the one run in {self.out} "
-                                      f"({saved['variants'][name]} there, {over} now); rename it")
-            merged = {**saved["variants"], **now["variants"]}
-            seeds = sorted(set(saved["seeds"]) | set(self.seeds))
-            manifest = {"config": now["config"], "variants": merged, "seeds": seeds}
-        else:
-            manifest = self._manifest()
+            manifest["variants"] = {**saved["variants"], **manifest["variants"]}
+            manifest["seeds"] = sorted(set(saved["seeds"]) | set(self.seeds))
         tmp = path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
         tmp.replace(path)
@@ -267,7 +270,9 @@ class Comparison:
         if (run_dir / ckpt.LATEST).exists():
             state = ckpt.load(run_dir / ckpt.LATEST)
             if from_dict(state["config"]) != cfg:
-                raise ConfigError(f"compare: {run_dir} holds a run with another config; remove it")
+                diff = [k for k, v in _flatten(cfg).items() if _flatten(from_dict(state["config"])).get(k) != v]
+                raise ConfigError(f"compare: {run_dir} holds a run with another config ({', '.join(diff)}); "
+                                  f"remove it or choose another --out")
             if (run_dir / "results.json").exists():  # written when a run has finished
                 return state["results"]
             trainer = Trainer.resume(run_dir, self.dataset, state=state)
@@ -300,8 +305,7 @@ class Comparison:
             bar.set_postfix_str(f"seed {seed} {variant or s1}")
             folder = self.out / f"seed-{seed}"
             if variant is None:
-                cfg = variant_config(self.base, {**stage1[s1], "cc.rounds": 0}, seed)
-                self._quiet(cfg)
+                cfg = stage1_config(self.base, stage1[s1], seed)
                 res = self._run(cfg, folder / s1, None)
                 log.info("seed %d %s: cls %.1f, det avg %.1f", seed, s1, 100 * res["baseline"]["cls_map"],
                          100 * res["baseline"]["det_map_avg"])
