@@ -63,6 +63,17 @@ def cc_features(ctx: RunContext, out: dict, features: torch.Tensor, stream: str)
     return torch.nn.functional.normalize(x, dim=-1) if ctx.cfg["cc"]["normalize"] else x
 
 
+def describe_database(name: str, info: dict, slots: int, max_iter: int) -> str:
+    """One readable line from the summary :meth:`ExemplarState.build` returns."""
+    streams = "; ".join(
+        f"{s} alpha {info[f'alpha_{s}']:.3g}, Q fit {info[f'fit_iters_{s}']}/{max_iter} passes "
+        f"(gap {info[f'fit_gap_{s}']:.1e}), perplexity {info[f'q_perplexity_{s}']:.1f}"
+        for s in STREAMS if f"alpha_{s}" in info)
+    empty = info["empty_classes"]
+    return (f"{name}: {info['filled']}/{slots} exemplar slots filled"
+            + (f" ({empty} classes empty)" if empty else "") + f"; {streams}")
+
+
 class ExemplarState:
     """The exemplar database, and per stream its slice, alpha and log Q. Empty until :meth:`build`."""
 
@@ -159,11 +170,11 @@ class ExemplarState:
             ent = -(torch.where(q > 0, q * fit.log_q, torch.zeros_like(q))).sum(1)
             info.update({f"alpha_{s}": alpha,
                          f"fit_iters_{s}": int(fit.n_iter.max()),
-                         f"fit_gap_{s}": float(torch.nan_to_num(fit.gap, nan=0.0).max()),
+                         f"fit_gap_{s}": float(fit.gap.max()) if fit.gap.numel() else 0.0,
                          f"q_perplexity_{s}": float(ent.exp().mean())})
         self.log_q = log_q
         if ctx.is_main:
-            log.info("%s: %s", name, info)
+            log.info("%s", describe_database(name, info, c["size"] * ds.num_classes, c["fit_max_iter"]))
         return info
 
     def _alpha(self, name: str, stream: str) -> float:

@@ -8,14 +8,14 @@ which can run code when loaded: use it only on files you trust, from a path you 
 from __future__ import annotations
 
 from .batching import collate, iterate_batches
-from .dataset import (DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, VideoRecord, index_to_seconds,
-                      seconds_to_index)
+from .dataset import (DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, DatasetError, FeatureDataset, VideoRecord,
+                      index_to_seconds, seconds_to_index)
 from .native import read_native, write_native
 from .standard import read_standard, write_standard
 
 __all__ = [
-    "VideoRecord", "FeatureDataset", "load_dataset", "iterate_batches", "collate", "read_native",
-    "write_native", "read_standard", "write_standard", "seconds_to_index", "index_to_seconds",
+    "VideoRecord", "FeatureDataset", "DatasetError", "load_dataset", "iterate_batches", "collate",
+    "read_native", "write_native", "read_standard", "write_standard", "seconds_to_index", "index_to_seconds",
     "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM",
 ]
 
