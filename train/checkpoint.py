@@ -92,11 +92,11 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"checkpoint {path} is damaged (truncated or overwritten: {_reason(exc)}), "
-                                  f"{_copies(path)}") from None
         found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = found.group(1) if found else "an object"
+        if found is None:  # not a pickled object: bytes that are not a checkpoint at all
+            raise CheckpointError(f"checkpoint {path} is damaged (truncated or overwritten: not a torch.save "
+                                  f"file), {_copies(path)}") from None
+        what = found.group(1)
         raise CheckpointError(
             f"checkpoint {path} carries a pickled Python object ({what}), which could run code when "
             f"loaded: refused (ccluster checkpoints hold tensors and plain values only), if it is an older "
