@@ -93,7 +93,7 @@ def test_truncated_feature_file_in_the_synthetic_cache_says_how_to_regenerate(da
     monkeypatch.setenv("CCLUSTER_CACHE", str(cache))
     assert main(["demo", "--out", str(tmp_path / "demo"), "data.synthetic=tiny"]) == 2
     line = _one_error_line(capsys.readouterr().err, victim, "damaged")
-    assert f"delete {cache / 'synthetic-tiny' / 'SynthTiny'}" in line
+    assert f"delete {cache / 'synthetic-tiny' / 'SynthTiny'} and the next run with data.synthetic" in line
 
 
 def test_missing_checkpoint(tmp_path, capsys):

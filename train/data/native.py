@@ -33,8 +33,8 @@ def native_paths(root: str, name: str) -> tuple[str, str]:
 def _restore_advice(root: str, name: str) -> str:
     """What to do about a damaged file of dataset ``name``: regenerate a synthetic set, else restore."""
     if os.path.isfile(os.path.join(root, name, "synthetic.json")):
-        return (f"it is a generated synthetic set: delete {os.path.join(root, name)} and it is generated "
-                f"again on the next run")
+        return (f"the synthetic generator wrote it: delete {os.path.join(root, name)} and the next run with "
+                f"data.synthetic set generates it again")
     return "restore the file from its source, or write the dataset again (write_native)"
 
 
