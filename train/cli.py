@@ -261,8 +261,9 @@ def cmd_demo(args) -> int:
     try:
         res = comp.run()["results"]
     except KeyboardInterrupt:
+        again = " ".join(["python -m train demo --out", str(out), *args.overrides])
         raise Interrupted(f"the finished runs and the checkpoints are kept in {out}; continue with: "
-                          f"python -m train demo --out {out}" + "".join(f" {o}" for o in args.overrides)) from None
+                          f"{again}") from None
     seed = cfg["seed"]
     c, t = cfg["cc"], cfg["train"]
     ctrl, method = res[CONTROL][seed], res["method"][seed]
@@ -363,7 +364,8 @@ def cmd_steptime(args) -> int:
             with_cc.append(t[True])
             ratios.append(t[True] / t[False])
             bar.update(1)
-            bar.set_postfix_str(f"{1e3 * statistics.median(plain):.0f} / {1e3 * statistics.median(with_cc):.0f} ms")
+            bar.set_postfix_str(f"{1e3 * statistics.median(plain):.0f} / "
+                                f"{1e3 * statistics.median(with_cc):.0f} ms")
         bar.close()
     print(f"training step, batch {d['batch_size']} x up to {d['max_seqlen']} segments, embed "
           f"{cfg['model']['embed_dim']}, C x n = {trainer.dataset.num_classes} x {cfg['cc']['size']}, "
@@ -486,7 +488,8 @@ def parse(argv=None) -> argparse.Namespace:
         else:
             rest.append(text)
     if rest:
-        print(f"error: unrecognized arguments: {' '.join(rest)}, see {parser.prog} {args.command} --help", file=sys.stderr)
+        print(f"error: unrecognized arguments: {' '.join(rest)}, see {parser.prog} {args.command} --help",
+              file=sys.stderr)
         sys.exit(2)
     return args
 
