@@ -1,29 +1,45 @@
 # One-command entry points. `make demo` and `make test` work on a fresh machine with only Python 3.9+
 # and a C++ compiler: they create .venv, install torch (CPU build) and the package, then run.
+# `make features` adds PyAV and OpenCV (about 275 MB), needed only by the I3D extractor
+# (python -m train.features) and its tests; `make test` installs them, `make demo` does not.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.ccluster-installed
+FEATURES_STAMP := $(VENV)/.ccluster-features
+# setuptools announces every editable install with a multi-line warning; nothing to act on
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test bench cuda-check clean
+.PHONY: setup features demo test bench cuda-check clean
 
 setup: $(STAMP)
 
 $(STAMP): $(SOURCES)
+	@echo "setup: creating $(VENV); installing $(TORCH) (CPU) and numpy, scipy, matplotlib, pytest (several hundred MB, pip shows its progress)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" numpy scipy pytest ninja pybind11 setuptools wheel tqdm pyyaml matplotlib
-	$(PY) -m pip install -q av opencv-contrib-python-headless
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install "$(TORCH)" numpy scipy pytest ninja pybind11 setuptools wheel tqdm pyyaml matplotlib
+	@echo "setup: compiling the C++ kernels against that torch (about 5 minutes the first time)"
+	$(QUIET_EDITABLE) $(PY) -m pip install -q --no-build-isolation -e .
 	$(PY) -c "import ccluster, sys; sys.exit(0 if ccluster.has_compiled_ops() else 'compiled ops failed to load')"
+	@$(PY) -c "import matplotlib.font_manager" >/dev/null 2>&1 || true  # build matplotlib's font cache now, quietly
+	@echo "setup: done"
+	touch $@
+
+# The extractor's extras: the same pins as `pip install --no-build-isolation '.[features]'` (setup.py).
+features: $(FEATURES_STAMP)
+
+$(FEATURES_STAMP): $(STAMP)
+	@echo "features: installing PyAV and OpenCV contrib (about 275 MB) for python -m train.features"
+	$(PY) -m pip install "av>=12" "opencv-contrib-python-headless>=4.5"
 	touch $@
 
 demo: setup
 	$(PY) -m train demo
 
-test: setup
+test: setup features
 	$(PY) -m pytest -q
 
 bench: setup

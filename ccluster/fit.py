@@ -20,9 +20,12 @@ class FitResult:
     Attributes:
         log_q: ``[C, n]`` fitted log representativeness (``-inf`` on empty slots; rows sum to 1 in q).
         gap: ``[C]`` final certificate ``max_j log eta_j - sum_j q_j log eta_j``; it bounds how far each
-            class's objective is below its optimum. NaN for classes that were not fitted.
-        n_iter: ``[C]`` updates applied per class.
-        converged: ``[C]`` bool, ``gap < tol``.
+            class's objective is below its optimum. 0 for the classes in ``empty_classes``: their
+            objective does not depend on Q (no weight, or no filled slot), so Q is already optimal and
+            is left unchanged. Never NaN for finite input, so ``gap.max()`` is the worst class's bound.
+        n_iter: ``[C]`` passes over the data per class after the first evaluation (each pass evaluates
+            one candidate Q; SQUAREM spends one to three per round). Never more than ``max_iter``.
+        converged: ``[C]`` bool, ``gap < tol`` (true for the classes in ``empty_classes``).
         objective: per iteration, the ``[C]`` objective ``sum_s w_s log z_s`` (non-decreasing; NaN once a
             class has stopped).
         empty_classes: classes left unchanged because they had no weight or no filled slot.
@@ -93,7 +96,7 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         alpha: bandwidth, > 0.
         metric: ``"sqeuclidean"`` or ``"euclidean"``.
         tol: stopping threshold on the gap.
-        max_iter: most updates per class.
+        max_iter: most passes over the data per class after the first evaluation (``n_iter``).
         log_q: ``[C, n]`` start (``-inf`` = empty slot, kept empty); default uniform over all n slots.
         progress: show a tqdm bar with the largest remaining gap.
         cache: cache each class's ``[rows_c, n]`` kernel matrix so that an iteration costs two
@@ -113,24 +116,38 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
 
     Returns:
         :class:`FitResult`. ``n_iter`` counts the passes over the data after the first evaluation.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype (as the ops: :mod:`ccluster.ops`).
+        ValueError: a wrong shape, device or value (negative or non-finite weight, ``alpha <= 0``,
+            NaN or +inf in ``log_q``).
     """
     op = "fit_representativeness"
-    if not (isinstance(x, torch.Tensor) and x.dim() == 2):
-        raise ValueError(f"{op}: x must be a [N, m] tensor, got {getattr(x, 'shape', type(x))}")
-    if not (isinstance(db, torch.Tensor) and db.dim() == 3 and db.shape[2] == x.shape[1]):
-        raise ValueError(f"{op}: db must be [C, n, m={x.shape[1]}], got {getattr(db, 'shape', type(db))}")
-    if db.dtype != x.dtype or db.device != x.device:
-        raise ValueError(f"{op}: db must have x's dtype and device ({x.dtype}, {x.device}), "
-                         f"got {db.dtype}, {db.device}")
+    for name, t in (("x", x), ("db", db), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be a [N, m] tensor, got {tuple(x.shape)}")
+    if not (db.dim() == 3 and db.shape[2] == x.shape[1]):
+        raise ValueError(f"{op}: db must be [C, n, m={x.shape[1]}], got {tuple(db.shape)}")
+    if db.dtype != x.dtype:
+        raise TypeError(f"{op}: db must have x's dtype {x.dtype}, got {db.dtype}")
+    if db.device != x.device:
+        raise ValueError(f"{op}: db must be on x's device {x.device}, got {db.device}")
     C, n, _ = db.shape
-    if not (isinstance(weight, torch.Tensor) and list(weight.shape) == [x.shape[0], C]):
-        raise ValueError(f"{op}: weight must be [N, C] = {[x.shape[0], C]}, "
-                         f"got {getattr(weight, 'shape', type(weight))}")
+    if list(weight.shape) != [x.shape[0], C]:
+        raise ValueError(f"{op}: weight must be [N, C] = {[x.shape[0], C]}, got {list(weight.shape)}")
     weight = weight.to(x.dtype)
     if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
         raise ValueError(f"{op}: weight must be finite and >= 0")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise TypeError(f"{op}: alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})")
+    if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"{op}: alpha must be a finite number > 0, got {alpha}")
+    if not isinstance(metric, str):
+        raise TypeError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
     if metric not in METRICS:
         raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
     if not (tol > 0 and max_iter >= 0):
@@ -180,7 +197,7 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         new = lq + log_eta
         return new - torch.logsumexp(torch.where(filled, new, _NEG_INF), 1, keepdim=True)
 
-    gap = torch.full((C,), math.nan, dtype=x.dtype, device=x.device)
+    gap = torch.zeros(C, dtype=x.dtype, device=x.device)  # 0 stays for the empty classes (see FitResult)
     n_iter = torch.zeros(C, dtype=torch.long)
     active = fittable.clone()
     history = []
@@ -217,23 +234,30 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
             log_q, act1 = record(obj1, g1, active, q1, log_q)
             if bool(act1.any()):
                 q2 = em(q1, eta1)
-                p0, p1, p2 = (torch.where(filled, t.double().exp(), 0.0) for t in (q0, q1, q2))
-                r, v = p1 - p0, p2 - 2 * p1 + p0
-                step = -(r.norm(dim=1) / v.norm(dim=1).clamp_min(1e-300)).clamp_min(1.0)
-                pe = p0 - 2 * step[:, None] * r + step[:, None] ** 2 * v
-                # keep every filled slot strictly positive: a zero could never come back
-                pe = torch.where(filled, pe.clamp_min(1e-12 * p2.amax(1, keepdim=True)), 0.0)
-                qe = (pe / pe.sum(1, keepdim=True)).log().to(x.dtype)
-                qe = torch.where(filled, qe, _NEG_INF)
-                n_iter += act1.cpu().long()
-                obj_e, eta_e, g_e = evaluate(qe, act1)
-                bad = act1 & ~(obj_e >= obj1)
-                if bool(bad.any()):
-                    n_iter += bad.cpu().long()
-                    obj2, eta2, g2 = evaluate(q2, bad)
-                    qe = torch.where(bad[:, None], q2, qe)
-                    obj_e, g_e = torch.where(bad, obj2, obj_e), torch.where(bad, g2, g_e)
-                    eta_e = torch.where(bad[:, None], eta2, eta_e)
+                # The extrapolation costs one pass and its fall-back another: a class with a single
+                # pass left in its budget takes the plain EM step q2 instead, so n_iter <= max_iter.
+                ext = act1 & (max_iter - n_iter >= 2).to(act1.device)
+                obj_e, eta_e, g_e, qe = obj1, eta1, g1, q2
+                bad = torch.zeros_like(act1)
+                if bool(ext.any()):
+                    p0, p1, p2 = (torch.where(filled, t.double().exp(), 0.0) for t in (q0, q1, q2))
+                    r, v = p1 - p0, p2 - 2 * p1 + p0
+                    step = -(r.norm(dim=1) / v.norm(dim=1).clamp_min(1e-300)).clamp_min(1.0)
+                    pe = p0 - 2 * step[:, None] * r + step[:, None] ** 2 * v
+                    # keep every filled slot strictly positive: a zero could never come back
+                    pe = torch.where(filled, pe.clamp_min(1e-12 * p2.amax(1, keepdim=True)), 0.0)
+                    qe = (pe / pe.sum(1, keepdim=True)).log().to(x.dtype)
+                    qe = torch.where(filled, qe, _NEG_INF)
+                    n_iter += ext.cpu().long()
+                    obj_e, eta_e, g_e = evaluate(qe, ext)
+                    bad = ext & ~(obj_e >= obj1)
+                fall = bad | (act1 & ~ext)
+                if bool(fall.any()):
+                    n_iter += fall.cpu().long()
+                    obj2, eta2, g2 = evaluate(q2, fall)
+                    qe = torch.where(fall[:, None], q2, qe)
+                    obj_e, g_e = torch.where(fall, obj2, obj_e), torch.where(fall, g2, g_e)
+                    eta_e = torch.where(fall[:, None], eta2, eta_e)
                 log_q, act1 = record(obj_e, g_e, act1, qe, log_q)
                 log_eta = torch.where(act1[:, None], eta_e, eta1)
             active = act1
@@ -243,5 +267,5 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
                 bar.set_postfix(max_gap=f"{float(gap[active].max()):.2e}", active=int(active.sum()))
     if bar is not None:
         bar.close()
-    return FitResult(log_q=log_q, gap=gap, n_iter=n_iter, converged=fittable & (gap < tol),
+    return FitResult(log_q=log_q, gap=gap, n_iter=n_iter, converged=gap < tol,
                      objective=history, empty_classes=empty, cached=bool(cache))

@@ -26,16 +26,25 @@ class ConvexClusteringLoss(nn.Module):
 
     Forward args:
         features: ``[B, T, m]`` segment features.
-        attention: ``[B, T]`` non-negative attention (differentiable).
+        attention: ``[B, T]`` attention, >= 0 on valid segments (differentiable). NaN propagates to
+            the loss.
         labels: ``[B, C]`` multi-hot video labels (bool or float; nonzero = labelled).
         mask: ``[B, T]`` bool, True on valid (non-padding) segments.
-        db: ``[C, n, m]`` exemplar database; log_q: ``[C, n]`` log representativeness.
+        db: ``[C, n, m]`` exemplar database; log_q: ``[C, n]`` log representativeness, log-probabilities
+            (<= 0, ``-inf`` for an empty slot).
 
     A video whose valid attention sums to 0 contributes nothing (no NaN).
+
+    Errors, as in :func:`ccluster.convex_clustering_loss`: TypeError for a wrong type or dtype
+    (``mask`` not bool), ValueError for a wrong shape or value (negative attention on a valid segment,
+    ``log_q > 0``, ``alpha <= 0``).
     """
 
     def __init__(self, alpha: float, metric: str = "sqeuclidean", reduction: str = "sum"):
         super().__init__()
+        if not isinstance(metric, str) or not isinstance(reduction, str):
+            raise TypeError(f"ConvexClusteringLoss: metric and reduction must be strings, got {metric!r}, "
+                            f"{reduction!r}")
         if metric not in METRICS:
             raise ValueError(f"ConvexClusteringLoss: metric must be one of {METRICS}, got {metric!r}")
         if reduction not in ("sum", "mean"):
@@ -50,7 +59,10 @@ class ConvexClusteringLoss(nn.Module):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"ConvexClusteringLoss: alpha must be a finite number > 0, got {value!r} "
+                            f"({type(value).__name__})")
+        if not (math.isfinite(value) and value > 0):
             raise ValueError(f"ConvexClusteringLoss: alpha must be a finite number > 0, got {value}")
         self._alpha = float(value)
 
@@ -59,6 +71,10 @@ class ConvexClusteringLoss(nn.Module):
 
     def forward(self, features: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor,
                 mask: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        for name, t in (("features", features), ("attention", attention), ("labels", labels),
+                        ("mask", mask), ("db", db), ("log_q", log_q)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"ConvexClusteringLoss: {name} must be a Tensor, got {type(t).__name__}")
         if features.dim() != 3:
             raise ValueError(f"ConvexClusteringLoss: features must be [B, T, m], got {list(features.shape)}")
         B, T, m = features.shape
@@ -69,6 +85,12 @@ class ConvexClusteringLoss(nn.Module):
                 raise ValueError(f"ConvexClusteringLoss: {name} must be {shape}, got {list(t.shape)}")
         if mask.dtype != torch.bool:
             raise TypeError(f"ConvexClusteringLoss: mask must be a bool tensor, got {mask.dtype}")
+        if not torch.compiler.is_compiling() and type(attention).__name__ != "FakeTensor" \
+                and not (attention.is_cuda and torch.cuda.is_current_stream_capturing()):
+            bad = mask & (attention < 0)
+            if bool(bad.any()):
+                raise ValueError(f"ConvexClusteringLoss: attention must be >= 0 on valid segments, got "
+                                 f"{float(attention[bad].min()):g}")
         a = torch.where(mask, attention, torch.zeros((), dtype=attention.dtype, device=attention.device))
         total = a.sum(1, keepdim=True)
         p = a / torch.where(total > 0, total, torch.ones_like(total))

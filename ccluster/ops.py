@@ -37,42 +37,98 @@ def has_compiled_ops() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Argument checks: shared by the fake kernels and the fallback path; same messages as csrc/common.h.
+# Argument checks: shared by the fake kernels, the wrappers and the fallback path; same messages as
+# csrc/common.h. One exception type per kind of mistake, in Python and in C++ alike:
+#   TypeError  - an argument of the wrong type or dtype (not a Tensor, an integer tensor, mixed dtypes,
+#                a mask that is not bool, a metric that is not a string);
+#   ValueError - the right type with a wrong shape, device or value (alpha <= 0, an unknown metric,
+#                negative attention, log_q > 0 in the loss, a negative or non-finite fit weight).
 
 
-def _check(cond, msg):
-    torch._check(bool(cond), lambda: msg)
+def _check_type(cond, msg):
+    torch._check_type(bool(cond), lambda: msg)
+
+
+def _check_value(cond, msg):
+    torch._check_value(bool(cond), lambda: msg)
+
+
+def _check_args(op, x, db, log_q, alpha, metric, **tensors):
+    """What Python must check before calling an op: that the tensors are tensors and the scalars have
+    their types (the schema would otherwise answer with a RuntimeError of its own)."""
+    for name, t in (("x", x), ("db", db), ("log_q", log_q), *tensors.items()):
+        _check_type(isinstance(t, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    _check_type(isinstance(alpha, (int, float)) and not isinstance(alpha, bool),
+                f"{op}: alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})")
+    _check_type(isinstance(metric, str), f"{op}: metric must be 'sqeuclidean' or 'euclidean', got {metric!r}")
 
 
 def _check_common(op, x, db, log_q, alpha, metric):
+    _check_args(op, x, db, log_q, alpha, metric)
     for name, t in (("x", x), ("db", db), ("log_q", log_q)):
-        _check(isinstance(t, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-        _check(t.is_floating_point(), f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-    _check(x.dim() == 2, f"{op}: x must be [N, m], got shape {list(x.shape)}")
-    _check(db.dim() == 3, f"{op}: db must be [C, n, m], got shape {list(db.shape)}")
-    _check(log_q.dim() == 2, f"{op}: log_q must be [C, n], got shape {list(log_q.shape)}")
-    _check(db.shape[2] == x.shape[1],
-           f"{op}: db feature size m={db.shape[2]} does not match x's m={x.shape[1]}")
-    _check(tuple(log_q.shape) == tuple(db.shape[:2]),
-           f"{op}: log_q must be [C, n] = {list(db.shape[:2])} to match db, got {list(log_q.shape)}")
-    _check(db.dtype == x.dtype and log_q.dtype == x.dtype,
-           f"{op}: x, db and log_q must have one dtype, got {x.dtype}, {db.dtype}, {log_q.dtype}")
-    _check(db.device == x.device and log_q.device == x.device,
-           f"{op}: x, db and log_q must be on one device, got {x.device}, {db.device}, {log_q.device}")
-    _check(isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0,
-           f"{op}: alpha must be a finite number > 0, got {alpha}")
-    _check(metric in METRICS, f"{op}: metric must be 'sqeuclidean' or 'euclidean', got {metric!r}")
+        _check_type(t.is_floating_point(), f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    _check_value(x.dim() == 2, f"{op}: x must be [N, m], got shape {list(x.shape)}")
+    _check_value(db.dim() == 3, f"{op}: db must be [C, n, m], got shape {list(db.shape)}")
+    _check_value(log_q.dim() == 2, f"{op}: log_q must be [C, n], got shape {list(log_q.shape)}")
+    _check_value(db.shape[2] == x.shape[1],
+                 f"{op}: db feature size m={db.shape[2]} does not match x's m={x.shape[1]}")
+    _check_value(tuple(log_q.shape) == tuple(db.shape[:2]),
+                 f"{op}: log_q must be [C, n] = {list(db.shape[:2])} to match db, got {list(log_q.shape)}")
+    _check_type(db.dtype == x.dtype and log_q.dtype == x.dtype,
+                f"{op}: x, db and log_q must have one dtype, got {x.dtype}, {db.dtype}, {log_q.dtype}")
+    _check_value(db.device == x.device and log_q.device == x.device,
+                 f"{op}: x, db and log_q must be on one device, got {x.device}, {db.device}, {log_q.device}")
+    _check_value(math.isfinite(alpha) and alpha > 0, f"{op}: alpha must be a finite number > 0, got {alpha}")
+    _check_value(metric in METRICS, f"{op}: metric must be 'sqeuclidean' or 'euclidean', got {metric!r}")
 
 
 def _check_pairs(op, name, pairs, x, db, dtype=torch.bool):
     shape = [x.shape[0], db.shape[0]]
-    _check(isinstance(pairs, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(pairs).__name__}")
-    _check(list(pairs.shape) == shape, f"{op}: {name} must be [N, C] = {shape}, got {list(pairs.shape)}")
+    _check_type(isinstance(pairs, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(pairs).__name__}")
+    _check_value(list(pairs.shape) == shape, f"{op}: {name} must be [N, C] = {shape}, got {list(pairs.shape)}")
     if dtype == torch.bool:
-        _check(pairs.dtype == torch.bool, f"{op}: {name} must be a bool tensor, got {pairs.dtype}")
+        _check_type(pairs.dtype == torch.bool, f"{op}: {name} must be a bool tensor, got {pairs.dtype}")
     else:
-        _check(pairs.dtype == x.dtype, f"{op}: {name} must have x's dtype {x.dtype}, got {pairs.dtype}")
-    _check(pairs.device == x.device, f"{op}: {name} must be on x's device {x.device}, got {pairs.device}")
+        _check_type(pairs.dtype == x.dtype, f"{op}: {name} must have x's dtype {x.dtype}, got {pairs.dtype}")
+    _check_value(pairs.device == x.device, f"{op}: {name} must be on x's device {x.device}, got {pairs.device}")
+
+
+# Checks of values read the data. The compiled CPU kernels run them (csrc/common.h); Python runs them
+# for the fallback and for other devices, in eager mode only: not while torch.compile traces (fake
+# tensors hold no values) nor while a CUDA graph is captured (reading a value needs a device sync).
+
+
+def _python_reads_values(t: torch.Tensor) -> bool:
+    if has_compiled_ops() and t.device.type == "cpu":
+        return False  # the kernel checks
+    if torch.compiler.is_compiling() or t.device.type == "meta" or type(t).__name__ == "FakeTensor":
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_attention(op, weight, pairs):
+    """The loss's weights: >= 0 on the pairs (NaN propagates to the loss, as NaN in x does)."""
+    if _python_reads_values(weight):
+        bad = pairs & (weight < 0)
+        if bool(bad.any()):
+            _check_value(False, f"{op}: attention must be >= 0 on the pairs (it weights -log z), got "
+                                f"{float(weight[bad].min()):g}")
+
+
+def _check_log_probabilities(op, log_q):
+    """The loss's log_q: <= 0 (-inf marks an empty slot; NaN propagates)."""
+    if _python_reads_values(log_q):
+        bad = log_q > 0
+        if bool(bad.any()):
+            _check_value(False, f"{op}: log_q must be log-probabilities (<= 0, -inf for an empty slot), got "
+                                f"{float(log_q[bad].max()):g} (pass log q, not q)")
+
+
+def _check_fit_weight(op, weight):
+    if _python_reads_values(weight):
+        bad = ~(torch.isfinite(weight) & (weight >= 0))
+        if bool(bad.any()):
+            _check_value(False, f"{op}: weight must be finite and >= 0, got {float(weight[bad][0]):g}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,7 +149,8 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
         x: ``[N, m]`` segment features.
         db: ``[C, n, m]`` exemplar database (C classes, n slots, m dims).
         log_q: ``[C, n]`` log representativeness. ``-inf`` marks an empty slot. A class whose slots are
-            all ``-inf`` gives ``-inf`` (never NaN).
+            all ``-inf`` gives ``-inf`` (never NaN). Here any real log-weights are accepted (rows need
+            not be normalised; a positive entry shifts the result); the loss requires log-probabilities.
         alpha: bandwidth, a finite number > 0.
         metric: ``"sqeuclidean"`` (``|a-b|^2``) or ``"euclidean"`` (``|a-b|``, the d of the paper; its
             gradient at zero distance is taken as 0).
@@ -105,7 +162,14 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
 
     Differentiable with respect to x, db and log_q (each computed only when required; no double
     backward). NaN in x or log_q propagates: the rows (x) or classes (log_q) it touches come out NaN.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: a wrong shape, device or value (e.g. ``alpha <= 0``, an unknown metric).
     """
+    if pairs is not None:
+        _check_type(isinstance(pairs, torch.Tensor),
+                    f"exemplar_logsumexp: pairs must be a Tensor or None, got {type(pairs).__name__}")
     if not has_compiled_ops():
         _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
         if pairs is not None:
@@ -114,6 +178,7 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
         args = (x.float(), db.float(), log_q.float()) if low else (x, db, log_q)
         out = reference.exemplar_logsumexp(*args, float(alpha), metric, pairs)
         return out.to(x.dtype)
+    _check_args("exemplar_logsumexp", x, db, log_q, alpha, metric)
     return torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, float(alpha), metric, pairs)
 
 
@@ -132,26 +197,41 @@ def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torc
 
     Args:
         x: ``[N, m]`` segment features (a batch flattened).
-        attention: ``[N]`` or ``[N, C]`` weights p(s|x); differentiable.
+        attention: ``[N]`` or ``[N, C]`` weights p(s|x), >= 0 on the pairs; differentiable. NaN
+            propagates (the loss and that segment's gradient come out NaN), as NaN in x does.
         pairs: ``[N, C]`` bool: which pairs enter the loss (normally the classes of the segment's
             video). Pairs whose class has no filled slot (all ``log_q = -inf``) are left out.
-        db, log_q, alpha, metric: as in :func:`exemplar_logsumexp`.
+        db, alpha, metric: as in :func:`exemplar_logsumexp`.
+        log_q: ``[C, n]`` log-probabilities: every entry <= 0, ``-inf`` for an empty slot. Rows need
+            not sum to 1 (a class with empty slots), but q > 1 cannot be a probability and is refused:
+            it is almost always q passed where log q was meant.
 
     Returns:
         A scalar tensor of x's dtype.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: a wrong shape, device or value: negative attention on a pair, ``log_q > 0``,
+            ``alpha <= 0``, an unknown metric. The value checks read the data; they are skipped while
+            ``torch.compile`` traces and while a CUDA graph is captured.
     """
     op = "convex_clustering_loss"
-    _check(isinstance(attention, torch.Tensor),
-           f"{op}: attention must be a Tensor, got {type(attention).__name__}")
-    _check(attention.dim() in (1, 2) and attention.shape[0] == x.shape[0]
-           and (attention.dim() == 1 or attention.shape[1] == db.shape[0]),
-           f"{op}: attention must be [N] or [N, C] with N={x.shape[0]}, C={db.shape[0]}, "
-           f"got {list(attention.shape)}")
+    _check_args(op, x, db, log_q, alpha, metric, attention=attention, pairs=pairs)
+    _check_value(attention.dim() in (1, 2) and x.dim() >= 1 and db.dim() >= 1
+                 and attention.shape[0] == x.shape[0]
+                 and (attention.dim() == 1 or attention.shape[1] == db.shape[0]),
+                 f"{op}: attention must be [N] or [N, C] with N={x.shape[0] if x.dim() else '?'}, "
+                 f"C={db.shape[0] if db.dim() else '?'}, got {list(attention.shape)}")
     weight = attention[:, None].expand(x.shape[0], db.shape[0]) if attention.dim() == 1 else attention
     if not has_compiled_ops():
         _check_common(op, x, db, log_q, alpha, metric)
         _check_pairs(op, "pairs", pairs, x, db)
         _check_pairs(op, "attention", weight, x, db, dtype=x.dtype)
+    if _python_reads_values(weight):  # (the compiled CPU kernel checks these itself)
+        _check_pairs(op, "pairs", pairs, x, db)
+        _check_attention(op, weight, pairs)
+        _check_log_probabilities(op, log_q)
+    if not has_compiled_ops():
         low = x.dtype in (torch.float16, torch.bfloat16)
         args = (x.float(), weight.float(), pairs, db.float(), log_q.float()) if low else \
             (x, weight, pairs, db, log_q)
@@ -169,11 +249,16 @@ def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: tor
     ``weight > 0`` (0 elsewhere), and
     ``log_eta[c, j] = log sum_s weight[s, c] * exp(-alpha d(x_s, db[c, j]) - logz[s, c])``, computed in
     the log domain from the same distance tiles (``-inf`` on empty slots, ``log_q = -inf``). The
-    multiplicative update is then ``log_q += log_eta``. ``weight`` is ``[N, C]``, >= 0, x's dtype.
+    multiplicative update is then ``log_q += log_eta``. ``weight`` is ``[N, C]``, finite and >= 0,
+    x's dtype (ValueError otherwise: a NaN weight would drop its pair without a trace). Errors as in
+    :func:`exemplar_logsumexp`.
     """
+    _check_args("fit_step", x, db, log_q, alpha, metric, weight=weight)
     if not has_compiled_ops():
         _check_common("fit_step", x, db, log_q, alpha, metric)
         _check_pairs("fit_step", "weight", weight, x, db, dtype=x.dtype)
+    _check_fit_weight("fit_step", weight)
+    if not has_compiled_ops():
         return reference.fit_step(x, db, log_q, weight, float(alpha), metric)
     return torch.ops.ccluster.fit_step(x, db, log_q, weight, float(alpha), metric)
 

@@ -15,45 +15,83 @@ enum class Metric { SqEuclidean, Euclidean };
 inline Metric parse_metric(const char* op, c10::string_view metric) {
   if (metric == "sqeuclidean") return Metric::SqEuclidean;
   if (metric == "euclidean") return Metric::Euclidean;
-  TORCH_CHECK(false, op, ": metric must be 'sqeuclidean' or 'euclidean', got '", std::string(metric), "'");
+  TORCH_CHECK_VALUE(false, op, ": metric must be 'sqeuclidean' or 'euclidean', got '", std::string(metric), "'");
 }
 
-// Checks shared by every op that reads (x, db, log_q, alpha). Messages match ccluster/ops.py.
+// Argument checks. One exception type per kind of mistake, the same in ccluster/ops.py and the Python
+// wrappers: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value a ValueError
+// (TORCH_CHECK_VALUE). Messages match ccluster/ops.py.
+
+// Checks shared by every op that reads (x, db, log_q, alpha).
 inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
                          double alpha) {
-  TORCH_CHECK(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK(db.is_floating_point(), op, ": db must be a floating-point tensor, got ", db.scalar_type());
-  TORCH_CHECK(log_q.is_floating_point(), op, ": log_q must be a floating-point tensor, got ",
-              log_q.scalar_type());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [N, m], got shape ", x.sizes());
-  TORCH_CHECK(db.dim() == 3, op, ": db must be [C, n, m], got shape ", db.sizes());
-  TORCH_CHECK(log_q.dim() == 2, op, ": log_q must be [C, n], got shape ", log_q.sizes());
-  TORCH_CHECK(db.size(2) == x.size(1), op, ": db feature size m=", db.size(2), " does not match x's m=",
-              x.size(1));
-  TORCH_CHECK(log_q.size(0) == db.size(0) && log_q.size(1) == db.size(1), op, ": log_q must be [C, n] = [",
-              db.size(0), ", ", db.size(1), "] to match db, got ", log_q.sizes());
-  TORCH_CHECK(db.scalar_type() == x.scalar_type() && log_q.scalar_type() == x.scalar_type(), op,
-              ": x, db and log_q must have one dtype, got ", x.scalar_type(), ", ", db.scalar_type(), ", ",
-              log_q.scalar_type());
-  TORCH_CHECK(db.device() == x.device() && log_q.device() == x.device(), op,
-              ": x, db and log_q must be on one device, got ", x.device(), ", ", db.device(), ", ",
-              log_q.device());
-  TORCH_CHECK(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a finite number > 0, got ", alpha);
+  TORCH_CHECK_TYPE(x.is_floating_point(), op, ": x must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(db.is_floating_point(), op, ": db must be a floating-point tensor, got ", db.scalar_type());
+  TORCH_CHECK_TYPE(log_q.is_floating_point(), op, ": log_q must be a floating-point tensor, got ",
+                   log_q.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [N, m], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(db.dim() == 3, op, ": db must be [C, n, m], got shape ", db.sizes());
+  TORCH_CHECK_VALUE(log_q.dim() == 2, op, ": log_q must be [C, n], got shape ", log_q.sizes());
+  TORCH_CHECK_VALUE(db.size(2) == x.size(1), op, ": db feature size m=", db.size(2), " does not match x's m=",
+                    x.size(1));
+  TORCH_CHECK_VALUE(log_q.size(0) == db.size(0) && log_q.size(1) == db.size(1), op,
+                    ": log_q must be [C, n] = [", db.size(0), ", ", db.size(1), "] to match db, got ",
+                    log_q.sizes());
+  TORCH_CHECK_TYPE(db.scalar_type() == x.scalar_type() && log_q.scalar_type() == x.scalar_type(), op,
+                   ": x, db and log_q must have one dtype, got ", x.scalar_type(), ", ", db.scalar_type(), ", ",
+                   log_q.scalar_type());
+  TORCH_CHECK_VALUE(db.device() == x.device() && log_q.device() == x.device(), op,
+                    ": x, db and log_q must be on one device, got ", x.device(), ", ", db.device(), ", ",
+                    log_q.device());
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a finite number > 0, got ", alpha);
 }
 
 // pairs-like [N, C] arguments: a bool mask, or a weight of x's dtype.
 inline void check_pairs(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                         const at::Tensor& db, bool is_mask) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
-              " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
+                    " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
   if (is_mask) {
-    TORCH_CHECK(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor, got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kBool, op, ": ", name, " must be a bool tensor, got ",
+                     t.scalar_type());
   } else {
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
-                ", got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
+                     x.scalar_type(), ", got ", t.scalar_type());
   }
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
-              t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+                    t.device());
+}
+
+// Checks of values (one pass over the tensor; on a GPU they would need a device sync, so the CPU kernels
+// call them and ccluster/ops.py runs the same checks in Python for other devices).
+
+// The loss's weights p(s|x): >= 0 on the pairs. NaN is not an error: it propagates to the loss, as NaN
+// in x does.
+inline void check_attention(const char* op, const at::Tensor& weight, const at::Tensor& pairs) {
+  const at::Tensor bad = at::logical_and(pairs, weight.lt(0));
+  if (bad.any().item<bool>()) {
+    TORCH_CHECK_VALUE(false, op, ": attention must be >= 0 on the pairs (it weights -log z), got ",
+                      weight.masked_select(bad).min().item<double>());
+  }
+}
+
+// The loss's log_q: log-probabilities, <= 0 (-inf marks an empty slot; NaN propagates). A positive entry
+// is q > 1, usually q passed where log q was meant.
+inline void check_log_probabilities(const char* op, const at::Tensor& log_q) {
+  const at::Tensor bad = log_q.gt(0);
+  if (bad.any().item<bool>()) {
+    TORCH_CHECK_VALUE(false, op, ": log_q must be log-probabilities (<= 0, -inf for an empty slot), got ",
+                      log_q.masked_select(bad).max().item<double>(), " (pass log q, not q)");
+  }
+}
+
+// The fit's weights: finite and >= 0 (a NaN weight would otherwise drop its pair without a trace).
+inline void check_fit_weight(const char* op, const at::Tensor& weight) {
+  const at::Tensor bad = at::logical_not(at::logical_and(at::isfinite(weight), weight.ge(0)));
+  if (bad.any().item<bool>()) {
+    TORCH_CHECK_VALUE(false, op, ": weight must be finite and >= 0, got ",
+                      weight.masked_select(bad).flatten()[0].item<double>());
+  }
 }
 
 // Online log-sum-exp: a running maximum `m` and a sum `l` of exp(s - shift(m)). The shift is 0 while

@@ -134,8 +134,9 @@ def assert_close64(actual: torch.Tensor, expected: torch.Tensor, rtol: float = R
 
 def max_err(a: torch.Tensor, oracle: torch.Tensor) -> float:
     """Largest absolute difference on the entries where the oracle is finite (must agree elsewhere)."""
+    oracle = oracle.detach()
     fin = torch.isfinite(oracle)
-    a = a.double()
+    a = a.detach().double()
     assert torch.equal(torch.isfinite(a), fin), "non-finite entries differ from the oracle's"
     return float((a[fin] - oracle[fin]).abs().max()) if fin.any() else 0.0
 

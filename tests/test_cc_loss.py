@@ -240,21 +240,28 @@ def test_gradcheck(metric, attention_2d):
 
 BAD = [
     ("attention_shape", dict(att=torch.ones(4, dtype=torch.float64)),
-     RuntimeError, r"convex_clustering_loss: attention must be \[N\] or \[N, C\] with N=5, C=2, got \[4\]"),
+     ValueError, r"convex_clustering_loss: attention must be \[N\] or \[N, C\] with N=5, C=2, got \[4\]"),
     ("attention_cols", dict(att=torch.ones(5, 3, dtype=torch.float64)),
-     RuntimeError, r"attention must be \[N\] or \[N, C\] with N=5, C=2, got \[5, 3\]"),
+     ValueError, r"attention must be \[N\] or \[N, C\] with N=5, C=2, got \[5, 3\]"),
     ("attention_dtype", dict(att=torch.ones(5, dtype=torch.float32)),
-     RuntimeError, r"attention must have x's dtype Double, got Float"),
+     TypeError, r"attention must have x's dtype Double, got Float"),
     ("pairs_dtype", dict(pairs=torch.ones(5, 2, dtype=torch.float64)),
-     RuntimeError, r"pairs must be a bool tensor, got Double"),
+     TypeError, r"pairs must be a bool tensor, got Double"),
     ("pairs_shape", dict(pairs=torch.ones(5, 3, dtype=torch.bool)),
-     RuntimeError, r"pairs must be \[N, C\] = \[5, 2\], got \[5, 3\]"),
+     ValueError, r"pairs must be \[N, C\] = \[5, 2\], got \[5, 3\]"),
     ("x_rank", dict(x=torch.ones(5, 3, 1, dtype=torch.float64)),
-     RuntimeError, r"convex_clustering_loss: x must be \[N, m\], got shape \[5, 3, 1\]"),
+     ValueError, r"convex_clustering_loss: x must be \[N, m\], got shape \[5, 3, 1\]"),
     ("mixed_dtype", dict(log_q=torch.zeros(2, 4)),
-     RuntimeError, r"x, db and log_q must have one dtype, got Double, Double, Float"),
-    ("alpha", dict(alpha=-2.0), RuntimeError, r"alpha must be a finite number > 0, got -2"),
-    ("metric", dict(metric="l1"), RuntimeError, r"metric must be 'sqeuclidean' or 'euclidean', got 'l1'"),
+     TypeError, r"x, db and log_q must have one dtype, got Double, Double, Float"),
+    ("alpha", dict(alpha=-2.0), ValueError, r"alpha must be a finite number > 0, got -2"),
+    ("metric", dict(metric="l1"), ValueError, r"metric must be 'sqeuclidean' or 'euclidean', got 'l1'"),
+    ("attention_negative", dict(att=torch.tensor([0.2, -0.5, 0.1, 0.3, 0.4], dtype=torch.float64)),
+     ValueError, r"convex_clustering_loss: attention must be >= 0 on the pairs \(it weights -log z\), got -0.5"),
+    ("log_q_positive", dict(log_q=torch.full((2, 4), 0.25, dtype=torch.float64)),
+     ValueError, r"convex_clustering_loss: log_q must be log-probabilities \(<= 0, -inf for an empty slot\), "
+                 r"got 0.25 \(pass log q, not q\)"),
+    ("attention_list", dict(att=[0.2] * 5), TypeError, r"convex_clustering_loss: attention must be a Tensor, got list"),
+    ("alpha_str", dict(alpha="1"), TypeError, r"convex_clustering_loss: alpha must be a finite number > 0, got '1'"),
 ]
 
 
@@ -264,9 +271,56 @@ def test_bad_input(case, over, exc, match):
     args = dict(x=x, att=torch.ones(5, dtype=torch.float64), pairs=torch.ones(5, 2, dtype=torch.bool), db=db,
                 log_q=log_q, alpha=ALPHA, metric="sqeuclidean")
     args.update(over)
-    # shape problems of attention are caught by torch._check in Python, the rest by the C++ op
+    # Python objects and attention's shape are checked in Python, the rest by the C++ op: one exception
+    # type per kind of mistake either way (TypeError: type or dtype; ValueError: shape, device, value)
     with pytest.raises(exc, match=match):
         cc_loss(*args.values())
+
+
+@pytest.mark.parametrize("case,over,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_without_compiled_ops(case, over, exc, match, monkeypatch):
+    # the reference fallback checks in Python: the same exception types and arguments named
+    from ccluster import ops
+    monkeypatch.setattr(ops, "_LOAD_ERROR", RuntimeError("simulated"))
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12)
+    args = dict(x=x, att=torch.ones(5, dtype=torch.float64), pairs=torch.ones(5, 2, dtype=torch.bool), db=db,
+                log_q=log_q, alpha=ALPHA, metric="sqeuclidean")
+    args.update(over)
+    head = match.split(", got")[0].replace("Double", "torch.float64")  # Python prints dtypes as torch.*
+    with pytest.raises(exc, match=head):
+        cc_loss(*args.values())
+
+
+def test_negative_attention_outside_the_pairs_is_ignored():
+    # only the pairs enter the loss: what attention holds elsewhere is not read
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12)
+    pairs = torch.zeros(5, 2, dtype=torch.bool)
+    pairs[:3, 0] = True
+    att = torch.tensor([0.2, 0.5, 0.3, -1.0, -2.0], dtype=torch.float64)
+    loss = cc_loss(x, att, pairs, db, log_q, ALPHA)
+    expected = -(att[:3] * ccluster.exemplar_logsumexp(x, db, log_q, ALPHA)[:3, 0]).sum()
+    assert_close64(loss, expected)
+
+
+def test_nan_attention_propagates_to_the_loss_and_that_row():
+    # the README's NaN policy: NaN in an input propagates to what it touches, nothing else
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12)
+    x.requires_grad_()
+    att = torch.full((5,), 0.2, dtype=torch.float64)
+    att[1] = math.nan
+    loss = cc_loss(x, att, torch.ones(5, 2, dtype=torch.bool), db, log_q, ALPHA)
+    assert loss.isnan()
+    (gx,) = torch.autograd.grad(loss, x)
+    assert gx[1].isnan().all() and torch.isfinite(gx[[0, 2, 3, 4]]).all()
+
+
+def test_empty_slots_and_nonpositive_log_q_are_accepted():
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12)
+    log_q = log_q.clone()
+    log_q[0, :2] = -math.inf   # empty slots
+    log_q[1] = 0.0             # q = 1 in every slot: unnormalised, but each q <= 1
+    loss = cc_loss(x, torch.ones(5, dtype=torch.float64), torch.ones(5, 2, dtype=torch.bool), db, log_q, ALPHA)
+    assert torch.isfinite(loss)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,12 +476,28 @@ def _bad_forward_cases():
          r"labels must be \[3, 4\], got \[3, 3\]"),
         ("mask_dtype", (feats, att, labels, mask.double(), db, log_q), TypeError,
          r"mask must be a bool tensor, got torch.float64"),
-        ("db_m", (feats, att, labels, mask, db[..., :2], log_q), RuntimeError,
+        ("db_m", (feats, att, labels, mask, db[..., :2], log_q), ValueError,
          r"db feature size m=2 does not match x's m=3"),
+        ("attention_negative", (feats, att - 0.5, labels, mask, db, log_q), ValueError,
+         r"ConvexClusteringLoss: attention must be >= 0 on valid segments, got -0.\d+"),
+        ("log_q_is_q", (feats, att, labels, mask, db, log_q.exp()), ValueError,
+         r"log_q must be log-probabilities .*\(pass log q, not q\)"),
+        ("features_list", (feats.tolist(), att, labels, mask, db, log_q), TypeError,
+         r"ConvexClusteringLoss: features must be a Tensor, got list"),
     ]
 
 
-@pytest.mark.parametrize("case", range(6), ids=[c[0] for c in _bad_forward_cases()])
+def test_module_negative_attention_on_padding_is_ignored():
+    feats, att, labels, mask, db, log_q = _batch()
+    mask = mask.clone()
+    mask[0, 5:] = False
+    padded = att.clone()
+    padded[0, 5:] = -7.0     # padding: never read
+    mod = ccluster.ConvexClusteringLoss(ALPHA)
+    assert_close64(mod(feats, padded, labels, mask, db, log_q), mod(feats, att, labels, mask, db, log_q))
+
+
+@pytest.mark.parametrize("case", range(9), ids=[c[0] for c in _bad_forward_cases()])
 def test_module_bad_forward(case):
     _, args, exc, match = _bad_forward_cases()[case]
     with pytest.raises(exc, match=match):

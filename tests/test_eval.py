@@ -400,3 +400,16 @@ def test_plot_cli_smooth(tmp_path, capsys, monkeypatch):
         plot_main(["--cam", str(tmp_path / "cam.npz"), "--ground-truth", str(gt_path), "--video", "a",
                    "--out", str(out), "--smooth", "-1"])
     assert "--smooth: expected an integer >= 0" in capsys.readouterr().err
+
+
+def test_plot_video_bars_have_a_legend(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    drawn = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig))  # keep the figure to inspect
+    tcam = np.zeros((60, 3))
+    plot_video(str(tmp_path / "v.png"), tcam, None, [(6.4, 12.8, 1)],
+               [{"label": 1, "start": 6.0, "end": 13.0, "score": 0.9},
+                {"label": 1, "start": 20.0, "end": 22.0, "score": 0.3}], 25 / 16, ["A", "B", "C"])
+    bars = drawn[0].axes[1].get_legend()
+    assert [t.get_text() for t in bars.get_texts()] == [
+        "ground truth", "prediction, score 0.00 (lightest)", "prediction, score 0.90 (darkest)"]

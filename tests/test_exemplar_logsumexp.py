@@ -393,10 +393,48 @@ BAD_INPUTS = [
 ]
 
 
+# One exception type per kind of mistake (ccluster/ops.py, csrc/common.h): a wrong dtype is a TypeError,
+# a wrong shape, device or value a ValueError.
+TYPE_ERRORS = {"mixed_dtype", "int_x", "int_db", "bool_log_q", "pairs_dtype"}
+
+
+def _expected(case):
+    return TypeError if case in TYPE_ERRORS else ValueError
+
+
 @pytest.mark.parametrize("case,over,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_rejected_with_a_clear_message(case, over, match):
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(_expected(case), match=match):
         lse(**_args(**over))
+
+
+@pytest.mark.parametrize("case,over,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_the_reference_fallback_raises_the_same_types(case, over, match, monkeypatch):
+    # without the compiled library the Python checks answer: same type, same argument named
+    from ccluster import ops
+    monkeypatch.setattr(ops, "_LOAD_ERROR", RuntimeError("simulated"))
+    head = match.split(", got")[0]
+    with pytest.raises(_expected(case), match=head):
+        lse(**_args(**over))
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(x=[[1.0, 2.0, 3.0]]), TypeError, r"exemplar_logsumexp: x must be a Tensor, got list"),
+    (dict(alpha="0.5"), TypeError, r"exemplar_logsumexp: alpha must be a finite number > 0, got '0.5' \(str\)"),
+    (dict(metric=None), TypeError, r"exemplar_logsumexp: metric must be 'sqeuclidean' or 'euclidean', got None"),
+    (dict(pairs=[[True, False]] * 5), TypeError, r"exemplar_logsumexp: pairs must be a Tensor or None, got list"),
+], ids=["x_list", "alpha_str", "metric_none", "pairs_list"])
+def test_python_objects_of_the_wrong_type_are_type_errors(over, exc, match):
+    with pytest.raises(exc, match=match):
+        lse(**_args(**over))
+
+
+def test_positive_log_q_is_accepted_as_unnormalised_weights():
+    # exemplar_logsumexp is a log-sum-exp of log-weights: a constant added to log_q shifts the result
+    args = _args()
+    out = lse(**args)
+    shifted = lse(**{**args, "log_q": args["log_q"] + 3.0})
+    torch.testing.assert_close(shifted, out + 3.0, rtol=0, atol=1e-12)
 
 
 FAKE_CASES = [c for c in BAD_INPUTS
@@ -411,7 +449,7 @@ def test_bad_input_is_rejected_by_the_fake_kernel(case, over, match):
     head = match.split(", got")[0]
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with pytest.raises(RuntimeError, match=head):
+        with pytest.raises(_expected(case), match=head):
             torch.ops.ccluster.exemplar_logsumexp(*fake.values())
 
 
@@ -419,7 +457,7 @@ def test_wrong_device_is_rejected():
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available: cannot build a mixed-device call")
     x, db, log_q = make_inputs(5, 2, 4, 3)
-    with pytest.raises(RuntimeError, match=r"must be on one device"):
+    with pytest.raises(ValueError, match=r"must be on one device"):
         lse(x, db.cuda(), log_q, ALPHA)
 
 

@@ -85,12 +85,14 @@ def test_fit_step_opcheck(metric):
     (dict(metric="manhattan"), r"fit_step: metric must be 'sqeuclidean' or 'euclidean', got 'manhattan'"),
     (dict(log_q=torch.zeros(3, 5, dtype=torch.float64)),
      r"log_q must be \[C, n\] = \[3, 4\] to match db, got \[3, 5\]"),
-], ids=["weight_dtype", "weight_shape", "alpha", "metric", "log_q_shape"])
+    (dict(w=-torch.ones(6, 3, dtype=torch.float64)), r"fit_step: weight must be finite and >= 0, got -1"),
+    (dict(w=torch.full((6, 3), math.nan, dtype=torch.float64)), r"fit_step: weight must be finite and >= 0, got nan"),
+], ids=["weight_dtype", "weight_shape", "alpha", "metric", "log_q_shape", "weight_negative", "weight_nan"])
 def test_fit_step_bad_input(over, match):
     x, db, log_q = make_inputs(6, 3, 4, 2, seed=6)
     args = dict(x=x, db=db, log_q=log_q, w=torch.ones(6, 3, dtype=torch.float64), alpha=0.8, metric="sqeuclidean")
     args.update(over)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(TypeError if "dtype" in match else ValueError, match=match):
         ccluster.fit_step(*args.values())
 
 
@@ -271,8 +273,11 @@ def test_empty_classes_reported_and_left_unchanged(metric):
     assert sorted(r.empty_classes) == [1, 3]
     assert_close64(r.log_q[1], log_q[1], rtol=1e-14)
     assert torch.equal(r.log_q[3], log_q[3])
-    assert r.gap[[1, 3]].isnan().all() and torch.equal(r.n_iter[[1, 3]], torch.zeros(2, dtype=torch.long))
-    assert not r.converged[[1, 3]].any()
+    # nothing to fit there: the objective does not depend on Q, so the certificate is 0 (never NaN)
+    assert torch.equal(r.gap[[1, 3]], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(r.n_iter[[1, 3]], torch.zeros(2, dtype=torch.long))
+    assert bool(r.converged[[1, 3]].all()) and torch.isfinite(r.gap).all()
+    assert float(r.gap.max()) == float(r.gap[[0, 2]].max())
     assert all(bool(h[[1, 3]].isnan().all()) for h in r.objective)
     assert bool(r.converged[[0, 2]].all()) and bool((r.n_iter[[0, 2]] > 0).all())
     assert not torch.allclose(r.log_q[0], log_q[0])   # the others did move
@@ -305,9 +310,9 @@ def _bad_fit_cases():
     ok = dict(x=x, db=db, weight=w, alpha=1.0)
     return [
         ("x_rank", dict(ok, x=x[0]), r"fit_representativeness: x must be a \[N, m\] tensor"),
-        ("x_type", dict(ok, x=[[1.0]]), r"x must be a \[N, m\] tensor"),
-        ("db_m", dict(ok, db=db[..., :1]), r"db must be \[C, n, m=2\], got torch.Size\(\[3, 4, 1\]\)"),
-        ("weight_shape", dict(ok, weight=w[:, :2]), r"weight must be \[N, C\] = \[6, 3\], got torch.Size\(\[6, 2\]\)"),
+        ("x_type", dict(ok, x=[[1.0]]), r"fit_representativeness: x must be a Tensor, got list"),
+        ("db_m", dict(ok, db=db[..., :1]), r"db must be \[C, n, m=2\], got \(3, 4, 1\)"),
+        ("weight_shape", dict(ok, weight=w[:, :2]), r"weight must be \[N, C\] = \[6, 3\], got \[6, 2\]"),
         ("weight_negative", dict(ok, weight=-w), r"weight must be finite and >= 0"),
         ("weight_nan", dict(ok, weight=w * math.nan), r"weight must be finite and >= 0"),
         ("alpha_zero", dict(ok, alpha=0.0), r"alpha must be a finite number > 0, got 0"),
@@ -322,14 +327,22 @@ def _bad_fit_cases():
          r"log_q must not hold NaN or \+inf"),
         ("log_q_posinf", dict(ok, log_q=torch.full((3, 4), math.inf, dtype=torch.float64)),
          r"log_q must not hold NaN or \+inf"),
+        ("x_int", dict(ok, x=x.long()), r"x must be a floating-point tensor, got torch.int64"),
+        ("db_dtype", dict(ok, db=db.float()), r"db must have x's dtype torch.float64, got torch.float32"),
+        ("alpha_str", dict(ok, alpha="1"), r"alpha must be a finite number > 0, got '1' \(str\)"),
+        ("metric_none", dict(ok, metric=None), r"metric must be one of .*got None"),
     ]
 
 
-@pytest.mark.parametrize("case", range(15), ids=[c[0] for c in _bad_fit_cases()])
+# one exception type per kind of mistake, as the ops: TypeError for a type or dtype, ValueError otherwise
+FIT_TYPE_ERRORS = {"x_type", "x_int", "db_dtype", "alpha_str", "metric_none"}
+
+
+@pytest.mark.parametrize("case", range(19), ids=[c[0] for c in _bad_fit_cases()])
 def test_fit_bad_input(case):
-    _, kw, match = _bad_fit_cases()[case]
+    name, kw, match = _bad_fit_cases()[case]
     args = {k: kw.pop(k) for k in ("x", "db", "weight", "alpha")}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(TypeError if name in FIT_TYPE_ERRORS else ValueError, match=match):
         fit(*args.values(), **kw)
 
 
@@ -337,7 +350,7 @@ def test_fit_bad_input(case):
 def test_fit_rejects_db_of_another_dtype_with_a_clear_message(cache):
     x, db, _ = make_inputs(6, 2, 4, 2, seed=71)
     w = torch.ones(6, 2, dtype=torch.float64)
-    with pytest.raises((ValueError, RuntimeError), match=r"(fit_step|fit_representativeness): .*db.*dtype"):
+    with pytest.raises(TypeError, match=r"fit_representativeness: db must have x's dtype"):
         fit(x, db.float(), w, ALPHA, cache=cache, max_iter=3)
 
 
@@ -368,3 +381,13 @@ def test_accelerated_fit_reaches_the_same_certificate_in_fewer_passes(cache):
     # both objectives are within tol of the optimum, hence of each other
     assert torch.allclose(last(hist), last(torch.stack(plain.objective)), atol=2e-6, rtol=0)
     assert torch.allclose(fast.log_q.exp().sum(1), torch.ones(C, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3, 7, 50])
+def test_accelerated_fit_never_exceeds_max_iter(problem, max_iter):
+    # SQUAREM spends one to three passes per round; the budget is a hard bound on n_iter all the same
+    x, db, w, log_q = problem
+    r = fit(x, db, w, ALPHA, tol=1e-14, max_iter=max_iter, log_q=log_q, accelerate=True)
+    assert int(r.n_iter.max()) == max_iter
+    q = r.log_q.exp()
+    assert_close64(q.sum(1), torch.ones(3, dtype=torch.float64), rtol=1e-12)

@@ -11,6 +11,15 @@ Several processes (data-parallel, torch.distributed; see train/distributed.py):
 
     torchrun --nproc_per_node=K -m train fit --config ... [key=value ...] [--resume]
     torchrun --nproc_per_node=K -m train eval --checkpoint runs/thumos14/latest.pt
+
+``key=value`` overrides may stand anywhere on the line. ``fit --run-dir DIR --resume`` continues the run
+in DIR with the config saved there (``run.progress``, ``run.tensorboard`` and ``run.threads`` may be
+changed on resume, nothing else).
+
+Errors a user can cause (a config key, a missing or damaged file, a checkpoint that cannot be used)
+print one line, ``error: <what>, <which file or key>, <what to do>``, and exit with code 2; Ctrl-C
+prints where the run stopped and how to continue, and exits with 130. ``--debug`` (or
+``CCLUSTER_DEBUG=1``) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -22,23 +31,51 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULTS, ConfigError, PRESETS, from_dict, load_config, to_yaml
+from .config import DEFAULTS, ConfigError, PRESETS, from_dict, load_config, parse_override, to_yaml, validate
 
 log = logging.getLogger("train")
+
+# Keys that may change when a run is resumed: they change neither the data nor the computation's
+# meaning (run.threads changes the last bits of the results: a run is bitwise reproducible at a fixed
+# thread count only).
+RESUME_MAY_CHANGE = ("run.dir", "run.progress", "run.tensorboard", "run.threads")
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says where the run stopped and how to continue."""
+
 
 def run_dir_of(cfg: dict) -> Path:
     return Path(cfg["run"]["dir"] or f"runs/{cfg['name']}")
 
 
-def _config_diff(a: dict, b: dict, prefix="") -> list[str]:
+def _config_diff(a: dict, b: dict, prefix="", ignore=RESUME_MAY_CHANGE) -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
+            keys += _config_diff(va, vb, f"{prefix}{k}.", ignore)
+        elif va != vb and f"{prefix}{k}" not in ignore:
             keys.append(f"{prefix}{k} ({vb!r} saved, {va!r} now)")
     return keys
+
+
+def _with_overrides(base: dict, overrides) -> dict:
+    """``base`` (a validated config) with ``key=value`` overrides applied, validated."""
+    import copy
+    from .config import _set
+    cfg = copy.deepcopy(base)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, f"override {text!r}")
+    return validate(cfg)
+
+
+def apply_threads(cfg: dict) -> None:
+    """``run.threads`` > 0: torch's intra-op thread count (0 leaves torch's default)."""
+    if cfg["run"]["threads"] > 0:
+        import torch
+        torch.set_num_threads(cfg["run"]["threads"])
 
 
 def _load_on_rank0(path: Path):
@@ -66,46 +103,105 @@ def _in_process_group(args, device: str, command) -> int:
     return code
 
 
+def _override_value(overrides, key: str):
+    """The value a ``key=value`` override gives ``key`` (the last one wins), or None."""
+    found = None
+    for text in overrides:
+        k, v = parse_override(text)
+        if k == key:
+            found = v
+    return found
+
+
+def _resume_dir(args) -> Path:
+    """The run folder of ``fit --resume`` without --config: --run-dir, run.dir=, or runs/<name>."""
+    if args.run_dir:
+        return Path(args.run_dir)
+    return Path(_override_value(args.overrides, "run.dir") or
+                f"runs/{_override_value(args.overrides, 'name') or DEFAULTS['name']}")
+
+
 def cmd_fit(args) -> int:
+    if args.resume and not args.config:
+        # The config comes from the checkpoint; the device (for the process group) from an override,
+        # else from the run folder's config.yaml.
+        run_dir = _resume_dir(args)
+        device = _override_value(args.overrides, "device")
+        if device is None and (run_dir / "config.yaml").is_file():
+            import yaml
+            try:
+                device = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("device")
+            except yaml.YAMLError:
+                device = None
+        return _in_process_group(args, device or "cpu", lambda: _fit(args, None, run_dir))
     cfg = load_config(args.config, args.overrides)
-    return _in_process_group(args, cfg["device"], lambda: _fit(args, cfg))
+    run_dir = Path(args.run_dir) if args.run_dir else run_dir_of(cfg)
+    return _in_process_group(args, cfg["device"], lambda: _fit(args, cfg, run_dir))
 
 
-def _fit(args, cfg) -> int:
+def _fit(args, cfg, run_dir: Path) -> int:
     from . import checkpoint as ckpt
     from . import distributed
     from .procedure import Trainer
-    run_dir = Path(args.run_dir) if args.run_dir else run_dir_of(cfg)
     latest = run_dir / ckpt.LATEST
     main = distributed.is_main()
-    state = _load_on_rank0(latest) if distributed.world_size() > 1 else (
-        ckpt.load(latest) if latest.exists() else None)
-    if state is not None:
-        if not args.resume:
-            raise ConfigError(f"run folder {run_dir} already holds a run ({latest}); pass --resume to "
-                              f"continue it, or choose another run.dir / name")
-        saved = from_dict(state["config"])
-        if args.config or args.overrides:
-            diff = _config_diff(cfg, saved)
+    trainer = None
+    try:
+        state = _load_on_rank0(latest) if distributed.world_size() > 1 else (
+            ckpt.load(latest) if latest.exists() else None)
+        if state is None and cfg is None:
+            raise ConfigError(f"--resume: no checkpoint in {run_dir} (no {ckpt.LATEST} there), pass "
+                              f"--run-dir with the folder of the run to continue, or --config FILE to "
+                              f"start a new run")
+        if state is not None:
+            if not args.resume:
+                raise ConfigError(f"run folder {run_dir} already holds a run ({latest}), pass --resume to "
+                                  f"continue it, or choose another run.dir / name")
+            saved = from_dict(state["config"])
+            now = cfg if cfg is not None else _with_overrides(saved, args.overrides)
+            diff = _config_diff(now, saved)
             if diff:
                 raise ConfigError(f"--resume: the config differs from the one saved in {run_dir}: "
-                                  + "; ".join(diff))
-        trainer = Trainer.resume(run_dir, state=state)
-        if main:
-            print(f"resuming {run_dir} at stage "
-                  f"{trainer.plan[min(trainer.stage, len(trainer.plan) - 1)][0]}, step {trainer.step} "
-                  f"(global {trainer.global_step})"
-                  + (f" with {distributed.world_size()} processes" if distributed.world_size() > 1 else ""),
-                  file=sys.stderr)
-    else:
-        if args.resume and main:
-            print(f"--resume: no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
-        trainer = Trainer(cfg, run_dir)
-    results = trainer.run()
+                                  + "; ".join(diff) + f", resume without those changes (only "
+                                  f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new run elsewhere")
+            state["config"]["run"] = {**state["config"]["run"],
+                                      **{k: now["run"][k] for k in ("progress", "tensorboard", "threads")}}
+            if main and now["run"]["threads"] != saved["run"]["threads"]:
+                print(f"note: run.threads {saved['run']['threads']} -> {now['run']['threads']}: the rest of "
+                      f"the run is not bitwise identical to a run at one thread count", file=sys.stderr)
+            apply_threads(now)
+            trainer = Trainer.resume(run_dir, state=state)
+            if main:
+                print(f"resuming {run_dir} at stage "
+                      f"{trainer.plan[min(trainer.stage, len(trainer.plan) - 1)][0]}, step {trainer.step} "
+                      f"(global {trainer.global_step})"
+                      + (f" with {distributed.world_size()} processes" if distributed.world_size() > 1 else ""),
+                      file=sys.stderr)
+        else:
+            if args.resume and main:
+                print(f"--resume: no checkpoint in {run_dir}; starting a new run", file=sys.stderr)
+            apply_threads(cfg)
+            trainer = Trainer(cfg, run_dir)
+        results = trainer.run()
+    except KeyboardInterrupt:
+        raise Interrupted(_where(trainer, run_dir)) from None
     if main:
-        print(format_table([(name, res) for name, res in results.items()], cfg["eval"]["tiou"]))
-        print(f"run folder: {run_dir}")
+        print(format_table([(name, res) for name, res in results.items()], trainer.cfg["eval"]["tiou"]))
+        print(f"run folder: {run_dir} (predictions.json, cams.npz, results.json, curves.png, checkpoints)")
     return 0
+
+
+def _where(trainer, run_dir: Path) -> str:
+    """Where a fit stopped and the command that continues it."""
+    resume = f"python -m train fit --run-dir {run_dir} --resume"
+    if trainer is None or trainer.saved_at is None:
+        if (run_dir / "latest.pt").exists():
+            return f"stopped before training went on; continue with: {resume}"
+        return "stopped before the first checkpoint, nothing to continue: run the same command again"
+    name, step, global_step = trainer.saved_at
+    return (f"stopped in stage {trainer.stage_name} after step {trainer.step} (global {trainer.global_step}), "
+            f"{run_dir / 'latest.pt'} holds stage {name} after step {step} (global {global_step}), continue "
+            f"with: {resume}")
 
 
 def cmd_eval(args) -> int:
@@ -113,6 +209,7 @@ def cmd_eval(args) -> int:
     path = Path(args.checkpoint)
     state = ckpt.load(path)  # every rank reads it (read only)
     cfg = from_dict(state["config"])
+    apply_threads(cfg)
     return _in_process_group(args, cfg["device"], lambda: _eval(args, path, state, cfg))
 
 
@@ -127,6 +224,7 @@ def _eval(args, path, state, cfg) -> int:
         if args.json:
             print(json.dumps(res, indent=2))
         print(format_table([(state["stage_name"], res)], cfg["eval"]["tiou"]))
+        print(f"predictions and T-CAMs: {run_dir}/predictions.json, {run_dir}/cams.npz")
     return 0
 
 
@@ -157,9 +255,15 @@ def cmd_demo(args) -> int:
     if args.fresh and out.exists():
         import shutil
         shutil.rmtree(out)
+    apply_threads(cfg)
     t0 = time.time()
     comp = Comparison(cfg, {"method": {}}, [cfg["seed"]], out)
-    res = comp.run()["results"]
+    try:
+        res = comp.run()["results"]
+    except KeyboardInterrupt:
+        again = " ".join(["python -m train demo --out", str(out), *args.overrides])
+        raise Interrupted(f"the finished runs and the checkpoints are kept in {out}; continue with: "
+                          f"{again}") from None
     seed = cfg["seed"]
     c, t = cfg["cc"], cfg["train"]
     ctrl, method = res[CONTROL][seed], res["method"][seed]
@@ -170,8 +274,9 @@ def cmd_demo(args) -> int:
     table = format_table(rows, cfg["eval"]["tiou"], signed={"method - control"})
     (out / "table.txt").write_text(table + "\n")
     print(table)
-    print(f"({time.time() - t0:.0f} s; both continue from the same {t['baseline_steps']}-step stage 1 "
-          f"on the same batches; runs in {out}/seed-{seed}; table in {out}/table.txt)")
+    print(f"({time.time() - t0:.0f} s at {torch_threads()} thread(s); both continue from the same "
+          f"{t['baseline_steps']}-step stage 1 on the same batches; runs in {out}/seed-{seed}; table in "
+          f"{out}/table.txt)")
     return 0
 
 
@@ -180,29 +285,74 @@ def cmd_compare(args) -> int:
     cfg = load_config(args.config, args.overrides)
     variants = load_variants(args.variants, args.variant)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{cfg['name']}"
+    apply_threads(cfg)
     t0 = time.time()
-    res = Comparison(cfg, variants, args.seeds, out).run()
+    try:
+        res = Comparison(cfg, variants, args.seeds, out).run()
+    except KeyboardInterrupt:
+        raise Interrupted(f"the finished runs and the checkpoints are kept in {out}; run the same command "
+                          f"again to continue where it stopped") from None
     print(res["table"])
     print(f"({time.time() - t0:.0f} s; runs, results.json, table.txt and compare.png in {out})")
     return 0
 
 
+def _timing_videos(dataset, train_idx, size: int) -> list:
+    """Training videos enough to fill every class's ``size`` exemplar slots (the step cost depends on
+    the database's shape, not on which segments fill it)."""
+    import numpy as np
+    need = np.full(dataset.num_classes, size)
+    chosen = []
+    for i in train_idx:
+        labels = np.flatnonzero(dataset.videos[i].labels > 0)
+        if (need[labels] > 0).any():
+            chosen.append(i)
+            need[labels] -= len(dataset.videos[i].features)
+        if (need <= 0).all():
+            break
+    return chosen
+
+
 def cmd_steptime(args) -> int:
     """Median time of a training step with L_cc and without, alternated in one process."""
+    import copy
+    import dataclasses
     import statistics
     import tempfile
+
+    from tqdm.auto import tqdm
 
     import ccluster
     from .procedure import Trainer
     cfg = load_config(args.config, args.overrides) if args.config else demo_config(args.overrides)
     cfg["run"]["progress"] = False
+    apply_threads(cfg)
+    d = cfg["data"]
+    print(f"steptime: {args.steps} pairs of training steps (one without L_cc, one with, alternated) after "
+          f"3 warm-up pairs; batch {d['batch_size']} x up to {d['max_seqlen']} segments, embed "
+          f"{cfg['model']['embed_dim']}, {torch_threads()} torch thread(s)", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
         trainer = Trainer(cfg, tmp)
-        trainer.build_database("timing")  # untrained network: the database's content does not change the cost
+        ctx = trainer.exemplars.ctx
+        videos = _timing_videos(ctx.dataset, ctx.train_idx, cfg["cc"]["size"])
+        print(f"steptime: dataset loaded ({len(ctx.dataset.videos)} videos, {time.perf_counter() - t0:.0f} s); "
+              f"exemplar database from {len(videos)} of {len(ctx.train_idx)} training videos, Q fit at most "
+              f"10 passes (the step cost depends on the database's shape only)", file=sys.stderr, flush=True)
+        # untrained network, few videos, a short fit: the database's content does not change the cost
+        quick = copy.deepcopy(cfg)
+        quick["cc"]["fit_max_iter"] = min(cfg["cc"]["fit_max_iter"], 10)
+        trainer.exemplars.ctx = dataclasses.replace(ctx, cfg=quick, train_idx=videos)
+        try:
+            trainer.build_database("timing")
+        finally:
+            trainer.exemplars.ctx = ctx
+        plain, with_cc, ratios = [], [], []
+        bar = tqdm(total=3 + args.steps, desc="steptime", unit="pair", dynamic_ncols=True)
         for i in range(3):  # warm-up
             trainer.train_step(1, i, False)
             trainer.train_step(1, i, True)
-        plain, with_cc, ratios = [], [], []
+            bar.update(1)
         for i in range(args.steps):
             pair = []
             for use_cc in ((False, True) if i % 2 == 0 else (True, False)):
@@ -213,7 +363,10 @@ def cmd_steptime(args) -> int:
             plain.append(t[False])
             with_cc.append(t[True])
             ratios.append(t[True] / t[False])
-    d = cfg["data"]
+            bar.update(1)
+            bar.set_postfix_str(f"{1e3 * statistics.median(plain):.0f} / "
+                                f"{1e3 * statistics.median(with_cc):.0f} ms")
+        bar.close()
     print(f"training step, batch {d['batch_size']} x up to {d['max_seqlen']} segments, embed "
           f"{cfg['model']['embed_dim']}, C x n = {trainer.dataset.num_classes} x {cfg['cc']['size']}, "
           f"compiled ops: {ccluster.has_compiled_ops()}, torch threads: {torch_threads()}")
@@ -255,6 +408,14 @@ def _dist_args(p) -> None:
                         "(default 1800)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what>, see <prog> --help`` and exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message}, see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
     """Entry point; under torchrun (WORLD_SIZE > 1) an exception is also recorded for the launcher,
     which then ends the other ranks and reports this rank's error."""
@@ -264,29 +425,37 @@ def main(argv=None) -> int:
     return _main(argv)
 
 
-def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fit", help="train (baseline, then the rounds with L_cc), evaluate, save")
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (``key=value`` overrides are collected separately, see :func:`parse`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: environment CCLUSTER_DEBUG=1)")
+    parser = _Parser(prog="python -m train", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("fit", parents=[common],
+                       help="train (baseline, then the rounds with L_cc), evaluate, save")
     p.add_argument("--config", help="YAML file (keys of train/config.py DEFAULTS)")
     p.add_argument("--run-dir", help="run folder (default run.dir, or runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in the run folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder (without --config: with its saved config)")
     _dist_args(p)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_fit)
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the test subset")
+    p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test subset")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
     p.add_argument("--figures", type=int, default=0, help="draw T-CAM figures of this many videos")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     _dist_args(p)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("demo", help="synthetic data: the method vs its same-batch control, one table")
+    p = sub.add_parser("demo", parents=[common],
+                       help="synthetic data: the method vs its same-batch control, one table")
     p.add_argument("--out", default="runs/demo", help="folder of the runs (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete earlier demo runs in --out first")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("compare", help="variants vs a same-batch control over seeds: mean, sd, paired 95% CI")
+    p = sub.add_parser("compare", parents=[common],
+                       help="variants vs a same-batch control over seeds: mean, sd, paired 95% CI")
     p.add_argument("--config", help="YAML file: the base config (its cc.* is what an empty variant runs)")
     p.add_argument("--variants", help="YAML file of variants: 'name: {key: value, ...}' per line")
     p.add_argument("--variant", action="append", default=[], metavar="'NAME: {KEY: VALUE}'",
@@ -295,29 +464,90 @@ def _main(argv=None) -> int:
     p.add_argument("--out", help="comparison folder (default runs/compare-<name>)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("steptime", help="time a training step with and without L_cc")
+    p = sub.add_parser("steptime", parents=[common], help="time a training step with and without L_cc")
     p.add_argument("--config", help="YAML file (default: the synthetic demo preset)")
     p.add_argument("--steps", type=int, default=20, help="pairs of steps to time")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_steptime)
-    p = sub.add_parser("config", help="print the resolved config")
+    p = sub.add_parser("config", parents=[common], help="print the resolved config")
     p.add_argument("--config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_config)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides are accepted anywhere on it (also after options
+    such as ``--resume``), in the order given."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    rest = []
+    for text in extra:
+        if hasattr(args, "overrides") and "=" in text and not text.startswith("-"):
+            args.overrides.append(text)
+        else:
+            rest.append(text)
+    if rest:
+        print(f"error: unrecognized arguments: {' '.join(rest)}, see {parser.prog} {args.command} --help",
+              file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _main(argv=None) -> int:
+    args = parse(argv)
     from .distributed import env_rank
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("fit", "eval"):
-        print(f"error: '{args.command}' runs in one process; under torchrun only fit and eval run "
+        print(f"error: '{args.command}' runs in one process, under torchrun only fit and eval run "
               f"in parallel", file=sys.stderr)
         return 2
     # other ranks: warnings and errors only (rank 0 reports progress)
     logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
+    debug = args.debug or os.environ.get("CCLUSTER_DEBUG", "") not in ("", "0")
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, DatasetError) as exc:
+        if debug:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a missing file, a full disk, a folder without permission
+        if debug:
+            raise
+        if exc.filename is not None and exc.strerror:
+            what = f"{exc.strerror.lower()}: {exc.filename}"
+            if exc.filename2:
+                what += f" -> {exc.filename2}"
+            print(f"error: {what}, check the path (or the disk), then run the command again", file=sys.stderr)
+        else:
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        print("error: out of memory, reduce data.batch_size or data.max_seqlen (or cc.size)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if debug or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise  # under torchrun the launcher reports the traceback as the root cause
+        print(f"error: {type(exc).__name__}: {_one_line(exc)} (unexpected: rerun with --debug or "
+              f"CCLUSTER_DEBUG=1 for the traceback, and report it)", file=sys.stderr)
+        return 1
 
 
-__all__ = ["main", "format_table", "demo_config", "DEFAULTS"]
+__all__ = ["main", "parse", "format_table", "demo_config", "apply_threads", "DEFAULTS"]

@@ -14,9 +14,15 @@ detection mAP from the T-CAM.
   above the second.
 * **Several processes:** each rank predicts its share of the videos; the per-video results are gathered
   in the test subset's order and every rank computes the same metrics. Figures are drawn by rank 0.
+* **Outputs** (rank 0, when asked): ``predictions-<tag>.json``, the detections as an ActivityNet result
+  file (for ``python -m train.eval --predictions`` or the official evaluation code), and
+  ``cams-<tag>.npz``, per test video its T-CAM ``tcam/<video>`` ``[T, C]`` and attention
+  ``attention/<video>`` ``[T]``, with ``classes``, ``videos`` and ``feature_rate`` (for
+  ``python -m train.eval.plot --cam``). ``predictions.json`` and ``cams.npz`` are copies of the latest.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +85,11 @@ class Evaluator:
         return res
 
     @torch.no_grad()
-    def evaluate(self, run_dir: Path, tag: str, progress: bool | None = None, figures: int = 0) -> dict:
+    def evaluate(self, run_dir: Path, tag: str, progress: bool | None = None, figures: int = 0,
+                 outputs: bool = False) -> dict:
         """Classification mAP (plain and selection-based) and detection mAP on the test subset.
-        ``figures``: T-CAM figures of the first test videos, into ``run_dir/figures/tcam-<tag>-*.png``."""
+        ``figures``: T-CAM figures of the first test videos, into ``run_dir/figures/tcam-<tag>-*.png``.
+        ``outputs``: also write the detections and the T-CAMs into ``run_dir`` (module docstring)."""
         from .eval import classification_map, detection_map, plot_video, tcam_proposals
         ctx = self.ctx
         ds, cfg = ctx.dataset, ctx.cfg
@@ -106,7 +114,7 @@ class Evaluator:
             if inside.any():
                 rec["att_in_gt"] = float(att[inside].sum() / max(float(att.sum()), 1e-12))
                 rec["gt_share"] = float(inside.mean())
-            if j < figures:
+            if j < figures or outputs:
                 rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
             records.append(rec)
         if ctx.world > 1:
@@ -116,9 +124,12 @@ class Evaluator:
         labels = np.stack([np.asarray(ds.videos[ctx.test_idx[rec["j"]]].labels) for rec in records])
         predictions = [dict(video=ds.videos[ctx.test_idx[rec["j"]]].name, **p)
                        for rec in records for p in rec["props"]]
+        if ctx.is_main and outputs:
+            save_outputs(Path(run_dir), tag, ds, [ds.videos[ctx.test_idx[rec["j"]]].name for rec in records],
+                         predictions, [rec["figure"] for rec in records])
         if ctx.is_main:
             for rec in records:
-                if "figure" not in rec:
+                if "figure" not in rec or rec["j"] >= figures:
                     continue
                 v = ds.videos[ctx.test_idx[rec["j"]]]
                 fig_dir = Path(run_dir) / "figures"
@@ -142,3 +153,27 @@ class Evaluator:
             res[f"det_map@{t:g}"] = float(m)
         res["det_map_avg"] = float(avg)
         return res
+
+
+def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: list, cams: list) -> None:
+    """Write ``predictions-<tag>.json`` and ``cams-<tag>.npz`` into ``run_dir`` and copy them to
+    ``predictions.json`` and ``cams.npz`` (see the module docstring); every file appears whole."""
+    import shutil
+    from .eval import write_predictions_json
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pred = run_dir / f"predictions-{tag}.json"
+    write_predictions_json(str(pred), predictions, class_names=list(dataset.classes), videos=videos)
+    arrays = {"classes": np.array([str(c) for c in dataset.classes]), "videos": np.array(videos),
+              "feature_rate": np.array(float(dataset.feature_rate))}
+    for name, (tcam, att) in zip(videos, cams):
+        arrays[f"tcam/{name}"] = np.asarray(tcam, dtype=np.float32)
+        arrays[f"attention/{name}"] = np.asarray(att, dtype=np.float32)
+    cam = run_dir / f"cams-{tag}.npz"
+    tmp = cam.with_name(f".{cam.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, cam)
+    for src, dst in ((pred, run_dir / "predictions.json"), (cam, run_dir / "cams.npz")):
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)

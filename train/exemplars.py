@@ -65,6 +65,17 @@ def cc_features(ctx: RunContext, out: dict, features: torch.Tensor, stream: str,
     return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
+def describe_database(name: str, info: dict, slots: int, max_iter: int) -> str:
+    """One readable line from the summary :meth:`ExemplarState.build` returns."""
+    streams = "; ".join(
+        f"{s} alpha {info[f'alpha_{s}']:.3g}, Q fit {info[f'fit_iters_{s}']}/{max_iter} passes "
+        f"(gap {info[f'fit_gap_{s}']:.1e}), perplexity {info[f'q_perplexity_{s}']:.1f}"
+        for s in STREAMS if f"alpha_{s}" in info)
+    empty = info["empty_classes"]
+    return (f"{name}: {info['filled']}/{slots} exemplar slots filled"
+            + (f" ({empty} classes empty)" if empty else "") + f"; {streams}")
+
+
 class ExemplarState:
     """The exemplar database, and per stream its slice, alpha and log Q. Empty until :meth:`build`."""
 
@@ -188,8 +199,8 @@ class ExemplarState:
             self.loss_scale[s] = self._mean_loss(X, W, s, alpha, fit.log_q) / n_videos
             info.update({f"alpha_{s}": alpha,
                          f"fit_iters_{s}": int(fit.n_iter.max()),
-                         f"fit_gap_{s}": float(torch.nan_to_num(fit.gap, nan=0.0).max()),
-                         f"fit_unconverged_{s}": int((~fit.converged & ~torch.isnan(fit.gap)).sum()),
+                         f"fit_gap_{s}": float(fit.gap.max()) if fit.gap.numel() else 0.0,
+                         f"fit_unconverged_{s}": int((~fit.converged).sum()),
                          f"q_perplexity_{s}": float(ent.exp().mean()),
                          f"q_uniformity_{s}": float((ent.exp()[filled] / db.count[filled]).median())
                          if filled.any() else float("nan"),
@@ -198,7 +209,7 @@ class ExemplarState:
         self.log_q = log_q
         self.info = info
         if ctx.is_main:
-            log.info("%s: %s", name, info)
+            log.info("%s", describe_database(name, info, c["size"] * ds.num_classes, c["fit_max_iter"]))
         return info
 
     def _mean_loss(self, x: torch.Tensor, weight: torch.Tensor, stream: str, alpha: float,

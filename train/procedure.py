@@ -77,6 +77,7 @@ class Trainer:
         self.stage, self.step, self.global_step = 0, 0, 0
         self.results: dict = {}
         self.metrics_offset = 0
+        self.saved_at: tuple | None = None  # (stage name, stage step, global step) of the last checkpoint
         self._writer = None
 
     # exemplar state, as the procedure's tests and tools read it
@@ -131,6 +132,7 @@ class Trainer:
         self.results = state["results"]
         self.metrics_offset = state["metrics_offset"]
         ckpt.set_rng_state(state["rng"])
+        self.saved_at = (self.stage_name, self.step, self.global_step)
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, dataset=None, state: dict | None = None) -> "Trainer":
@@ -143,12 +145,14 @@ class Trainer:
         return trainer
 
     def save(self, stage_copy: str | None = None) -> None:
+        """Write ``latest.pt`` (and ``stage-<stage_copy>.pt``), loadable with ``weights_only=True``."""
         if not self.is_main:
             return
-        state = self.state_dict()
+        state = ckpt.encode(self.state_dict())
         ckpt.save_atomic(state, self.run_dir / ckpt.LATEST)
         if stage_copy:
             ckpt.save_atomic(state, self.run_dir / f"stage-{stage_copy}.pt")
+        self.saved_at = (self.stage_name, self.step, self.global_step)
 
     # ------------------------------------------------------------------------------------------------
     # logging
@@ -214,8 +218,10 @@ class Trainer:
     def predict(self, index: int, selection: bool) -> dict:
         return self.evaluator.predict(index, selection)
 
-    def evaluate(self, progress: bool | None = None, figures: int = 0) -> dict:
-        return self.evaluator.evaluate(self.run_dir, self.stage_name, progress, figures)
+    def evaluate(self, progress: bool | None = None, figures: int = 0, outputs: bool = True) -> dict:
+        """Evaluate on the test subset; ``outputs`` also writes predictions and T-CAMs into the run
+        folder (:mod:`train.evaluation`)."""
+        return self.evaluator.evaluate(self.run_dir, self.stage_name, progress, figures, outputs)
 
     # ------------------------------------------------------------------------------------------------
     # the whole procedure
@@ -262,7 +268,7 @@ class Trainer:
                     self._warn(name, found)
             if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < steps:
                 self._log({"kind": "eval", "stage": name, "step": self.global_step,
-                           **self.evaluate(progress=False)})
+                           **self.evaluate(progress=False, outputs=False)})
             if self.step % t["checkpoint_every"] == 0 or self.step == steps:
                 self.save()
             bar.update(1)
@@ -315,17 +321,20 @@ class Trainer:
 
 
 def plot_curves(metrics: Path, out: Path) -> None:
-    """Loss terms against the global step, one panel per term, stages shaded."""
+    """Loss terms against the global step, one panel per term, one colour per stage; and, where
+    evaluations were logged, a last panel with the test mAP (classification and detection average)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(metrics)]
     train = [r for r in rows if r.get("kind") == "train"]
-    if not train:
+    evals = sorted((r for r in rows if r.get("kind") == "eval" and "cls_map" in r), key=lambda r: r["step"])
+    if not train and not evals:
         return
     keys = [k for k in ("total", "clf", "cc", "topk_mil", "sparsity", "casl") if k in
-            set().union(*(r.keys() for r in train))]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+            set().union(*(r.keys() for r in train))] if train else []
+    panels = len(keys) + bool(evals)
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3), squeeze=False)
     stages = list(dict.fromkeys(r["stage"] for r in train))
     for ax, k in zip(axes[0], keys):
         for i, stage in enumerate(stages):
@@ -334,7 +343,20 @@ def plot_curves(metrics: Path, out: Path) -> None:
                 ax.plot(*zip(*pts), label=stage, color=f"C{i % 10}")
         ax.set_title(k)
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
+    if keys:
+        axes[0][0].legend(fontsize=7)
+    if evals:
+        ax = axes[0][-1]
+        steps = [r["step"] for r in evals]
+        for key, label, style in (("cls_map", "cls", "o-"), ("det_map_avg", "det avg", "s-")):
+            ax.plot(steps, [100 * r.get(key, float("nan")) for r in evals], style, label=label, ms=4)
+        if any("cls_map_select" in r for r in evals):
+            ax.plot(steps, [100 * r.get("cls_map_select", float("nan")) for r in evals], "^--", ms=4,
+                    label="cls* (selection)")
+        ax.set_title("test mAP (%)")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -197,6 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
   const Metric metric = parse_metric(op, metric_name);
   check_pairs(op, "pairs", pairs, x, db, /*is_mask=*/true);
   check_pairs(op, "attention", weight, x, db, /*is_mask=*/false);
+  check_attention(op, weight, pairs);
+  check_log_probabilities(op, log_q);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);

@@ -142,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor> fit_step_cpu(const at::Tensor& x, const at::T
   check_inputs(op, x, db, log_q, alpha);
   const Metric metric = parse_metric(op, metric_name);
   check_pairs(op, "weight", weight, x, db, /*is_mask=*/false);
+  check_fit_weight(op, weight);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);

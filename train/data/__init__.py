@@ -10,16 +10,16 @@ training-subset statistics.
 from __future__ import annotations
 
 from .batching import collate, iterate_batches
-from .dataset import (DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, VideoRecord, index_to_seconds,
-                      seconds_to_index)
+from .dataset import (DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, DatasetError, FeatureDataset, VideoRecord,
+                      index_to_seconds, seconds_to_index)
 from .native import read_native, write_native
 from .standard import read_standard, write_standard
 from .standardize import (FeatureStandardizer, conditioning_warning, dead_unit_fraction, fit_standardizer,
                           relu_unit_fractions)
 
 __all__ = [
-    "VideoRecord", "FeatureDataset", "load_dataset", "iterate_batches", "collate", "read_native",
-    "write_native", "read_standard", "write_standard", "seconds_to_index", "index_to_seconds",
+    "VideoRecord", "FeatureDataset", "DatasetError", "load_dataset", "iterate_batches", "collate",
+    "read_native", "write_native", "read_standard", "write_standard", "seconds_to_index", "index_to_seconds",
     "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM", "FeatureStandardizer", "fit_standardizer", "conditioning_warning",
     "relu_unit_fractions", "dead_unit_fraction",
 ]

@@ -5,8 +5,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["VideoRecord", "FeatureDataset", "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM",
+__all__ = ["VideoRecord", "FeatureDataset", "DatasetError", "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM",
            "seconds_to_index", "index_to_seconds"]
+
+
+class DatasetError(ValueError):
+    """Dataset files that cannot be used (damaged, inconsistent); the message names the file."""
 
 DEFAULT_FEATURE_RATE = 25 / 16  # I3D at 25 fps, one feature per 16 frames
 DEFAULT_RGB_DIM = 1024

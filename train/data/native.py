@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from ..eval.anet_json import read_ground_truth_json, write_ground_truth_json
-from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, VideoRecord
+from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, DatasetError, FeatureDataset, VideoRecord
 
 __all__ = ["read_native", "write_native", "native_paths", "LAYOUT_VERSION"]
 
@@ -30,9 +30,17 @@ def native_paths(root: str, name: str) -> tuple[str, str]:
     return os.path.join(base, "annotations.json"), os.path.join(base, "features")
 
 
+def _restore_advice(root: str, name: str) -> str:
+    """What to do about a damaged file of dataset ``name``: regenerate a synthetic set, else restore."""
+    if os.path.isfile(os.path.join(root, name, "synthetic.json")):
+        return (f"the synthetic generator wrote it: delete {os.path.join(root, name)} and the next run with "
+                f"data.synthetic set generates it again")
+    return "restore the file from its source, or write the dataset again (write_native)"
+
+
 def _check_name(video: str, where: str) -> None:
     if not video or video.startswith(".") or "/" in video or "\\" in video or "\0" in video:
-        raise ValueError(f"{where}: video name {video!r} cannot be used as a file name in the native layout")
+        raise DatasetError(f"{where}: video name {video!r} cannot be used as a file name in the native layout")
 
 
 def read_native(root: str, name: str, *, feature_rate: float | None = None,
@@ -42,7 +50,10 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
     ann_path, feat_dir = native_paths(root, name)
     if not os.path.isfile(ann_path):
         raise FileNotFoundError(f"native layout: missing annotation file {ann_path}")
-    gt = read_ground_truth_json(ann_path)
+    try:
+        gt = read_ground_truth_json(ann_path)
+    except ValueError as e:
+        raise DatasetError(f"{e}; {_restore_advice(root, name)}") from None
     classes = gt.classes
     cindex = {c: i for i, c in enumerate(classes)}
     feature_rate = float(feature_rate if feature_rate is not None else gt.meta.get("feature_rate", DEFAULT_FEATURE_RATE))
@@ -50,7 +61,7 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
     by_video: dict[str, list] = {}
     for e in gt.entries:
         if e["label"] not in cindex:
-            raise ValueError(f"{ann_path}: video {e['video']!r} has unknown class {e['label']!r} "
+            raise DatasetError(f"{ann_path}: video {e['video']!r} has unknown class {e['label']!r} "
                              f"(not in the file's classes)")
         by_video.setdefault(e["video"], []).append((e["start"], e["end"], cindex[e["label"]]))
     videos = []
@@ -61,13 +72,15 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
             raise FileNotFoundError(f"native layout: missing feature file {fpath} (video listed in {ann_path})")
         try:
             feats = np.load(fpath, allow_pickle=False)
-        except Exception as e:
-            raise ValueError(f"cannot read {fpath}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # numpy raises many types for a truncated or overwritten file
+            reason = str(e).split("\n")[0] or type(e).__name__
+            raise DatasetError(f"feature file {fpath} is damaged (cannot read it: {reason}), "
+                               f"{_restore_advice(root, name)}") from None
         if feats.ndim != 2 or feats.shape[0] < 1 or not np.issubdtype(feats.dtype, np.number):
-            raise ValueError(f"{fpath}: features of shape {feats.shape} and dtype {feats.dtype}; "
+            raise DatasetError(f"{fpath}: features of shape {feats.shape} and dtype {feats.dtype}; "
                              f"expected a numeric [T, D] array with T >= 1")
         if "num_segments" in info and int(info["num_segments"]) != feats.shape[0]:
-            raise ValueError(f"{fpath} has {feats.shape[0]} segments but {ann_path} says num_segments="
+            raise DatasetError(f"{fpath} has {feats.shape[0]} segments but {ann_path} says num_segments="
                              f"{info['num_segments']} for video {vname!r}")
         labels = np.zeros(len(classes), dtype=np.float32)
         segs = by_video.get(vname, [])
@@ -75,10 +88,10 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
             labels[c] = 1.0
         for lab in info.get("labels", []):
             if lab not in cindex:
-                raise ValueError(f"{ann_path}: video {vname!r} has unknown video label {lab!r}")
+                raise DatasetError(f"{ann_path}: video {vname!r} has unknown video label {lab!r}")
             labels[cindex[lab]] = 1.0
         if "subset" not in info or "duration" not in info:
-            raise ValueError(f"{ann_path}: video {vname!r} needs 'subset' and 'duration'")
+            raise DatasetError(f"{ann_path}: video {vname!r} needs 'subset' and 'duration'")
         videos.append(VideoRecord(name=vname, subset=str(info["subset"]), duration=float(info["duration"]),
                                   labels=labels, segments=segs,
                                   features=np.ascontiguousarray(feats, dtype=np.float32)))

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, FeatureDataset, VideoRecord
+from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, DatasetError, FeatureDataset, VideoRecord
 
 __all__ = ["read_standard", "write_standard", "standard_paths"]
 
@@ -47,7 +47,7 @@ def _text(x, path: str) -> str:
         return str(x)
     if isinstance(x, np.ndarray) and x.shape == ():
         return _text(x.item(), path)
-    raise ValueError(f"{path}: expected a name (bytes or str), got {type(x).__name__} {x!r}")
+    raise DatasetError(f"{path}: expected a name (bytes or str), got {type(x).__name__} {x!r}")
 
 
 def _load_pickled(path: str) -> np.ndarray:
@@ -57,7 +57,9 @@ def _load_pickled(path: str) -> np.ndarray:
         # allow_pickle: see the SECURITY note in the module docstring. latin1 reads Python 2 pickles.
         return np.load(path, allow_pickle=True, encoding="latin1")
     except Exception as e:  # numpy raises many types for a corrupt file
-        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        reason = str(e).split("\n")[0] or type(e).__name__
+        raise DatasetError(f"file {path} is damaged (cannot read it: {reason}), restore it from the "
+                           f"release you downloaded") from None
 
 
 def _read_ambiguous(path: str) -> dict[str, list]:
@@ -72,7 +74,7 @@ def _read_ambiguous(path: str) -> dict[str, list]:
             try:
                 name, s, e = tok[0], float(tok[1]), float(tok[2])
             except (ValueError, IndexError):
-                raise ValueError(f"{path} line {n}: expected 'name start end', got {line.strip()!r}") from None
+                raise DatasetError(f"{path} line {n}: expected 'name start end', got {line.strip()!r}") from None
             out.setdefault(name, []).append((s, e))
     return out
 
@@ -107,10 +109,10 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
     n = len(names)
     for k in ("subset", "duration", "segments", "labels", "labels_all"):
         if len(arr[k]) != n:
-            raise ValueError(f"{paths[k]} has {len(arr[k])} entries but {paths['videoname']} has {n} videos")
+            raise DatasetError(f"{paths[k]} has {len(arr[k])} entries but {paths['videoname']} has {n} videos")
     features = _load_pickled(feat_path)
     if len(features) != n:
-        raise ValueError(f"{feat_path} has {len(features)} videos but {paths['videoname']} has {n}")
+        raise DatasetError(f"{feat_path} has {len(features)} videos but {paths['videoname']} has {n}")
     cindex = {c: i for i, c in enumerate(classes)}
     ambiguous = {}
     amb_path = os.path.join(ann, AMBIGUOUS_FILE)
@@ -121,12 +123,12 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
     for i, vname in enumerate(names):
         feats = np.asarray(features[i])
         if feats.ndim != 2 or feats.shape[0] < 1 or not np.issubdtype(feats.dtype, np.number):
-            raise ValueError(f"{feat_path}: video {i} ({vname!r}) has features of shape {feats.shape} and dtype "
+            raise DatasetError(f"{feat_path}: video {i} ({vname!r}) has features of shape {feats.shape} and dtype "
                              f"{feats.dtype}; expected a numeric [T, D] array with T >= 1")
         segs = list(arr["segments"][i]) if arr["segments"][i] is not None else []
         labs = list(arr["labels"][i]) if arr["labels"][i] is not None else []
         if len(segs) != len(labs):
-            raise ValueError(f"{paths['labels']}: video {vname!r} has {len(labs)} segment labels but "
+            raise DatasetError(f"{paths['labels']}: video {vname!r} has {len(labs)} segment labels but "
                              f"{paths['segments']} has {len(segs)} segments")
         labels = np.zeros(len(classes), dtype=np.float32)
         segments = []
@@ -135,26 +137,26 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
             try:
                 s, e = float(seg[0]), float(seg[1])
             except (TypeError, ValueError, IndexError):
-                raise ValueError(f"{paths['segments']}: video {vname!r} has segment {seg!r}; expected "
+                raise DatasetError(f"{paths['segments']}: video {vname!r} has segment {seg!r}; expected "
                                  f"[start_s, end_s]") from None
             if lab not in cindex:
                 if lab == "Ambiguous":
                     ambiguous.setdefault(vname, []).append((s, e))
                     continue
-                raise ValueError(f"{paths['labels']}: video {vname!r} has unknown class {lab!r} "
+                raise DatasetError(f"{paths['labels']}: video {vname!r} has unknown class {lab!r} "
                                  f"(not in {paths['classlist']})")
             segments.append((s, e, cindex[lab]))
             labels[cindex[lab]] = 1.0
         for lab in (arr["labels_all"][i] if arr["labels_all"][i] is not None else []):
             lab = _text(lab, paths["labels_all"])
             if lab not in cindex:
-                raise ValueError(f"{paths['labels_all']}: video {vname!r} has unknown class {lab!r} "
+                raise DatasetError(f"{paths['labels_all']}: video {vname!r} has unknown class {lab!r} "
                                  f"(not in {paths['classlist']})")
             labels[cindex[lab]] = 1.0
         try:
             duration = float(np.asarray(arr["duration"][i], dtype=np.float64).ravel()[0])
         except (TypeError, ValueError, IndexError):
-            raise ValueError(f"{paths['duration']}: video {vname!r} has duration {arr['duration'][i]!r}") from None
+            raise DatasetError(f"{paths['duration']}: video {vname!r} has duration {arr['duration'][i]!r}") from None
         videos.append(VideoRecord(name=vname, subset=_text(arr["subset"][i], paths["subset"]), duration=duration,
                                   labels=labels, segments=segments,
                                   features=np.ascontiguousarray(feats, dtype=np.float32)))

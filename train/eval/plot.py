@@ -5,11 +5,16 @@ Command line::
     python -m train.eval.plot --cam cam.npz --ground-truth gt.json [--predictions results.json]
                               --video NAME --out video.png [--top-k 10] [--smooth W]
 
-``cam.npz`` holds ``tcam`` [T, C], optionally ``attention`` [T], ``feature_rate`` (segments per second,
-default 25/16) and ``classes`` (names; default: the ground-truth file's classes). ``--smooth W`` draws the
+``cam.npz`` holds either one video, ``tcam`` [T, C] and optionally ``attention`` [T], or several, as
+``tcam/<video>`` and ``attention/<video>`` (the ``cams.npz`` a training run writes into its folder);
+optionally ``feature_rate`` (segments per second, default 25/16) and ``classes`` (names; default: the
+ground-truth file's classes). The attention is drawn divided by its maximum. ``--smooth W`` draws the
 T-CAM and attention after the moving average of W segments that proposals use (``eval.smooth``), with the
 raw curves faint behind them; the predictions are drawn as they are in the results file (this command
 does not recompute proposals).
+
+In the lower panel a solid bar is a ground-truth instance and a bar with a black edge a prediction,
+shaded by its score (the legend gives the scores of the lightest and the darkest).
 """
 from __future__ import annotations
 
@@ -105,7 +110,7 @@ def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt
             att = smooth_sequence(att, smooth)
         line, = axr.plot(t, att, color="black", ls="--", lw=1.2, label="attention")
         axr.set_ylim(-0.02, 1.05)
-        axr.set_ylabel("attention")
+        axr.set_ylabel("attention / max")
         handles.append(line)
         labels.append("attention")
     ax.legend(handles, labels, loc="upper right", fontsize=8, ncol=min(6, len(labels)))
@@ -129,6 +134,14 @@ def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt
                                 edgecolor="black", linewidth=0.4)
         yticks += [y_gt + 0.5, y_pr + 0.5]
         ylabels += [f"GT {names[c]}", f"pred {names[c]}"]
+    from matplotlib.patches import Patch
+    legend = [Patch(facecolor="0.35", label="ground truth")]
+    if preds:
+        legend += [Patch(facecolor="0.35", alpha=0.25, edgecolor="black", linewidth=0.4,
+                         label=f"prediction, score {min_score:.2f} (lightest)"),
+                   Patch(facecolor="0.35", alpha=1.0, edgecolor="black", linewidth=0.4,
+                         label=f"prediction, score {max_score:.2f} (darkest)")]
+    ax2.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     ax2.set_yticks(yticks)
     ax2.set_yticklabels(ylabels, fontsize=8)  # one tick per row, in the order drawn
     ax2.set_ylim(0, 2 * max(1, len(shown)))
@@ -147,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m train.eval.plot", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cam", required=True, help="npz with tcam [T, C], optional attention, feature_rate, classes")
+    ap.add_argument("--cam", required=True,
+                    help="npz with tcam [T, C] (or tcam/<video>, as a run's cams.npz), optional attention, "
+                         "feature_rate, classes")
     ap.add_argument("--ground-truth", required=True, help="ActivityNet ground-truth JSON")
     ap.add_argument("--predictions", help="ActivityNet results JSON (optional)")
     ap.add_argument("--video", required=True, help="video name")
@@ -162,10 +177,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isfile(args.cam):
         ap.error(f"--cam: file not found: {args.cam}")
     with np.load(args.cam, allow_pickle=False) as z:
-        if "tcam" not in z:
+        if "tcam" in z:
+            tcam, attention = z["tcam"], (z["attention"] if "attention" in z else None)
+        elif f"tcam/{args.video}" in z:
+            tcam = z[f"tcam/{args.video}"]
+            attention = z[f"attention/{args.video}"] if f"attention/{args.video}" in z else None
+        else:
+            held = sorted(k[len("tcam/"):] for k in z.files if k.startswith("tcam/"))
+            if held:
+                ap.error(f"--cam {args.cam} has no T-CAM of video {args.video!r}; it holds {len(held)} videos: "
+                         f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}")
             ap.error(f"--cam {args.cam}: no 'tcam' array (found {sorted(z.files)})")
-        tcam = z["tcam"]
-        attention = z["attention"] if "attention" in z else None
+        if attention is not None:
+            attention = attention / max(float(np.max(attention)), 1e-12) if attention.size else attention
         rate = float(z["feature_rate"]) if "feature_rate" in z else 25 / 16
         classes = [str(c) for c in z["classes"]] if "classes" in z else None
     gt = read_ground_truth_json(args.ground_truth)

@@ -1,0 +1,128 @@
+"""Checkpoints open with ``torch.load(weights_only=True)``; a file carrying a pickled object is refused;
+the RNG states survive the trip exactly; an older checkpoint you trust can be converted."""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+from train.checkpoint import CheckpointError
+from train.config import load_config
+from train.procedure import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A tiny run's trainer with a database (so that every kind of state is present)."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("CCLUSTER_CACHE")
+    os.environ["CCLUSTER_CACHE"] = str(cache)
+    try:
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=2", "train.cc_steps=1"])
+        t = Trainer(cfg, tmp_path_factory.mktemp("run"))
+        t.run()
+    finally:
+        if old is None:
+            del os.environ["CCLUSTER_CACHE"]
+        else:
+            os.environ["CCLUSTER_CACHE"] = old
+    return t
+
+
+def _plain(obj) -> bool:
+    """Only tensors and plain values all the way down."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, (str, int)) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v) for v in obj)
+    return obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str))
+
+
+def test_checkpoint_loads_with_weights_only(trainer):
+    path = trainer.run_dir / "latest.pt"
+    raw = torch.load(path, weights_only=True)  # raises if anything in it is a pickled object
+    assert raw["format"] == ckpt.FORMAT and isinstance(raw["config"], str)
+    assert _plain(raw)
+    state = ckpt.load(path)
+    assert state["config"] == trainer.cfg  # the YAML text comes back as the same config
+    assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+    for name in ("stage-baseline.pt", "stage-db1.pt", "stage-cc1.pt"):
+        torch.load(trainer.run_dir / name, weights_only=True)
+
+
+def test_a_pickled_object_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "was-run"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "config": "{}", "extra": _Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pt carries a pickled Python object \(io\.open\).*"
+                                              r"refused"):
+        ckpt.load(path)
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_damaged_and_foreign_files(trainer, tmp_path):
+    whole = (trainer.run_dir / "latest.pt").read_bytes()
+    for size in (0, 100, len(whole) // 2, len(whole) - 10):
+        cut = tmp_path / f"cut{size}.pt"
+        cut.write_bytes(whole[:size])
+        with pytest.raises(CheckpointError, match=rf"cut{size}\.pt is damaged"):
+            ckpt.load(cut)
+    other = tmp_path / "weights.pt"
+    torch.save({"w": torch.ones(3)}, other)  # safe, but not a training checkpoint
+    with pytest.raises(CheckpointError, match=r"weights\.pt is not a ccluster training checkpoint"):
+        ckpt.load(other)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*none\.pt"):
+        ckpt.load(tmp_path / "none.pt")
+
+
+def _draws():
+    return (torch.rand(3), np.random.standard_normal(3), np.random.randint(0, 1 << 30, 3), random.random(),
+            random.gauss(0, 1))
+
+
+def test_rng_states_survive_a_checkpoint_exactly(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.standard_normal()  # an odd number of normal draws: numpy holds a cached gaussian
+    random.gauss(0, 1)           # and so does Python's random
+    state = ckpt.rng_state()
+    assert state["numpy"]["has_gauss"] == 1 and state["python"]["gauss_next"] is not None
+    expected = _draws()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    _draws()  # move every generator on
+    ckpt.set_rng_state(loaded)
+    got = _draws()
+    assert torch.equal(got[0], expected[0])
+    assert np.array_equal(got[1], expected[1]) and np.array_equal(got[2], expected[2])
+    assert got[3] == expected[3] and got[4] == expected[4]
+
+
+def test_upgrade_converts_an_older_checkpoint(trainer, tmp_path):
+    state = trainer.state_dict()
+    old = dict(state, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                           "python": random.getstate()})  # the former layout: pickled numpy and tuples
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    with pytest.raises(CheckpointError, match=r"pickled Python object.*python -m train\.checkpoint upgrade"):
+        ckpt.load(path)
+    assert ckpt.main(["upgrade", str(path), "--out", str(tmp_path / "new.pt")]) == 0
+    new = ckpt.load(tmp_path / "new.pt")
+    assert new["config"] == trainer.cfg and new["step"] == state["step"]
+    assert torch.equal(new["rng"]["numpy"]["keys"], torch.from_numpy(old["rng"]["numpy"][1].astype(np.int64)))
+    assert all(torch.equal(new["model"][k], v) for k, v in state["model"].items())
