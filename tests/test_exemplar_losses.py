@@ -301,10 +301,10 @@ def _fn_bad_cases():
          rf"{fn}: background_weight must be \[5\], got \[5, 1\]"),
         ("temperature", dict(temperature=0.0), ValueError, rf"{fn}: temperature must be a finite number > 0, got 0.0"),
         ("temperature_nan", dict(temperature=math.nan), ValueError, rf"{fn}: temperature must be .* got nan"),
-        ("x_rank", dict(x=x[None]), RuntimeError, rf"{fn}: x must be \[N, m\], got shape \[1, 5, 2\]"),
-        ("db_m", dict(db=db[..., :1]), RuntimeError, rf"{fn}: db feature size m=1 does not match x's m=2"),
-        ("alpha", dict(alpha=-1.0), RuntimeError, rf"{fn}: alpha must be a finite number > 0, got -1"),
-        ("metric", dict(metric="l1"), RuntimeError, rf"{fn}: metric must be 'sqeuclidean' or 'euclidean', got 'l1'"),
+        ("x_rank", dict(x=x[None]), ValueError, rf"{fn}: x must be \[N, m\], got shape \[1, 5, 2\]"),
+        ("db_m", dict(db=db[..., :1]), ValueError, rf"{fn}: db feature size m=1 does not match x's m=2"),
+        ("alpha", dict(alpha=-1.0), ValueError, rf"{fn}: alpha must be a finite number > 0, got -1"),
+        ("metric", dict(metric="l1"), ValueError, rf"{fn}: metric must be 'sqeuclidean' or 'euclidean', got 'l1'"),
         ("weight_type", dict(weight=[1.0] * 5), TypeError, rf"{fn}: weight must be a Tensor, got list"),
     ], base
 
@@ -515,7 +515,7 @@ def _module_bad_forward():
          rf"{n}: labels must be \[3, 5\], got \[3, 4\]"),
         ("bg_db_without_bg", True, (feats, att, labels, mask, db, log_q), ValueError,
          rf"{n}: labels must be \[3, 3\], got \[3, 4\]"),
-        ("db_m", False, (feats, att, labels, mask, db[..., :2], log_q), RuntimeError,
+        ("db_m", False, (feats, att, labels, mask, db[..., :2], log_q), ValueError,
          rf"{n}: db feature size m=2 does not match x's m=3"),
     ]
 
@@ -835,8 +835,8 @@ def _prior_bad_cases():
         ("standardize", dict(standardize=1), TypeError, rf"{fn}: standardize must be a bool, got int"),
         ("log_attention", dict(log_attention="yes"), TypeError, rf"{fn}: log_attention must be a bool, got str"),
         ("reduction", dict(reduction="none"), ValueError, rf"{fn}: reduction must be one of \('sum', 'mean'\), got 'none'"),
-        ("db_dtype", dict(db=db.float()), RuntimeError, rf"{fn}: x, db and log_q must have one dtype"),
-        ("alpha", dict(alpha=math.inf), RuntimeError, rf"{fn}: alpha must be a finite number > 0, got inf"),
+        ("db_dtype", dict(db=db.float()), TypeError, rf"{fn}: x, db and log_q must have one dtype"),
+        ("alpha", dict(alpha=math.inf), ValueError, rf"{fn}: alpha must be a finite number > 0, got inf"),
     ], base
 
 

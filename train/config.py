@@ -40,7 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "data": {
         "root": "",                # dataset folder (train.data layout); "" with synthetic set -> cache
         "name": "",                # dataset name inside root (given by the synthetic generator if "")
-        "synthetic": "",           # "", "tiny", "demo" or "thumos14": generate this preset if missing
+        "synthetic": "",           # "", "tiny", "demo", "calibrated" or "thumos14": generate this preset if
+                                   # missing
         "layout": "standard",      # "standard" (rgb|flow concatenated) or "native"
         "feature_rate": 0.0,       # feature vectors per second; 0: from the dataset's files, else 25/16
         "rgb_dim": 0,              # features[:, :rgb_dim] are RGB, the rest flow; 0: from the files/1024
@@ -157,7 +158,7 @@ PRESETS: dict[str, dict] = {
 # Allowed string values, and numeric ranges: (low, high, low inclusive).
 CHOICES = {
     "device": ("cpu", "cuda"),
-    "data.synthetic": ("", "tiny", "demo", "thumos14"),
+    "data.synthetic": ("", "tiny", "demo", "calibrated", "thumos14"),
     "data.layout": ("standard", "native"),
     "data.standardize": ("none", "zscore"),
     "model.attention": ("untrimmednet", "stpn"),
