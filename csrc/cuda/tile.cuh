@@ -60,7 +60,7 @@ __device__ __forceinline__ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-__device__ __forceinline__ float dexp(float v) { return __expf(v); }  // exp(-inf) = 0, NaN stays NaN
+__device__ __forceinline__ float dexp(float v) { return ::expf(v); }  // exp(-inf) = 0, NaN stays NaN; accurate (no fast math)
 __device__ __forceinline__ double dexp(double v) { return ::exp(v); }
 __device__ __forceinline__ float dlog(float v) { return ::logf(v); }
 __device__ __forceinline__ double dlog(double v) { return ::log(v); }
