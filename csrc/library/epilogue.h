@@ -77,13 +77,14 @@ struct GatherArgs {
 };
 
 // dst[row] += scale * sum of the src rows of this piece that belong to row, in packed order (= class
-// order), with no atomics: the packed positions p0 .. p0 + rows are listed in row-major order by
-// (sorted_rows, order), a stable sort of the packed row ids.
+// order), with no atomics: the packed positions are listed in row-major order by (sorted_rows, order), a
+// stable sort of the packed row ids, whose runs of equal rows start at run_begin (U + 1 entries). Only
+// the positions p0 .. p0 + rows (this piece's rows of src) are taken.
 struct ScatterArgs {
-  at::Tensor dst;                  // [N, m] T
-  at::Tensor src;                  // [rows, m] T
+  at::Tensor dst;                             // [N, m] T
+  at::Tensor src;                             // [rows, m] T
   int64_t p0 = 0, rows = 0;
-  at::Tensor sorted_rows, order;   // int64 [P]
+  at::Tensor sorted_rows, order, run_begin;   // int64 [P], [P], [U + 1]
   double scale = 1.0;
 };
 

@@ -180,32 +180,32 @@ void gather_impl(const GatherArgs& a) {
 template <typename T>
 void scatter_impl(const ScatterArgs& a) {
   const int64_t m = a.dst.size(1);
-  const int64_t P = a.sorted_rows.numel();
+  const int64_t U = a.run_begin.numel() - 1;
   const int64_t* rows = a.sorted_rows.data_ptr<int64_t>();
   const int64_t* order = a.order.data_ptr<int64_t>();
+  const int64_t* rb = a.run_begin.data_ptr<int64_t>();
   const T* src = a.src.data_ptr<T>();
   T* dst = a.dst.data_ptr<T>();
   const T scale = static_cast<T>(a.scale);
-  std::vector<T> sum(m);
-  // the entries of one row are consecutive in the sorted list, in packed (class) order
-  for (int64_t e = 0; e < P;) {
-    int64_t e1 = e;
-    while (e1 < P && rows[e1] == rows[e]) ++e1;
-    bool any = false;
-    for (int64_t q = e; q < e1; ++q) {
-      const int64_t p = order[q] - a.p0;
-      if (p < 0 || p >= a.rows) continue;
-      const T* sr = src + p * m;
-      if (!any) std::copy(sr, sr + m, sum.begin());
-      else for (int64_t f = 0; f < m; ++f) sum[f] += sr[f];
-      any = true;
-    }
-    if (any) {
-      T* dr = dst + rows[e] * m;
+  // the entries of one row are consecutive in the sorted list, in packed (class) order; runs are
+  // distinct rows, so they run in parallel
+  at::parallel_for(0, U, 16, [&](int64_t u0, int64_t u1) {
+    std::vector<T> sum(m);
+    for (int64_t u = u0; u < u1; ++u) {
+      bool any = false;
+      std::fill(sum.begin(), sum.end(), T(0));
+      for (int64_t q = rb[u]; q < rb[u + 1]; ++q) {
+        const int64_t p = order[q] - a.p0;
+        if (p < 0 || p >= a.rows) continue;
+        const T* sr = src + p * m;
+        for (int64_t f = 0; f < m; ++f) sum[f] += sr[f];
+        any = true;
+      }
+      if (!any) continue;
+      T* dr = dst + rows[rb[u]] * m;
       for (int64_t f = 0; f < m; ++f) dr[f] += scale * sum[f];
     }
-    e = e1;
-  }
+  });
 }
 
 void rows_cpu(const RowArgs& a) {

@@ -266,6 +266,7 @@ class Engine {
   at::Tensor prow, pclass;               // packed mode
   std::vector<int64_t> off;              // packed mode: [C + 1] on the host
   at::Tensor sorted_rows, order;         // packed mode: the packed list in row-major order
+  at::Tensor run_begin;                  // packed mode: where each row's run starts in sorted_rows
 
  private:
   void plan_rows(const at::Tensor& active) {
@@ -288,10 +289,14 @@ class Engine {
   }
 
   void ensure_row_order() {
-    if (sorted_rows.defined() || !packed) return;
+    if (sorted_rows.defined() || !packed || P == 0) return;
     auto sorted = at::sort(prow, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     sorted_rows = std::get<0>(sorted).contiguous();
     order = std::get<1>(sorted).contiguous();
+    // runs of equal rows: [0, starts of new rows..., P]
+    const at::Tensor starts = sorted_rows.narrow(0, 1, P - 1).ne(sorted_rows.narrow(0, 0, P - 1)).nonzero();
+    const auto lopt = prow.options();
+    run_begin = at::cat({at::zeros({1}, lopt), starts.view({-1}).add(1), at::full({1}, P, lopt)}).contiguous();
   }
 
  public:
@@ -361,6 +366,7 @@ class Engine {
           pc.segs = {Seg{0, rows, c0}};
           pc.Y = {y_operand(c0, g, j0, k, Ybuf)};
           gemm_nt(pc.S, pc.X, pc.Y[0], bias_row(c0, g, j0, k));
+          settings().pieces.fetch_add(1);
           fn(pc);
         }
       }
@@ -415,6 +421,7 @@ class Engine {
           gemm_nt(pc.S.narrow(0, sg.a, sg.len), pc.X.narrow(0, sg.a, sg.len), pc.Y.back(),
                   bias_row(sg.c, 1, j0, k));
         }
+        settings().pieces.fetch_add(1);
         fn(pc);
       }
       p = pend;
@@ -469,6 +476,7 @@ struct GradGemms {
         sa.rows = pc.rows;
         sa.sorted_rows = E.sorted_rows;
         sa.order = E.order;
+        sa.run_begin = E.run_begin;
         sa.scale = a;
         E.ep_->scatter(sa);
       } else if (E.G == E.T) {

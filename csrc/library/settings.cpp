@@ -33,6 +33,7 @@ bool get_setting(const std::string& name, int64_t* value) {
   else if (name == "workspace_bytes") *value = s.workspace_bytes.load();
   else if (name == "centring") *value = s.centring.load();
   else if (name == "gather") *value = s.gather.load();
+  else if (name == "pieces") *value = s.pieces.load();
   else return false;
   return true;
 }

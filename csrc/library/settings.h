@@ -24,6 +24,9 @@ struct Settings {
   // Gather the rows of each class (label sparsity); needs the per-class counts on the host. Off, or
   // during CUDA graph capture, every row is computed for every class and the pairs act as a mask.
   std::atomic<int> gather{1};
+  // Read-only statistic: pieces (GEMM output chunks) processed by the library path since the start; lets
+  // tests check that a small workspace really splits the work.
+  std::atomic<int64_t> pieces{0};
 };
 
 Settings& settings();
@@ -36,7 +39,8 @@ inline bool use_library(const at::Device& device) {
   return device.is_cuda();
 }
 
-// name in {"backend", "workspace_bytes", "centring", "gather"}; false for an unknown name.
+// name in {"backend", "workspace_bytes", "centring", "gather"} (get also "pieces"); false for an unknown
+// name.
 bool set_setting(const std::string& name, int64_t value);
 bool get_setting(const std::string& name, int64_t* value);
 
