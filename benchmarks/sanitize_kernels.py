@@ -1,7 +1,7 @@
 """Runs every CUDA kernel of ccluster once at small shapes, for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python benchmarks/sanitize_kernels.py
-    compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py --quick
 
 Covers both implementations (the library-GEMM path with its epilogue kernels, and the fused kernels),
 every op (forward, backward, fused loss with and without dL/dx, fit step), both metrics, float32,
@@ -9,9 +9,12 @@ float64, float16 and bfloat16 (the tensor-core path), with pairs gathered and ma
 empty class, several workspace sizes (one piece, class groups, slot chunks) and shapes that cross the
 64-row / 64-exemplar tiles and the K-slices. Shapes are small so that racecheck finishes in seconds.
 Exits non-zero if a result is not finite where it should be; prints one line per configuration.
+--quick runs only the configurations whose kernels use shared memory in distinct ways (the fused kernels
+in float32 and bfloat16, the library path's column reductions), for racecheck, which is slow.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 
@@ -52,6 +55,9 @@ def run_all(backend, dtype, metric, ws, gather, N=70, C=3, n=70, m=33):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a subset, for racecheck")
+    args = parser.parse_args()
     if not torch.cuda.is_available() or not ops.has_compiled_ops():
         sys.exit("sanitize_kernels: needs CUDA and the compiled ccluster ops")
     ok = True
@@ -64,6 +70,11 @@ def main():
                 ("library", torch.float32, "sqeuclidean", 300, True),
                 ("library", torch.float32, "euclidean", 300, False),
                 ("library", torch.bfloat16, "euclidean", 3000, False)]
+    if args.quick:
+        configs = [("fused", torch.float32, "sqeuclidean", 1 << 30, True),
+                   ("fused", torch.bfloat16, "euclidean", 1 << 30, True),
+                   ("library", torch.float32, "euclidean", 300, True),
+                   ("library", torch.float64, "sqeuclidean", 6000, False)]
     for cfg in configs:
         good = run_all(*cfg)
         ok = ok and good
