@@ -411,6 +411,23 @@ def test_centring_does_not_change_float64_results():
     assert_close64(outs[1], outs[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inputs_are_not_modified(dtype):
+    x, db, log_q, pairs = _loss_problem(30, 3, 12, 5, seed=17)
+    x, db, log_q = (t.to(dtype) for t in (x, db, log_q))
+    w = torch.rand(30, 3, dtype=dtype) * pairs
+    copies = [t.clone() for t in (x, db, log_q, w, pairs)]
+    for centring, ws in itertools.product(("on", "off"), (1 << 30, 500)):
+        with library(centring=centring, workspace_bytes=ws):
+            xs, dbs, lqs = (t.requires_grad_() for t in (x, db, log_q))
+            ccluster.exemplar_logsumexp(xs, dbs, lqs, ALPHA, "sqeuclidean", pairs).sum().backward()
+            ccluster.convex_clustering_loss(xs, w, pairs, dbs, lqs, ALPHA).backward()
+            ccluster.fit_step(x.detach(), db.detach(), log_q.detach(), w, ALPHA)
+        x, db, log_q = (t.detach() for t in (xs, dbs, lqs))
+        for a, b in zip((x, db, log_q, w, pairs), copies):
+            assert torch.equal(a, b), "an op modified its input"
+
+
 def test_bfloat16_backward_uses_float32_logz():
     # the gradient is exp(s - logz): a logz rounded to bfloat16 (error ~ |logz| 2^-9) would put it off by
     # several percent at |logz| ~ 20; the saved float32 logz keeps it at float32 accuracy of p

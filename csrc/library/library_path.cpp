@@ -234,8 +234,8 @@ class Engine {
 
   // The exemplar rows of class c as the GEMM saw them (centred), in T: for the colsum(W) y terms.
   at::Tensor y_centred(int64_t c) const {
-    at::Tensor y = db_[c].to(T);
-    return centre ? y.sub_(mu[c]) : y;
+    const at::Tensor y = db_[c].to(T);  // may be db itself: never modified in place
+    return centre ? y.sub(mu[c]) : y;
   }
 
   // gx += alpha (acc - sum_c rowsum_c (x - mu_c)) given acc already in gx: the row terms, in row chunks.
