@@ -154,7 +154,7 @@ run_step memcheck 40 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck
 RACE_FILTER=()
 "$SAN" --help 2>/dev/null | grep -q -- "--kernel-name" && RACE_FILTER=(--kernel-name kns=ccluster)
 run_step racecheck 35 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool racecheck --error-exitcode 3 \
-  "${RACE_FILTER[@]}" --print-limit 20 "$PY" benchmarks/sanitize_kernels.py --quick
+  ${RACE_FILTER[@]+"${RACE_FILTER[@]}"} --print-limit 20 "$PY" benchmarks/sanitize_kernels.py --quick
 
 # 6. the CUDA tests; every test skipped counts as a failure
 run_step tests 85 env CUBLAS_WORKSPACE_CONFIG=:4096:8 "$PY" -m pytest tests/test_cuda.py -q -rfEsx \
