@@ -33,7 +33,8 @@ def want_cuda():
 
 
 def extensions():
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                 + glob.glob(os.path.join("csrc", "library", "*.cpp")))
     # -fopenmp-simd: honour `#pragma omp simd` reductions; -fno-math-errno: lets sqrt vectorise.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd", "-fno-math-errno"]
     kwargs = dict(
@@ -43,7 +44,9 @@ def extensions():
     )
     if want_cuda():
         cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: it flushes denormals and approximates exp/log/div, which turns a denormal
+        # representativeness weight into -inf on CUDA where the CPU is finite.
+        nvcc_flags = ["-O3", "-lineinfo"]
         return [cpp_extension.CUDAExtension(
             sources=cpp + cu, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **kwargs)]
     return [cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": cxx_flags}, **kwargs)]

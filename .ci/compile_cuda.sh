@@ -57,7 +57,7 @@ CXX_STD=${CUDA_STD:-${INFO[3]}}
 
 # the limited-API level setup.py defines (the .cu files do not include Python.h, but keep the macros equal)
 LIMITED_API=$(grep -oE '"Py_LIMITED_API", *"0x[0-9A-Fa-f]+"' setup.py | grep -oE '0x[0-9A-Fa-f]+' || echo 0x030A0000)
-FLAGS=(-c -std=${CXX_STD} -O3 --use_fast_math -lineinfo -Xcompiler -fPIC
+FLAGS=(-c -std=${CXX_STD} -O3 -lineinfo -Xcompiler -fPIC
        "-gencode=arch=compute_${ARCH},code=sm_${ARCH}"
        -DPy_LIMITED_API=${LIMITED_API} -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
        -Icsrc $TORCH_INC $TORCH_NVCC_FLAGS -Xptxas -warn-spills)

@@ -1,15 +1,21 @@
-"""Benchmark: fused exemplar_logsumexp vs the pure-PyTorch reference vs the GEMM floor.
+"""Benchmark: exemplar_logsumexp vs the pure-PyTorch reference vs the GEMM floor.
 
-For each (N, C, n, m): fused forward, fused forward+backward (w.r.t. x), reference forward, reference
-forward+backward, and one torch.mm of the same N x (C*n) x m product (the floor any formulation pays).
-Times are medians over alternating rounds, ratios are to the GEMM measured in the same rounds; peak extra
-memory is measured in a fresh subprocess per case.
+For each (N, C, n, m) and precision: the op's forward and forward+backward (w.r.t. x), the reference
+(the best pure-PyTorch formulation: one addmm with log q - alpha |y|^2 folded in, then logsumexp)
+forward and forward+backward, and one torch.mm of the same N x (C*n) x m product in the same precision
+(the floor any formulation pays; cuBLAS on CUDA). On CPU the op is the fused CPU kernel; on CUDA both
+implementations are timed: "library" (cuBLAS GEMMs + epilogue kernels, the default) and "fused" (the
+hand-written kernels). Times are medians over alternating rounds, ratios are to the GEMM measured in the
+same rounds. Peak extra memory: a fresh subprocess per case on CPU, torch.cuda.max_memory_allocated on
+CUDA. Errors are against the float64 oracle on the same (rounded) inputs, next to plain PyTorch's error
+in the same precision (the tests' rule: at most about 2x).
 
-    python benchmarks/bench_exemplar_logsumexp.py [--device cpu] [--dtype float32] \\
-        [--sizes "2048,20,256,512;4096,20,512,2048;8192,20,1024,1024"] [--json out.json]
+    python benchmarks/bench_exemplar_logsumexp.py [--device cpu|cuda] [--dtype float32,tf32,bfloat16] \\
+        [--sizes "2048,20,256,512;4096,20,512,2048;8192,20,1024,1024"] [--deadline 60] [--json out.json]
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -22,7 +28,9 @@ import ccluster  # noqa: E402
 from ccluster import reference  # noqa: E402
 
 DEFAULT_SIZES = "2048,20,256,512;4096,20,512,2048;8192,20,1024,1024"
-CASES = ("gemm", "fused_fwd", "fused_fwd_bwd", "ref_fwd", "ref_fwd_bwd")
+CPU_CASES = ("gemm", "fused_fwd", "fused_fwd_bwd", "ref_fwd", "ref_fwd_bwd")
+CUDA_CASES = ("gemm", "library_fwd", "library_fwd_bwd", "fused_fwd", "fused_fwd_bwd", "ref_fwd", "ref_fwd_bwd")
+ERROR_ROWS = 2048  # rows of the float64 error check
 
 
 def make_inputs(N, C, n, m, dtype, device, seed=0):
@@ -39,26 +47,44 @@ def build_case(case, N, C, n, m, dtype, device):
     y = db.reshape(C * n, m)
     if case == "gemm":
         return lambda: torch.mm(x, y.t())
-    fn = ccluster.exemplar_logsumexp if case.startswith("fused") else reference.exemplar_logsumexp
-    if case.endswith("fwd"):
+    backend = case.split("_")[0]
+    fn = reference.exemplar_logsumexp if backend == "ref" else ccluster.exemplar_logsumexp
+    settings = (lambda: common.backend_settings(backend)) if backend in ("library", "fused") and \
+        device.startswith("cuda") else contextlib.nullcontext
+    if not case.endswith("bwd"):
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), settings():
                 return fn(x, db, log_q, alpha)
         return run
     xg = x.clone().requires_grad_()
 
     def run_bwd():
-        out = fn(xg, db, log_q, alpha)
-        out.backward(torch.ones_like(out))
+        with settings():
+            out = fn(xg, db, log_q, alpha)
+            out.backward(torch.ones_like(out))
         xg.grad = None
     return run_bwd
 
 
+def errors(N, C, n, m, dtype, device, backends):
+    """Max |error| of each implementation and of plain PyTorch in dtype, against float64 (first rows)."""
+    x, db, log_q, alpha = make_inputs(N, C, n, m, dtype, device)
+    x = x[:ERROR_ROWS]
+    with torch.no_grad():
+        oracle = reference.exemplar_logsumexp(x.double(), db.double(), log_q.double(), alpha)
+        out = {"plain": float((reference.exemplar_logsumexp(x, db, log_q, alpha).double() - oracle).abs().max())}
+        for b in backends:
+            with (common.backend_settings(b) if device.startswith("cuda") else contextlib.nullcontext()):
+                out[b] = float((ccluster.exemplar_logsumexp(x, db, log_q, alpha).double() - oracle).abs().max())
+    return out
+
+
 def main():
     args = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args()
-    dtype = common.DTYPES[args.dtype]
     common.apply_threads(args)
+    cuda = args.device.startswith("cuda")
     if args.memory_case:
+        dtype = common.DTYPES[args.dtype]
         N, C, n, m = common.parse_sizes(args.sizes)[0]
         print(common.measure_in_process(lambda: build_case(args.memory_case, N, C, n, m, dtype, args.device),
                                         args.device,
@@ -66,38 +92,57 @@ def main():
         return
     if not ccluster.has_compiled_ops():
         sys.exit("compiled ops are not loaded: this benchmark would time the reference against itself")
-    print(f"exemplar_logsumexp  device={args.device} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds}")
-    header = f"{'N,C,n,m':>20} | {'max rel err':>11} | " + " | ".join(f"{c:>22}" for c in CASES)
-    print(header)
-    print("-" * len(header))
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    cases = CUDA_CASES if cuda else CPU_CASES
+    backends = ("library", "fused") if cuda else ("fused",)
+    deadline = common.Deadline(args.deadline)
+    print(f"exemplar_logsumexp  device={args.device} threads={torch.get_num_threads()} rounds={args.rounds}")
     rows = []
-    for N, C, n, m in common.parse_sizes(args.sizes):
-        # correctness first: fused vs reference on this very shape
-        x, db, log_q, alpha = make_inputs(N, C, n, m, dtype, args.device)
-        with torch.no_grad():
-            a = ccluster.exemplar_logsumexp(x, db, log_q, alpha).double()
-            b = reference.exemplar_logsumexp(x.double(), db.double(), log_q.double(), alpha)
-        err = float(((a - b).abs() / b.abs().clamp_min(1)).max())
-        del x, db, log_q, a, b
-        cases = {c: build_case(c, N, C, n, m, dtype, args.device) for c in CASES}
-        t = common.time_alternating(cases, args.rounds, "gemm", args.device)
-        del cases
-        mem = {c: None for c in CASES}
-        if not args.no_memory:
-            size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", f"{N},{C},{n},{m}", "--dtype", args.dtype, "--device", args.device]
-            mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in CASES}
-        row = {"N": N, "C": C, "n": n, "m": m, "max_rel_err_vs_float64": err,
-               **{f"{c}_s": t[c]["seconds"] for c in CASES}, **{f"{c}_ratio": t[c]["ratio"] for c in CASES},
-               **{f"{c}_peak_bytes": mem[c] for c in CASES}}
-        rows.append(row)
-        cells = [f"{common.fmt_seconds(t[c]['seconds'])} {common.fmt_ratio(t[c]['ratio'])} "
-                 f"{common.fmt_bytes(mem[c])}" for c in CASES]
-        print(f"{f'{N},{C},{n},{m}':>20} | {err:11.2e} | " + " | ".join(f"{s:>22}" for s in cells))
+    payload = {"op": "exemplar_logsumexp", "env": common.environment(args.device), "rounds": args.rounds,
+               "rows": rows}
+    for prec in common.parse_dtypes(args.dtype):
+        for N, C, n, m in common.parse_sizes(args.sizes):
+            if deadline.passed():
+                print(f"deadline reached: skipping {prec} {N},{C},{n},{m}")
+                payload["stopped_at_deadline"] = True
+                continue
+            with common.precision(prec) as dtype:
+                err = errors(N, C, n, m, dtype, args.device, backends)
+                fns = {c: build_case(c, N, C, n, m, dtype, args.device) for c in cases}
+                t = common.time_alternating(fns, args.rounds, "gemm", args.device)
+                mem = {c: None for c in cases}
+                if cuda and not args.no_memory:
+                    mem = {c: common.measure_cuda(fns[c]) for c in cases}
+                del fns
+                if not cuda and not args.no_memory:
+                    size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", f"{N},{C},{n},{m}",
+                                "--dtype", prec, "--device", args.device]
+                    mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in cases}
+            row = {"precision": prec, "N": N, "C": C, "n": n, "m": m,
+                   **{f"max_abs_err_{k}": v for k, v in err.items()},
+                   **{f"err_ratio_{b}_vs_plain": (err[b] / err["plain"] if err["plain"] > 0 else None)
+                      for b in backends},
+                   **{f"{c}_s": t[c]["seconds"] for c in cases}, **{f"{c}_ratio": t[c]["ratio"] for c in cases},
+                   **{f"{c}_peak_bytes": mem[c] for c in cases}}
+            for b in backends:
+                fwd, fb, ref_fb = t[f"{b}_fwd"]["seconds"], t[f"{b}_fwd_bwd"]["seconds"], t["ref_fwd_bwd"]["seconds"]
+                gemm = t["gemm"]["seconds"]
+                if not any(isinstance(v, str) for v in (fwd, fb, ref_fb, gemm)):
+                    row[f"{b}_fwd_throughput_vs_gemm"] = gemm / fwd
+                    row[f"{b}_fwd_bwd_speedup_vs_ref"] = ref_fb / fb
+                pm, pr = mem[f"{b}_fwd_bwd"], mem["ref_fwd_bwd"]
+                if isinstance(pm, int) and isinstance(pr, int) and pr > 0:
+                    row[f"{b}_fwd_bwd_peak_vs_ref"] = pm / pr
+            rows.append(row)
+            cells = " | ".join(f"{c} {common.fmt_seconds(t[c]['seconds']).strip()} "
+                               f"{common.fmt_ratio(t[c]['ratio']).strip()} {common.fmt_bytes(mem[c]).strip()}"
+                               for c in cases)
+            errs = ", ".join(f"{k} {v:.2e}" for k, v in err.items())
+            print(f"{prec:8s} {N},{C},{n},{m}: err vs float64 [{errs}] | {cells}", flush=True)
+            common.write_json(args.json, payload)  # after every case: an interrupted run keeps it
     print("cells: median time, ratio to the GEMM (median of per-round ratios), peak extra memory")
-    common.write_json(args.json, {"op": "exemplar_logsumexp", "dtype": args.dtype,
-                                  "env": common.environment(args.device), "rounds": args.rounds,
-                                  "rows": rows})
+    common.write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Benchmark: fitting Q, one iteration and time to tolerance.
 
 Per iteration (float32 unless --dtype):
-  fused   ccluster.fit_step: logz and eta from the same GEMM tiles, label-sparse
+  fused   ccluster.fit_step: logz and eta from the same GEMM tiles, label-sparse (on CUDA also "library",
+          the cuBLAS GEMMs + epilogue kernels that are the CUDA default; "fused" is then the hand-written
+          CUDA kernels)
   torch   the same update in plain PyTorch, label-aware: per class, gather the weighted rows, addmm-based
           scores, logsumexp for logz and for eta (recomputed every iteration, as the fused op does)
   cached  the cached-kernel path of fit_representativeness: the [rows_c, n] matrices are built once,
@@ -11,10 +13,12 @@ Then fit_representativeness to tol with the fused path (cache=False), the cached
 cached path with SQUAREM acceleration (accelerate=True).
 The training set is `videos` videos of `T` segments, 1-2 labels each, attention-like weights.
 
-    python benchmarks/bench_fit.py [--sizes "200,100,20,512,1024"] [--tol 1e-4] [--json out.json]
+    python benchmarks/bench_fit.py [--device cpu|cuda] [--dtype float32,tf32] [--sizes "200,100,20,512,1024"] \\
+        [--tol 1e-4] [--no-tol] [--deadline 60] [--json out.json]
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -29,7 +33,8 @@ from ccluster import fit as fit_module  # noqa: E402
 from ccluster import reference  # noqa: E402
 
 DEFAULT_SIZES = "200,100,20,512,1024"
-CASES = ("gemm", "fused", "torch", "cached")
+CPU_CASES = ("gemm", "fused", "torch", "cached")
+CUDA_CASES = ("gemm", "library", "fused", "torch", "cached")
 
 
 def make_inputs(videos, T, C, n, m, dtype, device, seed=0):
@@ -74,8 +79,14 @@ def build_case(case, videos, T, C, n, m, dtype, device):
         a = torch.randn(int((weight > 0).sum()), m, dtype=dtype, device=device)
         y = db[0].t().contiguous()
         return lambda: torch.mm(a, y)
-    if case == "fused":
-        return lambda: ccluster.fit_step(x, db, log_q, weight, alpha)
+    if case in ("fused", "library"):
+        if not device.startswith("cuda"):
+            return lambda: ccluster.fit_step(x, db, log_q, weight, alpha)
+
+        def run():
+            with common.backend_settings(case):
+                return ccluster.fit_step(x, db, log_q, weight, alpha)
+        return run
     if case == "torch":
         return lambda: torch_step(x, db, log_q, weight, alpha)
     kernels = fit_module._cached_kernels(x, db, weight, alpha, "sqeuclidean")
@@ -87,10 +98,12 @@ def main():
     p = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--no-tol", action="store_true", help="skip the fits to tolerance")
     args = p.parse_args()
-    dtype = common.DTYPES[args.dtype]
     common.apply_threads(args)
+    cuda = args.device.startswith("cuda")
     if args.memory_case:
+        dtype = common.DTYPES[args.dtype]
         size = common.parse_sizes(args.sizes)[0]
         print(common.measure_in_process(lambda: build_case(args.memory_case, *size, dtype, args.device),
                                         args.device,
@@ -98,49 +111,72 @@ def main():
         return
     if not ccluster.has_compiled_ops():
         sys.exit("compiled ops are not loaded: this benchmark would time the reference against itself")
-    print(f"fit Q  device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-          f"rounds={args.rounds} tol={args.tol:g}")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    cases = CUDA_CASES if cuda else CPU_CASES
+    ops_ = ("library", "fused") if cuda else ("fused",)
+    deadline = common.Deadline(args.deadline)
+    print(f"fit Q  device={args.device} threads={torch.get_num_threads()} rounds={args.rounds} tol={args.tol:g}")
     rows = []
-    for size in common.parse_sizes(args.sizes):
-        x, db, weight, log_q, alpha = make_inputs(*size, dtype, args.device)
-        npairs = int((weight > 0).sum())
-        a = ccluster.fit_step(x, db, log_q, weight, alpha)
-        b = torch_step(x.double(), db.double(), log_q.double(), weight.double(), alpha)
-        err = max(float((u.double() - v).abs().max()) for u, v in zip(a, b))
-        cases = {c: build_case(c, *size, dtype, args.device) for c in CASES}
-        t = common.time_alternating(cases, args.rounds, "gemm", args.device)
-        del cases
-        mem = {c: None for c in CASES}
-        if not args.no_memory:
-            size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", ",".join(map(str, size)), "--dtype", args.dtype, "--device", args.device]
-            mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in CASES}
-        print(f"size videos,T,C,n,m = {size}, pairs = {npairs}, max abs err vs float64 = {err:.1e}")
-        print("  one iteration: " + " | ".join(
-            f"{c} {common.fmt_seconds(t[c]['seconds']).strip()} {common.fmt_ratio(t[c]['ratio']).strip()} "
-            f"{common.fmt_bytes(mem[c]).strip()}" for c in CASES))
-        to_tol = {}
-        for name, cache, accelerate in (("fused", False, False), ("cached", True, False),
-                                        ("cached+squarem", True, True)):
-            start = time.perf_counter()
-            res = ccluster.fit_representativeness(x, db, weight, alpha, tol=args.tol, max_iter=args.max_iter,
-                                                  cache=cache, accelerate=accelerate)
-            common.sync(args.device)
-            to_tol[name] = {"seconds": time.perf_counter() - start, "max_iter": int(res.n_iter.max()),
-                            "converged": int(res.converged.sum()), "max_gap": float(res.gap.max())}
-            print(f"  to tol, {name:14s}: {to_tol[name]['seconds']:.2f} s, {to_tol[name]['max_iter']} iterations, "
-                  f"{to_tol[name]['converged']}/{size[2]} classes converged, max gap {to_tol[name]['max_gap']:.1e}")
-        est = t["torch"]["seconds"] * to_tol["fused"]["max_iter"] if not isinstance(t["torch"]["seconds"], str) \
-            else None
-        if est is not None:
-            print(f"  to tol, torch (estimated: plain iterations x its time per iteration): {est:.2f} s")
-        rows.append({"videos": size[0], "T": size[1], "C": size[2], "n": size[3], "m": size[4], "pairs": npairs,
-                     "max_abs_err_vs_float64": err,
-                     **{f"{c}_s": t[c]["seconds"] for c in CASES}, **{f"{c}_ratio": t[c]["ratio"] for c in CASES},
-                     **{f"{c}_peak_bytes": mem[c] for c in CASES},
-                     "to_tol": to_tol, "torch_to_tol_estimated_s": est})
+    payload = {"op": "fit", "tol": args.tol, "env": common.environment(args.device), "rounds": args.rounds,
+               "rows": rows}
+    for prec in common.parse_dtypes(args.dtype):
+        for size in common.parse_sizes(args.sizes):
+            if deadline.passed():
+                print(f"deadline reached: skipping {prec} {size}")
+                payload["stopped_at_deadline"] = True
+                continue
+            with common.precision(prec) as dtype:
+                x, db, weight, log_q, alpha = make_inputs(*size, dtype, args.device)
+                npairs = int((weight > 0).sum())
+                b = torch_step(x.double(), db.double(), log_q.double(), weight.double(), alpha)
+                err = {}
+                for name in ops_:
+                    with (common.backend_settings(name) if cuda else contextlib.nullcontext()):
+                        a = ccluster.fit_step(x, db, log_q, weight, alpha)
+                    err[name] = max(float((u.double() - v).nan_to_num(posinf=0, neginf=0).abs().max())
+                                    for u, v in zip(a, b))
+                fns = {c: build_case(c, *size, dtype, args.device) for c in cases}
+                t = common.time_alternating(fns, args.rounds, "gemm", args.device)
+                mem = {c: None for c in cases}
+                if cuda and not args.no_memory:
+                    mem = {c: common.measure_cuda(fns[c]) for c in cases}
+                del fns
+                if not cuda and not args.no_memory:
+                    size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", ",".join(map(str, size)),
+                                "--dtype", prec, "--device", args.device]
+                    mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in cases}
+                print(f"{prec} size videos,T,C,n,m = {size}, pairs = {npairs}, max abs err vs float64 = "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
+                print("  one iteration: " + " | ".join(
+                    f"{c} {common.fmt_seconds(t[c]['seconds']).strip()} {common.fmt_ratio(t[c]['ratio']).strip()} "
+                    f"{common.fmt_bytes(mem[c]).strip()}" for c in cases), flush=True)
+                to_tol = {}
+                if not args.no_tol:
+                    for name, cache, accelerate in (("fused", False, False), ("cached", True, False),
+                                                    ("cached+squarem", True, True)):
+                        start = time.perf_counter()
+                        res = ccluster.fit_representativeness(x, db, weight, alpha, tol=args.tol,
+                                                              max_iter=args.max_iter, cache=cache,
+                                                              accelerate=accelerate)
+                        common.sync(args.device)
+                        to_tol[name] = {"seconds": time.perf_counter() - start, "max_iter": int(res.n_iter.max()),
+                                        "converged": int(res.converged.sum()), "max_gap": float(res.gap.max())}
+                        print(f"  to tol, {name:14s}: {to_tol[name]['seconds']:.2f} s, {to_tol[name]['max_iter']} "
+                              f"iterations, {to_tol[name]['converged']}/{size[2]} classes converged, max gap "
+                              f"{to_tol[name]['max_gap']:.1e}")
+            est = None
+            if "fused" in to_tol and not isinstance(t["torch"]["seconds"], str):
+                est = t["torch"]["seconds"] * to_tol["fused"]["max_iter"]
+                print(f"  to tol, torch (estimated: plain iterations x its time per iteration): {est:.2f} s")
+            rows.append({"precision": prec, "videos": size[0], "T": size[1], "C": size[2], "n": size[3],
+                         "m": size[4], "pairs": npairs, **{f"max_abs_err_{k}": v for k, v in err.items()},
+                         **{f"{c}_s": t[c]["seconds"] for c in cases}, **{f"{c}_ratio": t[c]["ratio"] for c in cases},
+                         **{f"{c}_peak_bytes": mem[c] for c in cases},
+                         "to_tol": to_tol, "torch_to_tol_estimated_s": est})
+            common.write_json(args.json, payload)  # after every case: an interrupted run keeps it
     print("per iteration: median time, ratio to the pairs' GEMM (median of per-round ratios), peak extra memory")
-    common.write_json(args.json, {"op": "fit", "dtype": args.dtype, "tol": args.tol,
-                                  "env": common.environment(args.device), "rounds": args.rounds, "rows": rows})
+    common.write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -4,31 +4,77 @@ Timing: the machines we run on are noisy (a VM that flips between a fast and a s
 candidate of one configuration is timed *alternately* in the same process, round after round, and we
 report the median time of each and the median of the per-round ratios to the GEMM floor.
 
-Memory: peak extra memory is measured in a fresh subprocess per case. On CPU it is the rise of the
+Memory: on CPU, peak extra memory is measured in a fresh subprocess per case: the rise of the
 process's high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident size after
-the inputs were built; on CUDA it is torch.cuda.max_memory_allocated over the memory held by the inputs.
+the inputs were built. On CUDA it is measured in the benchmark's own process (the caching allocator
+counts live tensors exactly): torch.cuda.max_memory_allocated over the memory held before the call.
+
+Precisions: ``--dtype`` takes a comma-separated list of float32, tf32 (float32 inputs with
+torch.backends.cuda.matmul.allow_tf32 on, for the op, the baselines and the GEMM floor alike), float64,
+float16 and bfloat16. ``--deadline`` stops starting new cases after that many seconds, and ``--json``
+is rewritten after every case, so an interrupted run keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
+import time
 from typing import Callable
 
 import torch
 from torch.utils import benchmark as tbench
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+          "bfloat16": torch.bfloat16, "tf32": torch.float32}
+
+
+def parse_dtypes(text: str) -> list[str]:
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    for d in names:
+        if d not in DTYPES:
+            raise SystemExit(f"--dtype: unknown precision {d!r}; choose from {sorted(DTYPES)}")
+    return names
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    """float32 matmuls in TF32 inside (name "tf32"), exact float32 otherwise."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+    try:
+        yield DTYPES[name]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+class Deadline:
+    """Stops a benchmark from starting new cases once `seconds` have passed (None: never)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+def backend_settings(name: str):
+    """ccluster.kernel_settings for a candidate: "library" or "fused" (CUDA), "auto" otherwise."""
+    import ccluster
+    return ccluster.kernel_settings(backend=name)
 
 
 def base_parser(description: str, default_sizes: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated precisions: float32, tf32, float64, float16, bfloat16")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which no new case starts (the JSON keeps what was measured)")
     p.add_argument("--sizes", default=default_sizes, help="semicolon-separated comma tuples")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -114,6 +160,21 @@ def measure_in_process(build: Callable[[], Callable[[], object]], device: str,
         f.write("5")
     fn()
     return max(0, _rss_kb("VmHWM") - base) * 1024
+
+
+def measure_cuda(fn: Callable[[], object]) -> int | str:
+    """Peak extra CUDA memory of one call of fn, in this process (after a warm-up call)."""
+    try:
+        fn()
+        sync("cuda")
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync("cuda")
+        return torch.cuda.max_memory_allocated() - base
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
 
 
 def measure_subprocess(script: str, case: str, argv: list[str]) -> int | str:

@@ -13,6 +13,7 @@ from .fit import FitResult, fit_representativeness
 from .loss import ConvexClusteringLoss
 from .ops import convex_clustering_loss, exemplar_logsumexp, fit_step, has_compiled_ops
 from .selection import Selection, select_representative
+from .settings import get_kernel_settings, kernel_settings, set_kernel_settings
 
 __all__ = [
     "reference",
@@ -32,5 +33,8 @@ __all__ = [
     "ExemplarDatabase",
     "Selection",
     "select_representative",
+    "kernel_settings",
+    "get_kernel_settings",
+    "set_kernel_settings",
 ]
 __version__ = "0.1.0"

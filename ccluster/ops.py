@@ -179,7 +179,8 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
         out = reference.exemplar_logsumexp(*args, float(alpha), metric, pairs)
         return out.to(x.dtype)
     _check_args("exemplar_logsumexp", x, db, log_q, alpha, metric)
-    return torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, float(alpha), metric, pairs)
+    # the op returns float32 for float16/bfloat16 (autograd saves that logz for the backward)
+    return torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, float(alpha), metric, pairs).to(x.dtype)
 
 
 def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torch.Tensor,
@@ -266,6 +267,11 @@ def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: tor
 # ---------------------------------------------------------------------------------------------------
 # Registration: fake kernels and autograd (only when the compiled library is present).
 
+def _acc_dtype(dtype):
+    # logz is kept in the accumulation type: float32 for float16/bfloat16/float32, float64 for float64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 if has_compiled_ops():
 
     @torch.library.register_fake("ccluster::exemplar_logsumexp")
@@ -273,7 +279,7 @@ if has_compiled_ops():
         _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
         if pairs is not None:
             _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db)
-        return x.new_empty((x.shape[0], db.shape[0]))
+        return x.new_empty((x.shape[0], db.shape[0]), dtype=_acc_dtype(x.dtype))
 
     @torch.library.register_fake("ccluster::exemplar_logsumexp_backward")
     def _(grad, x, db, log_q, logz, alpha, metric, pairs, output_mask):
@@ -286,7 +292,7 @@ if has_compiled_ops():
         _check_common("convex_clustering_loss", x, db, log_q, alpha, metric)
         _check_pairs("convex_clustering_loss", "pairs", pairs, x, db)
         _check_pairs("convex_clustering_loss", "attention", weight, x, db, dtype=x.dtype)
-        return (x.new_empty(()), x.new_empty((x.shape[0], db.shape[0])),
+        return (x.new_empty(()), x.new_empty((x.shape[0], db.shape[0]), dtype=_acc_dtype(x.dtype)),
                 x.new_empty(x.shape if grad_x else (0,)))
 
     @torch.library.register_fake("ccluster::fit_step")
@@ -346,7 +352,7 @@ if has_compiled_ops():
         if need_x:
             gx = _loss_grad_x(ctx, g_loss, x, weight, pairs, db, log_q)
         if need_w:
-            gw = -g_loss * logz  # logz is 0 outside the pairs
+            gw = (-g_loss * logz).to(weight.dtype)  # logz is 0 outside the pairs (float32 for 16-bit x)
         if need_db or need_lq:
             # dL/dlogz = -weight on the pairs; recompute the tiles for db / log_q
             g = torch.where(pairs, -g_loss * weight, torch.zeros((), dtype=weight.dtype,

@@ -94,6 +94,18 @@ inline void check_fit_weight(const char* op, const at::Tensor& weight) {
   }
 }
 
+// [N, C] values that may come in x's dtype or in the accumulation type (grad and logz of the backward).
+inline void check_values(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                         const at::Tensor& db) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
+              " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, op, ": ", name,
+              " must have x's dtype ", x.scalar_type(), " or ", acc, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+              t.device());
+}
+
 // Online log-sum-exp: a running maximum `m` and a sum `l` of exp(s - shift(m)). The shift is 0 while
 // m = -inf (nothing seen yet, or only empty slots), so that -inf inputs give log(0) = -inf and never
 // (-inf) - (-inf) = NaN; NaN inputs propagate through the sum.

@@ -12,6 +12,8 @@
 // writes the rows and later rounds add to them. The sum is thus taken in class order whatever the
 // thread timing, and needs no buffer.
 #include "cpu/tile.h"
+#include "library/library_path.h"
+#include "library/settings.h"
 
 namespace ccluster {
 namespace cpu {
@@ -199,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
   check_pairs(op, "attention", weight, x, db, /*is_mask=*/false);
   check_attention(op, weight, pairs);
   check_log_probabilities(op, log_q);
+  if (library::use_library(x.device())) return library::cc_loss(x, weight, pairs, db, log_q, alpha, metric, grad_x);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
@@ -215,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
   } else if (grad_x) {
     dx.zero_();  // no class or no slot: nothing to learn
   }
-  return {loss.to(x.scalar_type()), logz.to(x.scalar_type()),
+  return {loss.to(x.scalar_type()), logz,  // logz in the accumulation type, as exemplar_logsumexp
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
 

@@ -7,6 +7,8 @@
 #include <mutex>
 
 #include "cpu/tile.h"
+#include "library/library_path.h"
+#include "library/settings.h"
 
 namespace ccluster {
 namespace cpu {
@@ -143,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> fit_step_cpu(const at::Tensor& x, const at::T
   const Metric metric = parse_metric(op, metric_name);
   check_pairs(op, "weight", weight, x, db, /*is_mask=*/false);
   check_fit_weight(op, weight);
+  if (library::use_library(x.device())) return library::fit_step(x, db, log_q, weight, alpha, metric);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);

@@ -16,6 +16,8 @@
 #include <utility>
 
 #include "cpu/tile.h"
+#include "library/library_path.h"
+#include "library/settings.h"
 
 namespace ccluster {
 namespace cpu {
@@ -213,15 +215,16 @@ at::Tensor exemplar_logsumexp_cpu(const at::Tensor& x, const at::Tensor& db, con
   check_inputs(op, x, db, log_q, alpha);
   const Metric metric = parse_metric(op, metric_name);
   if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
+  if (library::use_library(x.device())) return library::exemplar_logsumexp(x, db, log_q, alpha, metric, pairs);
   const auto t = acc_type(x.scalar_type());
   at::Tensor out = at::zeros({x.size(0), db.size(0)}, x.options().dtype(t));
-  if (out.numel() == 0) return out.to(x.scalar_type());
+  if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_cpu", [&] {
     const Inputs in = prepare<scalar_t>(x, db, log_q);
     const ClassRows cr = pairs.has_value() ? rows_from_mask(*pairs) : all_rows(in.N);
     lse_forward<scalar_t>(in, cr, static_cast<scalar_t>(alpha), metric, out);
   });
-  return out.to(x.scalar_type());
+  return out;  // logz stays in the accumulation type (the backward recomputes p = exp(s - logz) from it)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
@@ -231,9 +234,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
   const char* op = "exemplar_logsumexp_backward";
   check_inputs(op, x, db, log_q, alpha);
   const Metric metric = parse_metric(op, metric_name);
-  check_pairs(op, "grad", grad, x, db, /*is_mask=*/false);
-  check_pairs(op, "logz", logz, x, db, /*is_mask=*/false);
+  check_values(op, "grad", grad, x, db);
+  check_values(op, "logz", logz, x, db);
   if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
+  if (library::use_library(x.device()))
+    return library::exemplar_logsumexp_backward(grad, x, db, log_q, logz, alpha, metric, pairs, output_mask);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor gx = output_mask[0] ? zeros_large(x.sizes(), opts) : at::Tensor();

@@ -13,17 +13,18 @@
 //      its slab, so plain loads and stores; it stays in L2 for moderate m), as FlashAttention keeps O.
 // At the end of the unit logz = M + log L, and the pair's share of dL/dx,
 //   w * alpha * (omega x_s - acc_s) / L,
-// is added to dx with one atomicAdd per (pair, feature). A row with one or two pairs gets the same sum in
+// is added to dx with one atomicAdd per (pair, feature) (torch.use_deterministic_algorithms raises here).
+// A row with one or two pairs gets the same sum in
 // any order (0 + a + b = 0 + b + a exactly); with three or more the result depends on the order of the
 // additions at the level of rounding. The loss is reduced from a per-pair [N, C] buffer by ATen's sum
 // (deterministic).
 #include "cuda/tile.cuh"
+#include "library/library_path.h"
+#include "library/settings.h"
 
 namespace ccluster {
 namespace cuda {
 namespace {
-
-constexpr int kLossBlocksPerSm = 2;  // persistent blocks per SM: also the number of scratch slabs
 
 template <typename scalar_t, typename T, int BK>
 __global__ void __launch_bounds__(kThreads)
@@ -188,6 +189,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cuda(const at::Tensor& x,
   check_pairs(op, "pairs", pairs, x, db, /*is_mask=*/true);
   check_pairs(op, "attention", weight, x, db, /*is_mask=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (library::use_library(x.device())) return library::cc_loss(x, weight, pairs, db, log_q, alpha, metric, grad_x);
+  // dL/dx is accumulated with atomicAdd here: with 3+ classes per row its last bits depend on the order
+  if (grad_x)
+    at::globalContext().alertNotDeterministic(
+        "ccluster::cc_loss (fused CUDA kernel, gradient of x); the library-GEMM path "
+        "(ccluster.kernel_settings(backend=\"library\")) is deterministic");
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
@@ -201,12 +208,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cuda(const at::Tensor& x,
     const at::Tensor w = weight.to(t).contiguous();
     at::Tensor contrib = at::zeros({x.size(0), db.size(0)}, opts);
     const int64_t units = ((int64_t(in.N) + kTile - 1) / kTile) * in.C;
-    const int grid = persistent_grid(units, kLossBlocksPerSm);
-    // one [64, m] accumulator slab per block; only when dL/dx is wanted
-    at::Tensor scratch = at::empty({grad_x ? int64_t(grid) * kTile * in.m : 0}, opts);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cc_loss_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
+      // as many blocks as stay resident; one [64, m] accumulator slab per block when dL/dx is wanted
+      // (at most 2 per SM: the slabs are grid x 64 x m floats)
+      const int grid = std::min(occupancy_grid(cc_loss_kernel<scalar_t, T, Cfg<T>::BK>, kThreads, 0, units),
+                                2 * sm_count());
+      at::Tensor scratch = at::empty({grad_x ? int64_t(grid) * kTile * in.m : 0}, opts);
       cc_loss_kernel<scalar_t, T, Cfg<T>::BK><<<grid, kThreads, 0, stream>>>(
           in.x.data_ptr<scalar_t>(), in.db.data_ptr<scalar_t>(), in.log_q.data_ptr<T>(), in.xx.data_ptr<T>(),
           in.yy.data_ptr<T>(), w.data_ptr<T>(), cr.view(), in.N, in.C, in.n, in.m, static_cast<T>(alpha),
@@ -216,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cuda(const at::Tensor& x,
     });
     loss = contrib.sum();
   }
-  return {loss.to(x.scalar_type()), logz.to(x.scalar_type()),
+  return {loss.to(x.scalar_type()), logz,  // logz in the accumulation type, as exemplar_logsumexp
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
 

@@ -14,6 +14,8 @@
 // computed twice (2 x the GEMM work of one pass). A single-pass variant for n <= 64, or one that keeps
 // per-row-block column partials and merges them, is future work.
 #include "cuda/lse_forward.cuh"
+#include "library/library_path.h"
+#include "library/settings.h"
 
 namespace ccluster {
 namespace cuda {
@@ -113,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor> fit_step_cuda(const at::Tensor& x, const at::
   const Metric metric = parse_metric(op, metric_name);
   check_pairs(op, "weight", weight, x, db, /*is_mask=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (library::use_library(x.device())) return library::fit_step(x, db, log_q, weight, alpha, metric);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
@@ -122,12 +125,14 @@ std::tuple<at::Tensor, at::Tensor> fit_step_cuda(const at::Tensor& x, const at::
     const at::Tensor w = weight.to(t).contiguous();
     const ClassRows cr = build_class_rows(w.gt(0).t().contiguous());
     const bool euclid = metric == Metric::Euclidean;
-    const int grid_z = persistent_grid(((int64_t(in.N) + kTile - 1) / kTile) * in.C, 4);
-    const int grid_eta = persistent_grid(int64_t((in.n + kTile - 1) / kTile) * in.C, 16);
+    const int64_t units_z = ((int64_t(in.N) + kTile - 1) / kTile) * in.C;
+    const int64_t units_eta = int64_t((in.n + kTile - 1) / kTile) * in.C;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fit_step_cuda", [&] {
       using T = at::opmath_type<scalar_t>;
       constexpr int BK = Cfg<T>::BK;
+      const int grid_z = occupancy_grid(lse_forward_kernel<scalar_t, T, BK>, kThreads, 0, units_z);
+      const int grid_eta = occupancy_grid(fit_eta_kernel<scalar_t, T, BK>, kThreads, 0, units_eta);
       lse_forward_kernel<scalar_t, T, BK><<<grid_z, kThreads, 0, stream>>>(
           in.x.data_ptr<scalar_t>(), in.db.data_ptr<scalar_t>(), in.log_q.data_ptr<T>(), in.xx.data_ptr<T>(),
           in.yy.data_ptr<T>(), cr.view(), in.N, in.C, in.n, in.m, static_cast<T>(alpha), euclid,

@@ -11,10 +11,14 @@
 // At the end of the class grad_db[c, j] -= alpha * colsum(W)[j] y_j and grad_log_q[c, j] = colsum(P)[j],
 // reduced in a fixed order. grad_x rows are shared by every exemplar chunk and class, so grad_x is
 // accumulated with atomicAdd (float32 / float64): its value depends on the order of the additions, at the
-// level of rounding. grad_db and grad_log_q are deterministic.
+// level of rounding (torch.use_deterministic_algorithms raises for it). grad_db and grad_log_q are
+// deterministic. These are the hand-written kernels (backend "fused"); the default on CUDA is the
+// library-GEMM path (csrc/library).
 #include <array>
 
 #include "cuda/lse_forward.cuh"
+#include "library/library_path.h"
+#include "library/settings.h"
 
 namespace ccluster {
 namespace cuda {
@@ -188,23 +192,24 @@ at::Tensor exemplar_logsumexp_cuda(const at::Tensor& x, const at::Tensor& db, co
   const Metric metric = parse_metric(op, metric_name);
   if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (library::use_library(x.device())) return library::exemplar_logsumexp(x, db, log_q, alpha, metric, pairs);
   const auto t = acc_type(x.scalar_type());
   at::Tensor out = at::zeros({x.size(0), db.size(0)}, x.options().dtype(t));
-  if (out.numel() == 0) return out.to(x.scalar_type());
+  if (out.numel() == 0) return out;
   const Inputs in = prepare(op, x, db, log_q);
   const ClassRows cr = pairs.has_value() ? build_class_rows(pairs->t().contiguous()) : dense_rows(in.N);
   const int64_t units = ((int64_t(in.N) + kTile - 1) / kTile) * in.C;
-  const int grid = persistent_grid(units, 4);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "exemplar_logsumexp_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
+    const int grid = occupancy_grid(lse_forward_kernel<scalar_t, T, Cfg<T>::BK>, kThreads, 0, units);
     lse_forward_kernel<scalar_t, T, Cfg<T>::BK><<<grid, kThreads, 0, stream>>>(
         in.x.data_ptr<scalar_t>(), in.db.data_ptr<scalar_t>(), in.log_q.data_ptr<T>(), in.xx.data_ptr<T>(),
         in.yy.data_ptr<T>(), cr.view(), in.N, in.C, in.n, in.m, static_cast<T>(alpha),
         metric == Metric::Euclidean, out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out.to(x.scalar_type());
+  return out;  // logz stays in the accumulation type (the backward recomputes p = exp(s - logz) from it)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cuda(
@@ -214,10 +219,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cuda(
   const char* op = "exemplar_logsumexp_backward";
   check_inputs(op, x, db, log_q, alpha);
   const Metric metric = parse_metric(op, metric_name);
-  check_pairs(op, "grad", grad, x, db, /*is_mask=*/false);
-  check_pairs(op, "logz", logz, x, db, /*is_mask=*/false);
+  check_values(op, "grad", grad, x, db);
+  check_values(op, "logz", logz, x, db);
   if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (library::use_library(x.device()))
+    return library::exemplar_logsumexp_backward(grad, x, db, log_q, logz, alpha, metric, pairs, output_mask);
+  // grad_x is accumulated with atomicAdd here: its last bits depend on the order of the additions
+  if (output_mask[0])
+    at::globalContext().alertNotDeterministic(
+        "ccluster::exemplar_logsumexp_backward (fused CUDA kernel, gradient of x); the library-GEMM path "
+        "(ccluster.kernel_settings(backend=\"library\")) is deterministic");
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor gx = output_mask[0] ? at::zeros(x.sizes(), opts) : at::Tensor();
@@ -228,11 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cuda(
     const ClassRows cr = pairs.has_value() ? build_class_rows(pairs->t().contiguous()) : dense_rows(in.N);
     const at::Tensor g = grad.to(t).contiguous(), lz = logz.to(t).contiguous();
     const int64_t units = int64_t((in.n + kTile - 1) / kTile) * in.C;
-    const int grid = persistent_grid(units, 16);  // each block loops over all rows of its class
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "exemplar_logsumexp_backward_cuda",
                                     [&] {
       using T = at::opmath_type<scalar_t>;
+      const int grid = occupancy_grid(lse_backward_kernel<scalar_t, T, Cfg<T>::BK>, kThreads, 0, units);
       lse_backward_kernel<scalar_t, T, Cfg<T>::BK><<<grid, kThreads, 0, stream>>>(
           in.x.data_ptr<scalar_t>(), in.db.data_ptr<scalar_t>(), in.log_q.data_ptr<T>(), in.xx.data_ptr<T>(),
           in.yy.data_ptr<T>(), g.data_ptr<T>(), lz.data_ptr<T>(), cr.view(), in.C, in.n, in.m,

@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/launch.cuh"
 
 namespace ccluster {
 namespace cuda {
@@ -60,7 +61,7 @@ __device__ __forceinline__ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-__device__ __forceinline__ float dexp(float v) { return __expf(v); }  // exp(-inf) = 0, NaN stays NaN
+__device__ __forceinline__ float dexp(float v) { return ::expf(v); }  // exp(-inf) = 0, NaN stays NaN; accurate (no fast math)
 __device__ __forceinline__ double dexp(double v) { return ::exp(v); }
 __device__ __forceinline__ float dlog(float v) { return ::logf(v); }
 __device__ __forceinline__ double dlog(double v) { return ::log(v); }
@@ -168,16 +169,8 @@ inline Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& db,
   return in;
 }
 
-// A persistent grid: enough blocks to fill the GPU a few times over, never more than the units.
-inline int persistent_grid(int64_t units, int blocks_per_sm) {
-  static int sms[64] = {0};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64) dev = 63;
-  if (sms[dev] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev));
-  const int64_t g = std::min<int64_t>(units, int64_t(sms[dev]) * blocks_per_sm);
-  return static_cast<int>(std::max<int64_t>(g, 1));
-}
+// Persistent grids are sized with the occupancy API (occupancy_grid, launch.cuh): as many blocks as stay
+// resident for the kernel's registers and shared memory, never more than the units of work.
 
 // ---------------------------------------------------------------------------------------------------
 // The distance-tile K-loop.

@@ -1,0 +1,247 @@
+// CPU implementation of the library-path epilogues (semantics: epilogue.h). Plain loops over rows and
+// columns, parallel over rows where the rows are independent; every reduction runs in a fixed order.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "library/epilogue.h"
+#include "library/epilogue_math.h"
+
+namespace ccluster {
+namespace library {
+namespace {
+
+inline int64_t row_of(const int64_t* ids, int64_t r0, int64_t i) { return ids ? ids[i] : r0 + i; }
+
+template <typename T>
+void rows_impl(const RowArgs& a) {
+  const int64_t ld = a.g * a.k;
+  T* S = a.S.data_ptr<T>();
+  T* P = a.P.defined() ? a.P.data_ptr<T>() : nullptr;
+  const T* xx = a.xx.data_ptr<T>();
+  const T* yy = a.yy.data_ptr<T>();
+  const T* lq = a.lq.data_ptr<T>();
+  const int64_t* ids = a.row_ids.defined() ? a.row_ids.data_ptr<int64_t>() : nullptr;
+  const int64_t* cls = a.row_class.defined() ? a.row_class.data_ptr<int64_t>() : nullptr;
+  const bool* mask = a.mask.defined() ? a.mask.data_ptr<bool>() : nullptr;
+  T* logz = a.logz.data_ptr<T>();
+  const T* coef = a.coef.defined() ? a.coef.data_ptr<T>() : nullptr;
+  T* rowsum = a.rowsum.defined() ? a.rowsum.data_ptr<T>() : nullptr;
+  const T alpha = static_cast<T>(a.alpha);
+  const int64_t C = a.C, n = a.n, k = a.k;
+  const RowMode mode = a.mode;
+  at::parallel_for(0, a.rows, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = row_of(ids, a.r0, i);
+      const T xi = xx[i];
+      for (int64_t h = 0; h < a.g; ++h) {
+        const int64_t c = (cls ? cls[i] : a.c0) + h;
+        const int64_t pc = s * C + c;
+        T* row = S + i * ld + h * k;
+        T* prow = P ? P + i * ld + h * k : nullptr;
+        const T* lqc = lq + c * n + a.j0;
+        const T* yyc = yy + c * n + a.j0;
+        const bool active = !mask || mask[pc];
+        if (!active) {
+          if (mode == RowMode::Lse) continue;
+          const T fill = (mode == RowMode::Fit || mode == RowMode::Eta) ? ninf<T>() : T(0);
+          std::fill(row, row + k, fill);
+          if (prow) std::fill(prow, prow + k, T(0));
+          continue;
+        }
+        T t, kap;
+        T z;  // the row's log-sum-exp: computed here (Lse, LseW, Fit) or given (W, Eta)
+        if (mode == RowMode::Lse || mode == RowMode::LseW || mode == RowMode::Fit) {
+          T mx = ninf<T>();
+          for (int64_t j = 0; j < k; ++j)
+            mx = max_nan_skip(mx, score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap));
+          const T sh = shift_of(mx);
+          T l = 0;
+          for (int64_t j = 0; j < k; ++j)
+            l += std::exp(score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap) - sh);
+          z = sh + std::log(l);
+          if (mode == RowMode::Lse && !a.first) z = log_add(logz[pc], z);
+          logz[pc] = z;
+          if (mode == RowMode::Lse) continue;
+        } else {
+          z = logz[pc];
+        }
+        const T cf = coef[pc];
+        if (mode == RowMode::Fit || mode == RowMode::Eta) {
+          const T v = z == ninf<T>() ? ninf<T>() : std::log(cf) - z;
+          for (int64_t j = 0; j < k; ++j) {
+            score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap);
+            row[j] = t + v;
+          }
+          continue;
+        }
+        // W, LseW: responsibilities scaled by the row's coefficient; rows without one contribute 0
+        if (cf == T(0) || z == ninf<T>()) {
+          std::fill(row, row + k, T(0));
+          if (prow) std::fill(prow, prow + k, T(0));
+          continue;
+        }
+        T rs = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const T sc = score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap);
+          const T p = cf * std::exp(sc - z);
+          const T w = kap * p;
+          if (prow) prow[j] = p;
+          row[j] = w;
+          rs += w;
+        }
+        if (rowsum) rowsum[pc] += rs;
+      }
+    }
+  });
+}
+
+template <typename T>
+void cols_impl(const ColArgs& a) {
+  const int64_t ld = a.g * a.k;
+  const T* S = a.S.data_ptr<T>();
+  T* acc = a.acc.data_ptr<T>();
+  T* acc2 = a.acc2.defined() ? a.acc2.data_ptr<T>() : nullptr;
+  std::vector<int64_t> seg;
+  if (a.seg.defined()) {
+    const at::Tensor sc = a.seg.cpu().contiguous();
+    seg.assign(sc.data_ptr<int64_t>(), sc.data_ptr<int64_t>() + sc.numel());
+  } else {
+    seg = {0, a.rows, a.c0};
+  }
+  const int64_t nseg = static_cast<int64_t>(seg.size() / 3);
+  at::parallel_for(0, ld, 64, [&](int64_t q0, int64_t q1) {
+    for (int64_t sgi = 0; sgi < nseg; ++sgi) {
+      const int64_t r_a = seg[3 * sgi], len = seg[3 * sgi + 1], cbase = seg[3 * sgi + 2];
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t c = cbase + q / a.k, j = a.j0 + q % a.k;
+        const int64_t o = c * a.n + j;
+        if (!a.lse) {
+          T sum = 0;
+          for (int64_t r = r_a; r < r_a + len; ++r) sum += S[r * ld + q];
+          acc[o] += sum;
+        } else {
+          T mx = ninf<T>();
+          for (int64_t r = r_a; r < r_a + len; ++r) mx = max_nan_skip(mx, S[r * ld + q]);
+          const T sh = shift_of(mx);
+          T l = 0;
+          for (int64_t r = r_a; r < r_a + len; ++r) l += std::exp(S[r * ld + q] - sh);
+          lse_state_merge(acc[o], acc2[o], mx, l);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename src_t, typename out_t>
+void gather_typed(const GatherArgs& a) {
+  const int64_t m = a.src.size(1);
+  const int64_t st0 = a.src.stride(0), st1 = a.src.stride(1);
+  const src_t* src = a.src.data_ptr<src_t>();
+  const int64_t* ids = a.row_ids.defined() ? a.row_ids.data_ptr<int64_t>() : nullptr;
+  const int64_t* cls = a.row_class.defined() ? a.row_class.data_ptr<int64_t>() : nullptr;
+  const T* mu = a.mu.defined() ? a.mu.data_ptr<T>() : nullptr;
+  out_t* out = a.out.defined() ? a.out.data_ptr<out_t>() : nullptr;
+  T* xx = a.xx.data_ptr<T>();
+  at::parallel_for(0, a.rows, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = row_of(ids, a.r0, i);
+      const int64_t c = cls ? cls[i] : (a.class_div > 0 ? (a.r0 + i) / a.class_div : a.c0);
+      const src_t* sr = src + r * st0;
+      const T* mr = mu ? mu + c * m : nullptr;
+      T s = 0;
+      for (int64_t f = 0; f < m; ++f) {
+        T v = static_cast<T>(sr[f * st1]);
+        if (mr) v -= mr[f];
+        const out_t o = static_cast<out_t>(v);
+        const T vr = static_cast<T>(o);
+        if (out) out[i * m + f] = o;
+        s += vr * vr;
+      }
+      xx[i] = s;
+    }
+  });
+}
+
+template <typename T>
+void gather_impl(const GatherArgs& a) {
+  const at::ScalarType ot = a.out.defined() ? a.out.scalar_type() : a.round_to;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.src.scalar_type(), "ccluster_gather_src", [&] {
+    using src_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ot, "ccluster_gather_out", [&] {
+      gather_typed<T, src_t, scalar_t>(a);
+    });
+  });
+}
+
+template <typename T>
+void scatter_impl(const ScatterArgs& a) {
+  const int64_t m = a.dst.size(1);
+  const int64_t U = a.run_begin.numel() - 1;
+  const int64_t* rows = a.sorted_rows.data_ptr<int64_t>();
+  const int64_t* order = a.order.data_ptr<int64_t>();
+  const int64_t* rb = a.run_begin.data_ptr<int64_t>();
+  const T* src = a.src.data_ptr<T>();
+  T* dst = a.dst.data_ptr<T>();
+  const T scale = static_cast<T>(a.scale);
+  // the entries of one row are consecutive in the sorted list, in packed (class) order; runs are
+  // distinct rows, so they run in parallel
+  at::parallel_for(0, U, 16, [&](int64_t u0, int64_t u1) {
+    std::vector<T> sum(m);
+    for (int64_t u = u0; u < u1; ++u) {
+      bool any = false;
+      std::fill(sum.begin(), sum.end(), T(0));
+      for (int64_t q = rb[u]; q < rb[u + 1]; ++q) {
+        const int64_t p = order[q] - a.p0;
+        if (p < 0 || p >= a.rows) continue;
+        const T* sr = src + p * m;
+        for (int64_t f = 0; f < m; ++f) sum[f] += sr[f];
+        any = true;
+      }
+      if (!any) continue;
+      T* dr = dst + rows[rb[u]] * m;
+      for (int64_t f = 0; f < m; ++f) dr[f] += scale * sum[f];
+    }
+  });
+}
+
+void rows_cpu(const RowArgs& a) {
+  if (a.rows == 0 || a.k == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(a.S.scalar_type(), "ccluster_rows_cpu", [&] { rows_impl<scalar_t>(a); });
+}
+void cols_cpu(const ColArgs& a) {
+  if (a.rows == 0 || a.k == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(a.S.scalar_type(), "ccluster_cols_cpu", [&] { cols_impl<scalar_t>(a); });
+}
+void gather_cpu(const GatherArgs& a) {
+  if (a.rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(a.xx.scalar_type(), "ccluster_gather_cpu", [&] { gather_impl<scalar_t>(a); });
+}
+void scatter_cpu(const ScatterArgs& a) {
+  if (a.rows == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(a.dst.scalar_type(), "ccluster_scatter_cpu", [&] { scatter_impl<scalar_t>(a); });
+}
+bool capturing_cpu() { return false; }
+
+const Epilogues kCpu{&gather_cpu, &rows_cpu, &cols_cpu, &scatter_cpu, &capturing_cpu};
+std::atomic<const Epilogues*> g_cuda{nullptr};
+
+}  // namespace
+
+const Epilogues& cpu_epilogues() { return kCpu; }
+
+void register_cuda_epilogues(const Epilogues* table) { g_cuda.store(table); }
+
+const Epilogues& epilogues_for(const at::Device& device, const char* op) {
+  if (device.is_cpu()) return kCpu;
+  const Epilogues* t = device.is_cuda() ? g_cuda.load() : nullptr;
+  TORCH_CHECK(t != nullptr, op, ": the library-GEMM path has no epilogue kernels for device ", device,
+              " in this build (CUDA kernels are compiled when torch has CUDA and a toolkit is found)");
+  return *t;
+}
+
+}  // namespace library
+}  // namespace ccluster
