@@ -150,10 +150,10 @@ inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at:
 
 inline Inputs prepare(const char* op, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(x.size(0) < kMax && x.size(1) < kMax && db.size(0) < kMax && db.size(1) < kMax, op,
+  TORCH_CHECK_VALUE(x.size(0) < kMax && x.size(1) < kMax && db.size(0) < kMax && db.size(1) < kMax, op,
               ": sizes beyond 2^31 are not supported by the CUDA kernels, got x ", x.sizes(), ", db ",
               db.sizes());
-  TORCH_CHECK(x.size(0) * db.size(0) < kMax, op, ": N * C must be < 2^31 for the CUDA kernels, got N=",
+  TORCH_CHECK_VALUE(x.size(0) * db.size(0) < kMax, op, ": N * C must be < 2^31 for the CUDA kernels, got N=",
               x.size(0), ", C=", db.size(0));
   Inputs in;
   const auto t = acc_type(x.scalar_type());
