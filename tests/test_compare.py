@@ -23,18 +23,6 @@ VARIANTS = {"lam1": {"cc": {"weight": 1.0}}, "lam01": {"cc.weight": 0.1, "cc.det
 SEEDS = [0, 1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
-
-
 def _base():
     return load_config(ROOT / "configs" / "tiny.yaml", TINY)
 
