@@ -269,8 +269,10 @@ class Comparison:
         from .config import from_dict
         if (run_dir / ckpt.LATEST).exists():
             state = ckpt.load(run_dir / ckpt.LATEST)
-            if from_dict(state["config"]) != cfg:
-                diff = [k for k, v in _flatten(cfg).items() if _flatten(from_dict(state["config"])).get(k) != v]
+            saved = from_dict(state["config"])
+            same = stage1_id(saved) == stage1_id(cfg) if start is None else saved == cfg
+            if not same:  # a stage-1 run serves every config with the same stage 1
+                diff = [k for k, v in _flatten(cfg).items() if _flatten(saved).get(k) != v]
                 raise ConfigError(f"compare: {run_dir} holds a run with another config ({', '.join(diff)}); "
                                   f"remove it or choose another --out")
             if (run_dir / "results.json").exists():  # written when a run has finished
