@@ -128,6 +128,17 @@ def test_evaluation_only_variants_reuse_the_training(cache, tmp_path):
     assert res["results"]["smooth3"][0]["det_map_avg"] != ctrl["det_map_avg"]   # evaluated otherwise
 
 
+def test_stage1_is_shared_across_comparisons_of_exemplar_settings(tmp_path):
+    Comparison(_base(), {}, [0], tmp_path).run()
+    stage1 = tmp_path / "seed-0" / "stage1" / "latest.pt"
+    before = stage1.stat().st_mtime_ns
+    # another base with other exemplar settings: its stage 1 is the same run, its control is not
+    other = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["cc.size=4"])
+    with pytest.raises(ConfigError, match=r"seed-0/control holds a run with another config \(cc\.size\)"):
+        Comparison(other, {}, [0], tmp_path).run()
+    assert stage1.stat().st_mtime_ns == before  # reused, not trained again
+
+
 def test_same_command_twice_same_table(compared, tmp_path):
     out, res = compared
     again = Comparison(_base(), parse_variants(VARIANTS), SEEDS, tmp_path / "again").run()
