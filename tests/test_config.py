@@ -225,6 +225,6 @@ def test_new_keys_validate():
 
 def test_keys_yaml_would_read_as_booleans(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("cc:\n  on: input\n  normalize: yes\n")  # YAML 1.1: the key 'on' is True, 'yes' too
+    path.write_text("data:\n  synthetic: tiny\ncc:\n  on: input\n  normalize: yes\n")  # YAML 1.1: on/yes are True
     cfg = load_config(path)
     assert cfg["cc"]["on"] == "input" and cfg["cc"]["normalize"] is True
