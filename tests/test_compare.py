@@ -42,9 +42,9 @@ def test_variants_parse_and_refuse_stage1_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"variant name 'stage1'"):
         parse_variants({"stage1": {}})
     path = tmp_path / "v.yaml"
-    path.write_text("lam: {cc.weight: 0.5}\n")
+    path.write_text("lam: {cc.weight: 5e-1}\ninput: {cc: {on: input}}\n")
     assert load_variants(str(path), ["det: {cc.detach_attention: true}"]) == {
-        "lam": {"cc.weight": 0.5}, "det": {"cc.detach_attention": True}}
+        "lam": {"cc.weight": 0.5}, "input": {"cc.on": "input"}, "det": {"cc.detach_attention": True}}
     with pytest.raises(ConfigError, match=r"--variant 'oops'"):
         load_variants(None, ["oops"])
     with pytest.raises(ConfigError, match=r"unknown config key 'cc\.nonsense'"):

@@ -39,7 +39,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, _merge_yaml, validate
+from .config import ConfigError, _merge_yaml, load_yaml, validate
 
 log = logging.getLogger("train")
 
@@ -374,12 +374,12 @@ def load_variants(path: str | None, inline: list[str]) -> dict[str, dict]:
         if not p.is_file():
             raise ConfigError(f"variants file not found: {path}")
         try:
-            tree.update(yaml.safe_load(p.read_text()) or {})
+            tree.update(load_yaml(p.read_text()) or {})
         except yaml.YAMLError as exc:
             raise ConfigError(f"variants file {path}: invalid YAML ({exc})") from None
     for text in inline:
         try:
-            item = yaml.safe_load(text)
+            item = load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--variant {text!r}: invalid YAML ({exc})") from None
         if not isinstance(item, dict) or len(item) != 1:
