@@ -158,31 +158,33 @@ def summarize(results: dict, seeds: list[int]) -> dict:
 def format_summary(summary: dict, seeds: list[int], threads: int) -> str:
     """The summary as a fixed-width table (all in %)."""
     def pct(v):
-        return "  -  " if v is None or not math.isfinite(v) else f"{100 * v:5.1f}"
-    width = max(12, *(len(n) for n in summary))
-    head = f"{'variant':<{width}}" + "".join(f" | {label:^27}" for _, label in METRICS)
-    sub = f"{'':<{width}}" + "".join(f" | {'mean ± sd':>11} {'Δ [95% CI]':>15}" for _ in METRICS)
-    lines = [head, sub, "-" * len(sub)]
+        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+    rows = []
     for name, row in summary.items():
-        cells = []
+        cells = [name]
         for key, _ in METRICS:
             e = row[key]
-            ms = f"{pct(e['mean'])}±{pct(e['std']).strip():>4}"
+            cells.append(f"{pct(e['mean'])} ± {pct(e['std'])}")
             if "diff" in e:
                 lo, hi = e["ci95"]
-                ci = (f"{100 * e['diff']:+5.1f} [{100 * lo:+.1f},{100 * hi:+.1f}]" if math.isfinite(lo)
-                      else f"{100 * e['diff']:+5.1f}")
-                if math.isfinite(lo) and (lo > 0 or hi < 0):
-                    ci += "*"
+                ci = f"{100 * e['diff']:+.1f}"
+                if math.isfinite(lo):
+                    ci += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("*" if lo > 0 or hi < 0 else "")
+                cells.append(ci)
             else:
-                ci = ""
-            cells.append(f" | {ms:>11} {ci:>15}")
-        lines.append(f"{name:<{width}}" + "".join(cells))
-    lines.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
-                 f"seeds; Δ: paired difference from '{CONTROL}' with its 95 % t-interval (* excludes 0). "
-                 "cls: classification mAP; cls*: with test-time selection; det@0.5, det avg: detection "
-                 "mAP at tIoU 0.5 and averaged over eval.tiou (all %).")
-    return "\n".join(lines)
+                cells.append("")
+        rows.append(cells)
+    head = ["variant"] + [h for _, label in METRICS for h in (label, "Δ [95% CI]")]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    def line(cells):
+        return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
+               f"seeds; Δ: paired difference from '{CONTROL}' with its 95 % t-interval (* excludes 0). "
+               "cls: classification mAP; cls*: with test-time selection; det@0.5, det avg: detection "
+               "mAP at tIoU 0.5 and averaged over eval.tiou (all %).")
+    return "\n".join(out)
 
 
 def plot_summary(summary: dict, out: Path) -> None:
