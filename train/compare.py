@@ -6,8 +6,9 @@ stage ``i`` derive from ``(seed, i, t)``) the same batches in every later stage.
 variant ``control`` (``cc.weight: 0``): the same stages and steps without the exemplar loss. It is
 always included. A variant that also changes stage 1 (any key outside :data:`AFTER_STAGE1`, e.g.
 ``data.standardize`` or ``model.dropout``) gets a stage 1 of its own, still on the same seed's batches.
-A variant that differs from an earlier one in ``eval.*`` only is not trained again: the earlier run's
-final checkpoint is evaluated with its settings.
+A variant that differs from an earlier one in evaluation settings only (:data:`EVALUATION_ONLY`:
+``eval.*`` and the test-time selection ``cc.k``, ``cc.select_by``, ``cc.select_top_classes``) is not
+trained again: the earlier run's final checkpoint is evaluated with its settings.
 
 Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
 difference from the control (variant minus control, per seed) with its 95 % confidence interval
@@ -124,9 +125,13 @@ def stage1_id(cfg: dict) -> str:
     return _digest(cfg, AFTER_STAGE1)
 
 
+# Keys that act only at evaluation: variants that differ in nothing else share one trained run.
+EVALUATION_ONLY = ("eval.", "run.", "name", "cc.k", "cc.select_by", "cc.select_top_classes")
+
+
 def training_id(cfg: dict) -> str:
-    """A digest of everything in ``cfg`` that training depends on (all but ``eval.*``, ``run.*``, name)."""
-    return _digest(cfg, ("eval.", "run.", "name"))
+    """A digest of everything in ``cfg`` that training depends on (all but :data:`EVALUATION_ONLY`)."""
+    return _digest(cfg, EVALUATION_ONLY)
 
 
 def summarize(results: dict, seeds: list[int]) -> dict:
