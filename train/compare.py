@@ -17,7 +17,7 @@ difference from the control (variant minus control, per seed) with its 95 % conf
 
 Folder layout (``--out``)::
 
-    compare.yaml             the base config, variants and seeds (a resumed comparison must match it)
+    compare.yaml             a record of the base config, variants and seeds
     seed-<s>/stage1/         stage 1 of seed s (a normal run folder); stage1-<hash>/ for variants
                              that change stage 1
     seed-<s>/<variant>/      each variant's run folder, started from its stage 1's last checkpoint
@@ -25,7 +25,9 @@ Folder layout (``--out``)::
     table.txt, compare.png   the summary as a table and a plot
 
 Every run folder checkpoints as ``python -m train fit`` does, so a killed comparison rerun with the same
-command continues where it stopped and ends with the same table.
+command continues where it stopped and ends with the same table. A finished run is reused by any
+comparison in the same folder that asks for the same config (it checks; a stage-1 run serves every
+config with the same stage 1), so comparisons of other exemplar settings can share the stage-1 runs.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, _merge_yaml, load_yaml, validate
+from .config import ConfigError, _merge_yaml, flatten, load_yaml, validate
 
 log = logging.getLogger("train")
 
@@ -51,16 +53,6 @@ FIXED = ("seed", "run.")  # a comparison sets these itself
 # The summary's metrics: (results key, column label).
 METRICS = (("cls_map", "cls"), ("cls_map_select", "cls*"), ("det_map@0.5", "det@0.5"),
            ("det_map_avg", "det avg"))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def parse_variants(tree) -> dict[str, dict]:
@@ -80,7 +72,7 @@ def parse_variants(tree) -> dict[str, dict]:
             over = {}
         if not isinstance(over, dict):
             raise ConfigError(f"variant '{name}': expected a mapping of config keys, got {over!r}")
-        flat = _flatten(over)
+        flat = flatten(over)
         for key in flat:
             if key.startswith(FIXED):
                 raise ConfigError(f"variant '{name}': key '{key}' is set by the comparison (seeds with "
@@ -116,7 +108,7 @@ def stage1_config(base: dict, overrides: dict, seed: int) -> dict:
 
 def _digest(cfg: dict, ignore: tuple) -> str:
     import hashlib
-    kept = {k: v for k, v in _flatten(cfg).items() if not k.startswith(ignore)}
+    kept = {k: v for k, v in flatten(cfg).items() if not k.startswith(ignore)}
     return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -279,7 +271,7 @@ class Comparison:
             saved = from_dict(state["config"])
             same = stage1_id(saved) == stage1_id(cfg) if start is None else saved == cfg
             if not same:  # a stage-1 run serves every config with the same stage 1
-                diff = [k for k, v in _flatten(cfg).items() if _flatten(saved).get(k) != v]
+                diff = [k for k, v in flatten(cfg).items() if flatten(saved).get(k) != v]
                 raise ConfigError(f"compare: {run_dir} holds a run with another config ({', '.join(diff)}); "
                                   f"remove it or choose another --out")
             if (run_dir / "results.json").exists():  # written when a run has finished

@@ -253,6 +253,11 @@ def _walk(tree, prefix=""):
             yield path, value
 
 
+def flatten(tree: dict) -> dict:
+    """``{"cc": {"alpha": 1}}`` -> ``{"cc.alpha": 1}`` (dotted keys of every leaf)."""
+    return dict(_walk(tree))
+
+
 def get(cfg: dict, key: str):
     """``get(cfg, "cc.alpha")`` -> the value at a dotted key."""
     node = cfg
