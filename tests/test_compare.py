@@ -139,6 +139,12 @@ def test_stage1_is_shared_across_comparisons_of_exemplar_settings(tmp_path):
     assert stage1.stat().st_mtime_ns == before  # reused, not trained again
 
 
+def test_variants_are_checked_against_the_data_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"variant 'bigk': config key 'cc\.k': expected at most"):
+        Comparison(_base(), {"bigk": {"cc.k": 1000}}, [0], tmp_path).run()
+    assert not (tmp_path / "seed-0").exists()
+
+
 def test_same_command_twice_same_table(compared, tmp_path):
     out, res = compared
     again = Comparison(_base(), parse_variants(VARIANTS), SEEDS, tmp_path / "again").run()

@@ -6,9 +6,10 @@ stage ``i`` derive from ``(seed, i, t)``) the same batches in every later stage.
 variant ``control`` (``cc.weight: 0``): the same stages and steps without the exemplar loss. It is
 always included. A variant that also changes stage 1 (any key outside :data:`AFTER_STAGE1`, e.g.
 ``data.standardize`` or ``model.dropout``) gets a stage 1 of its own, still on the same seed's batches.
-A variant that differs from an earlier one in evaluation settings only (:data:`EVALUATION_ONLY`:
-``eval.*`` and the test-time selection ``cc.k``, ``cc.select_by``, ``cc.select_top_classes``) is not
-trained again: the earlier run's final checkpoint is evaluated with its settings.
+A variant whose training equals that of a finished run of the same seed in the folder (they differ in
+evaluation settings only, :data:`EVALUATION_ONLY`: ``eval.*`` and the test-time selection ``cc.k``,
+``cc.select_by``, ``cc.select_top_classes``) is not trained again: that run's final checkpoint is
+evaluated with the variant's settings.
 
 Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
 difference from the control (variant minus control, per seed) with its 95 % confidence interval
@@ -42,7 +43,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, _merge_yaml, flatten, load_yaml, validate
+from .config import (ConfigError, _merge_yaml, check_against_data, flatten, load_yaml, resolve_subsets,
+                     validate)
 
 log = logging.getLogger("train")
 
@@ -240,6 +242,7 @@ class Comparison:
             except ConfigError as exc:
                 raise ConfigError(f"variant '{name}': {exc}") from None
         self.dataset = None
+        self._ids: dict = {}  # run folder -> training_id, of finished runs seen
 
     def _manifest(self) -> dict:
         cfg = copy.deepcopy(self.base)
@@ -291,6 +294,11 @@ class Comparison:
         self._check_folder()
         self.dataset = open_dataset(self.base)
         configs = {v: variant_config(self.base, over, self.seeds[0]) for v, over in self.variants.items()}
+        for name, cfg in configs.items():  # checks that need the data, before any training
+            try:
+                check_against_data(cfg, self.dataset, *resolve_subsets(cfg, self.dataset))
+            except ConfigError as exc:
+                raise ConfigError(f"variant '{name}': {exc}") from None
         base_id = stage1_id(variant_config(self.base, {}, self.seeds[0]))
         stage1 = {}  # stage-1 folder name -> the overrides of the first variant that needs it
         for v, cfg in configs.items():
@@ -313,10 +321,10 @@ class Comparison:
                 continue
             cfg = variant_config(self.base, self.variants[variant], seed)
             self._quiet(cfg)
-            trained = next((v for v in self.variants if v in results and seed in results[v]
-                            and training_id(configs[v]) == training_id(configs[variant])), None)
+            trained = None if (folder / variant / ckpt.LATEST).exists() else \
+                self._trained_like(folder, training_id(cfg), exclude=variant)
             if trained is not None:
-                res = self._evaluate(cfg, folder / trained, folder / variant)
+                res = self._evaluate(cfg, trained, folder / variant)
             else:
                 start = ckpt.load(folder / s1 / ckpt.LATEST)
                 res = self._run(cfg, folder / variant, start)
@@ -337,6 +345,19 @@ class Comparison:
         except Exception as exc:  # a figure is never a reason to lose a finished comparison
             log.warning("could not draw the comparison: %s", exc)
         return {"summary": summary, "table": table, "results": results}
+
+    def _trained_like(self, folder: Path, tid: str, exclude: str) -> Path | None:
+        """A finished, trained run in ``folder`` (one seed's) whose training equals ``tid``
+        (:func:`training_id`), if any; first in name order."""
+        from .config import from_dict
+        for run in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("stage1")):
+            if run.name == exclude or not (run / "results.json").exists() or not (run / ckpt.LATEST).exists():
+                continue
+            if run not in self._ids:
+                self._ids[run] = training_id(from_dict(ckpt.load(run / ckpt.LATEST)["config"]))
+            if self._ids[run] == tid:
+                return run
+        return None
 
     def _evaluate(self, cfg: dict, trained: Path, run_dir: Path) -> dict:
         """The final checkpoint of the finished run in ``trained`` evaluated with ``cfg``'s evaluation
