@@ -285,3 +285,14 @@ def test_shard_helpers():
     assert distributed.init("cpu") is False
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
     assert distributed.all_gather_objects(3) == [3]
+
+
+def test_peer_failures_are_recognised():
+    """A rank blocked in a collective whose peer died must not be reported as the root cause: its
+    error is recognised (and held back a little over a second, see train.cli), other errors are not."""
+    import torch.distributed as dist
+    from train.cli import _is_peer_failure
+    assert _is_peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                                         "[127.0.0.1]:38542"))
+    assert _is_peer_failure(dist.DistBackendError("NCCL communicator was aborted"))
+    assert not _is_peer_failure(ValueError("features of video 'v3' contain NaN"))

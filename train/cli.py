@@ -413,8 +413,33 @@ def main(argv=None) -> int:
     which then ends the other ranks and reports this rank's error."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from torch.distributed.elastic.multiprocessing.errors import record
-        return record(_main)(argv)
+        return record(_after_peer_failures_wait(_main))(argv)
     return _main(argv)
+
+
+# Messages of a collective that failed because another rank went away (gloo, NCCL).
+_PEER_GONE = ("closed by peer", "reset by peer", "connection refused", "broken pipe", "nccl")
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(m in text for m in _PEER_GONE)
+
+
+def _after_peer_failures_wait(func):
+    """``func``, but a collective that failed because a peer stopped waits a little over a second
+    before raising: the launcher names the earliest recorded error the root cause and its timestamps
+    are whole seconds (ties go to the lowest rank), so without the wait a rank blocked in a
+    collective could be reported instead of the rank that actually failed."""
+    def wrapped(argv=None):
+        try:
+            return func(argv)
+        except Exception as exc:
+            if _is_peer_failure(exc):
+                time.sleep(1.5)
+            raise
+    return wrapped
 
 
 def build_parser() -> argparse.ArgumentParser:
