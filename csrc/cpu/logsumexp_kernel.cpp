@@ -8,6 +8,9 @@
 //   grad_x   = alpha * (W @ Y - rowsum(W) * x)
 //   grad_db  = alpha * (W^T @ X - colsum(W) * y)
 //   grad_lq  = colsum(P)
+// With pairs, the rows outside them and the pairs whose incoming gradient is 0 are left out (never
+// read): such a row gets exactly 0 gradient and adds nothing to grad_db / grad_lq, whatever it holds
+// (NaN, inf). Without pairs, a row whose gradient is 0 everywhere still gets exactly 0 in grad_x.
 // Parallel over (class, exemplar chunk) units, so grad_db and grad_lq rows are owned by one worker;
 // grad_x rows are shared across classes and go through per-worker buffers added at the end.
 #include <algorithm>
@@ -135,11 +138,15 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
         scores_tile(gp, un.rows, cu.cols, rb.xx.data(), yyc, lqc, alpha, metric, unused.data(), dp);
         for (int64_t r = 0; r < un.rows; ++r) {
           T* row = gp + r * cu.cols;
-          const T shift = gr_s[r] == T(0) ? std::numeric_limits<T>::infinity() : lz_s[r];
+          if (gr_s[r] == T(0)) {  // exp(-inf) = 0 whatever the scores hold (s - inf is NaN for s = NaN)
+            std::fill(row, row + cu.cols, -std::numeric_limits<T>::infinity());
+            continue;
+          }
+          const T shift = lz_s[r];
 #pragma omp simd
           for (int64_t j = 0; j < cu.cols; ++j) row[j] -= shift;
         }
-        g.exp_();  // responsibilities exp(s - logz) (0 on rows without gradient)
+        g.exp_();  // responsibilities exp(s - logz) (exactly 0 on rows without gradient)
         T* roww = need_x ? roww_local.data_ptr<T>() : nullptr;
         for (int64_t r = 0; r < un.rows; ++r) {
           T* row = gp + r * cu.cols;
@@ -204,7 +211,21 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
     std::sort(partial_roww.begin(), partial_roww.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     for (auto& p : partial_gx) gx.add_(p.second);
     for (auto& p : partial_roww) roww_all.add_(p.second);
-    gx.addcmul_(in.x, roww_all.unsqueeze(1), -alpha);
+    // grad_x -= alpha rowsum(W) x, only on rows with a nonzero rowsum(W): a row outside the pairs (or
+    // whose gradient is 0) has none and gets exactly 0 gradient, also when it holds NaN or inf (0 x NaN).
+    const T* rw = roww_all.data_ptr<T>();
+    const T* xp = in.x.data_ptr<T>();
+    T* gxp = gx.data_ptr<T>();
+    at::parallel_for(0, N, 64, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        if (rw[s] == T(0)) continue;
+        const T f = -alpha * rw[s];
+        const T* xr = xp + s * m;
+        T* dst = gxp + s * m;
+#pragma omp simd
+        for (int64_t k = 0; k < m; ++k) dst[k] += f * xr[k];
+      }
+    });
   }
 }
 
@@ -247,8 +268,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0 && (gx.defined() || gdb.defined() || glq.defined())) {
     AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_backward_cpu", [&] {
       const Inputs in = prepare<scalar_t>(x, db, log_q);
-      const ClassRows cr = pairs.has_value() ? rows_from_mask(*pairs) : all_rows(in.N);
       const at::Tensor g = grad.to(t).contiguous(), lz = logz.to(t).contiguous();
+      // With pairs, only the pairs with a gradient take part: the rows of the others are never read, so
+      // whatever they hold (NaN, inf) reaches no gradient.
+      const ClassRows cr = pairs.has_value() ? rows_from_mask(at::logical_and(*pairs, g.ne(0))) : all_rows(in.N);
       lse_backward<scalar_t>(in, cr, g, lz, static_cast<scalar_t>(alpha), metric, gx, gdb, glq);
     });
   }
