@@ -59,10 +59,10 @@ void rows_impl(const RowArgs& a) {
           for (int64_t j = 0; j < k; ++j)
             mx = max_nan_skip(mx, score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap));
           const T sh = shift_of(mx);
-          T l = 0;
+          double l = 0;  // a float sum over k columns would cost several ulps of logz (see rs below)
           for (int64_t j = 0; j < k; ++j)
-            l += std::exp(score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap) - sh);
-          z = sh + std::log(l);
+            l += double(std::exp(score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap) - sh));
+          z = sh + static_cast<T>(std::log(l));
           if (mode == RowMode::Lse && !a.first) z = log_add(logz[pc], z);
           logz[pc] = z;
           if (mode == RowMode::Lse) continue;
@@ -84,16 +84,18 @@ void rows_impl(const RowArgs& a) {
           if (prow) std::fill(prow, prow + k, T(0));
           continue;
         }
-        T rs = 0;
+        // summed in double: grad_x = alpha (W Y - rowsum(W) x) cancels, and a float sum over k columns
+        // costs several ulps that the cancellation multiplies (by |x| / d for the euclidean metric)
+        double rs = 0;
         for (int64_t j = 0; j < k; ++j) {
           const T sc = score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap);
           const T p = cf * std::exp(sc - z);
           const T w = kap * p;
           if (prow) prow[j] = p;
           row[j] = w;
-          rs += w;
+          rs += double(w);
         }
-        if (rowsum) rowsum[pc] += rs;
+        if (rowsum) rowsum[pc] += static_cast<T>(rs);
       }
     }
   });
