@@ -46,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/bench_exemplar_logsumexp.py --json results/bench_exemplar_logsumexp.json
 	$(PY) benchmarks/bench_cc_loss.py --json results/bench_cc_loss.json
 	$(PY) benchmarks/bench_fit.py --json results/bench_fit.json
+	$(PY) benchmarks/bench_exemplar_losses.py --json results/bench_exemplar_losses.json
 
 # Compile-only check of csrc/cuda/*.cu with nvcc (no GPU needed). Uses the headers of a CUDA build of
 # torch installed without its dependencies (~1.2 GB) in a separate venv; skipped where nvcc is absent.

@@ -28,9 +28,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from .ops import METRICS, _check_common, exemplar_logsumexp
+from .loss import PaddedExemplarLoss
+from .ops import _check_common, exemplar_logsumexp
 
 __all__ = [
     "exemplar_cross_entropy",
@@ -238,32 +238,7 @@ def _video_weights(attention: torch.Tensor, mask: torch.Tensor):
     return a / _positive_or_one(total), a / _positive_or_one(peak), (total > 0).squeeze(1)
 
 
-class _ExemplarLossModule(nn.Module):
-    """Shared alpha/metric/reduction handling of the modules below."""
-
-    def __init__(self, alpha: float, metric: str, reduction: str):
-        super().__init__()
-        name = type(self).__name__
-        _check_choice(name, "metric", metric, METRICS)
-        _check_choice(name, "reduction", reduction, ("sum", "mean"))
-        self.alpha = alpha
-        self.metric = metric
-        self.reduction = reduction
-
-    @property
-    def alpha(self) -> float:
-        """The bandwidth (> 0); may be changed between calls, e.g. after a database collection."""
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha = _check_number(type(self).__name__, "alpha", value)
-
-    def _reduce(self, loss: torch.Tensor, B: int) -> torch.Tensor:
-        return loss / B if self.reduction == "mean" and B > 0 else loss
-
-
-class ClassContrastiveLoss(_ExemplarLossModule):
+class ClassContrastiveLoss(PaddedExemplarLoss):
     r""":func:`class_contrastive_loss` for padded batches of videos (our extension).
 
     Per video b with labels ``L_b`` and non-negative attention ``a`` on its valid segments:
@@ -510,7 +485,7 @@ def _prior_kl(attention, mask, log_t, has, log_attention, reduction, B):
     return loss / B if reduction == "mean" and B > 0 else loss
 
 
-class AttentionPriorLoss(_ExemplarLossModule):
+class AttentionPriorLoss(PaddedExemplarLoss):
     r""":func:`attention_prior_loss` as an ``nn.Module`` for padded batches (our extension).
 
     Args:

@@ -9,7 +9,43 @@ from torch import nn
 from .ops import METRICS, convex_clustering_loss
 
 
-class ConvexClusteringLoss(nn.Module):
+class PaddedExemplarLoss(nn.Module):
+    """Base of the exemplar losses for padded batches ``[B, T, m]``: the bandwidth ``alpha`` (settable
+    between calls, e.g. after a database collection), the ``metric`` and the ``reduction`` over videos."""
+
+    def __init__(self, alpha: float, metric: str = "sqeuclidean", reduction: str = "sum"):
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(metric, str) or not isinstance(reduction, str):
+            raise TypeError(f"{name}: metric and reduction must be strings, got {metric!r}, {reduction!r}")
+        if metric not in METRICS:
+            raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"{name}: reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.alpha = alpha
+        self.metric = metric
+        self.reduction = reduction
+
+    @property
+    def alpha(self) -> float:
+        """The bandwidth (> 0)."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        name = type(self).__name__
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name}: alpha must be a finite number > 0, got {value!r} ({type(value).__name__})")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: alpha must be a finite number > 0, got {value}")
+        self._alpha = float(value)
+
+    def _reduce(self, loss: torch.Tensor, B: int) -> torch.Tensor:
+        """``loss`` summed over B videos, divided by B for ``reduction="mean"``."""
+        return loss / B if self.reduction == "mean" and B > 0 else loss
+
+
+class ConvexClusteringLoss(PaddedExemplarLoss):
     r"""Convex clustering loss ``L_cc`` of a batch of videos against an exemplar database.
 
     ``L_cc = - sum_b sum_{s valid in b} sum_{c in labels_b} p(s|b) log sum_j q_cj exp(-alpha d(x_s, y_cj))``
@@ -39,32 +75,6 @@ class ConvexClusteringLoss(nn.Module):
     (``mask`` not bool), ValueError for a wrong shape or value (negative attention on a valid segment,
     ``log_q > 0``, ``alpha <= 0``).
     """
-
-    def __init__(self, alpha: float, metric: str = "sqeuclidean", reduction: str = "sum"):
-        super().__init__()
-        if not isinstance(metric, str) or not isinstance(reduction, str):
-            raise TypeError(f"ConvexClusteringLoss: metric and reduction must be strings, got {metric!r}, "
-                            f"{reduction!r}")
-        if metric not in METRICS:
-            raise ValueError(f"ConvexClusteringLoss: metric must be one of {METRICS}, got {metric!r}")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"ConvexClusteringLoss: reduction must be 'sum' or 'mean', got {reduction!r}")
-        self.alpha = alpha
-        self.metric = metric
-        self.reduction = reduction
-
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"ConvexClusteringLoss: alpha must be a finite number > 0, got {value!r} "
-                            f"({type(value).__name__})")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"ConvexClusteringLoss: alpha must be a finite number > 0, got {value}")
-        self._alpha = float(value)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, metric={self.metric!r}, reduction={self.reduction!r}"
@@ -97,4 +107,4 @@ class ConvexClusteringLoss(nn.Module):
         pairs = mask[:, :, None] & (labels != 0)[:, None, :]
         loss = convex_clustering_loss(features.reshape(B * T, m), p.reshape(B * T),
                                       pairs.reshape(B * T, C), db, log_q, self.alpha, self.metric)
-        return loss / B if self.reduction == "mean" and B > 0 else loss
+        return self._reduce(loss, B)

@@ -17,7 +17,9 @@ Tolerances
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -151,3 +153,24 @@ def assert_low_precision(fused: torch.Tensor, plain: torch.Tensor, oracle: torch
 
 
 NEG_INF = -math.inf
+
+
+@contextlib.contextmanager
+def private_cache(path):
+    """``CCLUSTER_CACHE`` pointed at ``path`` (where synthetic sets are generated) for the duration."""
+    old = os.environ.get("CCLUSTER_CACHE")
+    os.environ["CCLUSTER_CACHE"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            del os.environ["CCLUSTER_CACHE"]
+        else:
+            os.environ["CCLUSTER_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private synthetic-data cache for one test module (the tiny preset is generated into it once)."""
+    with private_cache(tmp_path_factory.mktemp("cache")) as path:
+        yield path

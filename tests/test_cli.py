@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from train import checkpoint as ckpt
+from conftest import private_cache
 from train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,16 +25,10 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """The tiny synthetic preset, generated once into a private cache folder."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    ENV["CCLUSTER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
+    """The tiny synthetic preset, generated once into a private cache folder (also for subprocesses)."""
+    with private_cache(tmp_path_factory.mktemp("cache")) as path:
+        ENV["CCLUSTER_CACHE"] = str(path)
+        yield path
 
 
 @pytest.fixture(scope="module")

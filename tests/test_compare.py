@@ -23,18 +23,6 @@ VARIANTS = {"lam1": {"cc": {"weight": 1.0}}, "lam01": {"cc.weight": 0.1, "cc.det
 SEEDS = [0, 1]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
-
-
 def _base():
     return load_config(ROOT / "configs" / "tiny.yaml", TINY)
 
@@ -54,9 +42,9 @@ def test_variants_parse_and_refuse_stage1_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"variant name 'stage1'"):
         parse_variants({"stage1": {}})
     path = tmp_path / "v.yaml"
-    path.write_text("lam: {cc.weight: 0.5}\n")
+    path.write_text("lam: {cc.weight: 5e-1}\ninput: {cc: {on: input}}\n")
     assert load_variants(str(path), ["det: {cc.detach_attention: true}"]) == {
-        "lam": {"cc.weight": 0.5}, "det": {"cc.detach_attention": True}}
+        "lam": {"cc.weight": 0.5}, "input": {"cc.on": "input"}, "det": {"cc.detach_attention": True}}
     with pytest.raises(ConfigError, match=r"--variant 'oops'"):
         load_variants(None, ["oops"])
     with pytest.raises(ConfigError, match=r"unknown config key 'cc\.nonsense'"):
@@ -138,6 +126,23 @@ def test_evaluation_only_variants_reuse_the_training(cache, tmp_path):
     ctrl = res["results"][CONTROL][0]
     assert res["results"]["smooth3"][0]["cls_map"] == ctrl["cls_map"]           # same network
     assert res["results"]["smooth3"][0]["det_map_avg"] != ctrl["det_map_avg"]   # evaluated otherwise
+
+
+def test_stage1_is_shared_across_comparisons_of_exemplar_settings(tmp_path):
+    Comparison(_base(), {}, [0], tmp_path).run()
+    stage1 = tmp_path / "seed-0" / "stage1" / "latest.pt"
+    before = stage1.stat().st_mtime_ns
+    # another base with other exemplar settings: its stage 1 is the same run, its control is not
+    other = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["cc.size=4"])
+    with pytest.raises(ConfigError, match=r"seed-0/control holds a run with another config \(cc\.size\)"):
+        Comparison(other, {}, [0], tmp_path).run()
+    assert stage1.stat().st_mtime_ns == before  # reused, not trained again
+
+
+def test_variants_are_checked_against_the_data_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"variant 'bigk': config key 'cc\.k': expected at most"):
+        Comparison(_base(), {"bigk": {"cc.k": 1000}}, [0], tmp_path).run()
+    assert not (tmp_path / "seed-0").exists()
 
 
 def test_same_command_twice_same_table(compared, tmp_path):

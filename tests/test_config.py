@@ -88,7 +88,7 @@ def test_save_roundtrip(tmp_path):
     assert from_dict(copy.deepcopy(cfg)) == cfg
 
 
-@pytest.mark.parametrize("name", ["synthetic", "tiny", "thumos14", "activitynet12"])
+@pytest.mark.parametrize("name", ["synthetic", "tiny", "calibrated", "literal", "thumos14", "activitynet12"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     if name in PRESETS:  # the YAML and the built-in preset used by `demo` must not drift apart
@@ -221,3 +221,10 @@ def test_new_keys_validate():
         load_config(None, ["data.synthetic=tiny", "eval.smooth=2.5"])
     with pytest.raises(ConfigError, match=r"'data\.standardize': expected one of \['none', 'zscore'\]"):
         load_config(None, ["data.synthetic=tiny", "data.standardize=minmax"])
+
+
+def test_keys_yaml_would_read_as_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  synthetic: tiny\ncc:\n  on: input\n  normalize: yes\n")  # YAML 1.1: on/yes are True
+    cfg = load_config(path)
+    assert cfg["cc"]["on"] == "input" and cfg["cc"]["normalize"] is True

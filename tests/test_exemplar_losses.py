@@ -453,7 +453,7 @@ MODULE_BAD_CTOR = [
     ("metric", dict(alpha=1.0, metric="cosine"), ValueError,
      r"ClassContrastiveLoss: metric must be one of \('sqeuclidean', 'euclidean'\), got 'cosine'"),
     ("reduction", dict(alpha=1.0, reduction="none"), ValueError,
-     r"ClassContrastiveLoss: reduction must be one of \('sum', 'mean'\), got 'none'"),
+     r"ClassContrastiveLoss: reduction must be 'sum' or 'mean', got 'none'"),
     ("temperature", dict(alpha=1.0, temperature=math.inf), ValueError,
      r"ClassContrastiveLoss: temperature must be a finite number > 0, got inf"),
     ("weighting", dict(alpha=1.0, weighting="max"), ValueError,

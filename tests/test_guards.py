@@ -1,7 +1,6 @@
 """The collapse guards: each warning is provoked, printed and recorded in metrics.jsonl, and healthy
 collections raise none."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
+def _private_cache(cache):
+    """Every test here generates into a private cache."""
+    yield cache
 
 
 def _info(alpha=1.0, uniformity=0.3, unconverged=0, phi=10.0):

@@ -23,19 +23,6 @@ STEPS = 12 + 2 * 8
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The tiny synthetic preset, generated once into a private cache folder."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
     """One uninterrupted run of the tiny preset: (config, run folder, results)."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)

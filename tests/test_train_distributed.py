@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ccluster
+from conftest import private_cache
 from train import checkpoint as ckpt
 from train import distributed
 from train.config import load_config, resolve_subsets
@@ -52,15 +53,9 @@ DEADLINE_S = 120
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """The tiny synthetic dataset, generated once into a private cache (inherited by the children)."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    open_dataset(load_config(ROOT / "configs" / "tiny.yaml", OVERRIDES))
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
+    with private_cache(tmp_path_factory.mktemp("cache")) as path:
+        open_dataset(load_config(ROOT / "configs" / "tiny.yaml", OVERRIDES))
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Standardised inputs and T-CAM smoothing in the training procedure (tiny synthetic preset)."""
 import copy
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +14,6 @@ from train.procedure import Trainer, open_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.baseline_steps=6", "train.cc_steps=4", "train.log_every=2", "cc.rounds=1"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["CCLUSTER_CACHE"]
-    else:
-        os.environ["CCLUSTER_CACHE"] = old
 
 
 def _affine(dataset, scale=250.0, shift=40.0):

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import DEFAULTS, ConfigError, PRESETS, from_dict, load_config, parse_override, to_yaml, validate
+from .config import DEFAULTS, ConfigError, PRESETS, flatten, from_dict, load_config, parse_override, to_yaml, validate
 
 log = logging.getLogger("train")
 
@@ -235,16 +235,8 @@ def cmd_config(args) -> int:
 
 def demo_config(overrides=()) -> dict:
     """The demo's config: the synthetic preset (``configs/synthetic.yaml``) with ``overrides``."""
-    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in _flat(PRESETS["synthetic"])]
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in flatten(PRESETS["synthetic"]).items()]
                        + list(overrides))
-
-
-def _flat(tree, prefix=""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
 
 
 def cmd_demo(args) -> int:

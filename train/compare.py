@@ -6,8 +6,10 @@ stage ``i`` derive from ``(seed, i, t)``) the same batches in every later stage.
 variant ``control`` (``cc.weight: 0``): the same stages and steps without the exemplar loss. It is
 always included. A variant that also changes stage 1 (any key outside :data:`AFTER_STAGE1`, e.g.
 ``data.standardize`` or ``model.dropout``) gets a stage 1 of its own, still on the same seed's batches.
-A variant that differs from an earlier one in ``eval.*`` only is not trained again: the earlier run's
-final checkpoint is evaluated with its settings.
+A variant whose training equals that of a finished run of the same seed in the folder (they differ in
+evaluation settings only, :data:`EVALUATION_ONLY`: ``eval.*`` and the test-time selection ``cc.k``,
+``cc.select_by``, ``cc.select_top_classes``) is not trained again: that run's final checkpoint is
+evaluated with the variant's settings.
 
 Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
 difference from the control (variant minus control, per seed) with its 95 % confidence interval
@@ -16,7 +18,7 @@ difference from the control (variant minus control, per seed) with its 95 % conf
 
 Folder layout (``--out``)::
 
-    compare.yaml             the base config, variants and seeds (a resumed comparison must match it)
+    compare.yaml             a record of the base config, variants and seeds
     seed-<s>/stage1/         stage 1 of seed s (a normal run folder); stage1-<hash>/ for variants
                              that change stage 1
     seed-<s>/<variant>/      each variant's run folder, started from its stage 1's last checkpoint
@@ -24,7 +26,9 @@ Folder layout (``--out``)::
     table.txt, compare.png   the summary as a table and a plot
 
 Every run folder checkpoints as ``python -m train fit`` does, so a killed comparison rerun with the same
-command continues where it stopped and ends with the same table.
+command continues where it stopped and ends with the same table. A finished run is reused by any
+comparison in the same folder that asks for the same config (it checks; a stage-1 run serves every
+config with the same stage 1), so comparisons of other exemplar settings can share the stage-1 runs.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, _merge_yaml, validate
+from .config import (ConfigError, _merge_yaml, check_against_data, flatten, load_yaml, resolve_subsets,
+                     validate)
 
 log = logging.getLogger("train")
 
@@ -50,16 +55,6 @@ FIXED = ("seed", "run.")  # a comparison sets these itself
 # The summary's metrics: (results key, column label).
 METRICS = (("cls_map", "cls"), ("cls_map_select", "cls*"), ("det_map@0.5", "det@0.5"),
            ("det_map_avg", "det avg"))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def parse_variants(tree) -> dict[str, dict]:
@@ -79,7 +74,7 @@ def parse_variants(tree) -> dict[str, dict]:
             over = {}
         if not isinstance(over, dict):
             raise ConfigError(f"variant '{name}': expected a mapping of config keys, got {over!r}")
-        flat = _flatten(over)
+        flat = flatten(over)
         for key in flat:
             if key.startswith(FIXED):
                 raise ConfigError(f"variant '{name}': key '{key}' is set by the comparison (seeds with "
@@ -115,7 +110,7 @@ def stage1_config(base: dict, overrides: dict, seed: int) -> dict:
 
 def _digest(cfg: dict, ignore: tuple) -> str:
     import hashlib
-    kept = {k: v for k, v in _flatten(cfg).items() if not k.startswith(ignore)}
+    kept = {k: v for k, v in flatten(cfg).items() if not k.startswith(ignore)}
     return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -124,9 +119,13 @@ def stage1_id(cfg: dict) -> str:
     return _digest(cfg, AFTER_STAGE1)
 
 
+# Keys that act only at evaluation: variants that differ in nothing else share one trained run.
+EVALUATION_ONLY = ("eval.", "run.", "name", "cc.k", "cc.select_by", "cc.select_top_classes")
+
+
 def training_id(cfg: dict) -> str:
-    """A digest of everything in ``cfg`` that training depends on (all but ``eval.*``, ``run.*``, name)."""
-    return _digest(cfg, ("eval.", "run.", "name"))
+    """A digest of everything in ``cfg`` that training depends on (all but :data:`EVALUATION_ONLY`)."""
+    return _digest(cfg, EVALUATION_ONLY)
 
 
 def summarize(results: dict, seeds: list[int]) -> dict:
@@ -158,31 +157,33 @@ def summarize(results: dict, seeds: list[int]) -> dict:
 def format_summary(summary: dict, seeds: list[int], threads: int) -> str:
     """The summary as a fixed-width table (all in %)."""
     def pct(v):
-        return "  -  " if v is None or not math.isfinite(v) else f"{100 * v:5.1f}"
-    width = max(12, *(len(n) for n in summary))
-    head = f"{'variant':<{width}}" + "".join(f" | {label:^27}" for _, label in METRICS)
-    sub = f"{'':<{width}}" + "".join(f" | {'mean ± sd':>11} {'Δ [95% CI]':>15}" for _ in METRICS)
-    lines = [head, sub, "-" * len(sub)]
+        return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
+
+    rows = []
     for name, row in summary.items():
-        cells = []
+        cells = [name]
         for key, _ in METRICS:
             e = row[key]
-            ms = f"{pct(e['mean'])}±{pct(e['std']).strip():>4}"
+            cells.append(f"{pct(e['mean'])} ± {pct(e['std'])}")
             if "diff" in e:
                 lo, hi = e["ci95"]
-                ci = (f"{100 * e['diff']:+5.1f} [{100 * lo:+.1f},{100 * hi:+.1f}]" if math.isfinite(lo)
-                      else f"{100 * e['diff']:+5.1f}")
-                if math.isfinite(lo) and (lo > 0 or hi < 0):
-                    ci += "*"
+                ci = f"{100 * e['diff']:+.1f}"
+                if math.isfinite(lo):
+                    ci += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("*" if lo > 0 or hi < 0 else "")
+                cells.append(ci)
             else:
-                ci = ""
-            cells.append(f" | {ms:>11} {ci:>15}")
-        lines.append(f"{name:<{width}}" + "".join(cells))
-    lines.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
-                 f"seeds; Δ: paired difference from '{CONTROL}' with its 95 % t-interval (* excludes 0). "
-                 "cls: classification mAP; cls*: with test-time selection; det@0.5, det avg: detection "
-                 "mAP at tIoU 0.5 and averaged over eval.tiou (all %).")
-    return "\n".join(lines)
+                cells.append("")
+        rows.append(cells)
+    head = ["variant"] + [h for _, label in METRICS for h in (label, "Δ [95% CI]")]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    def line(cells):
+        return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    out = [line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
+               f"seeds; Δ: paired difference from '{CONTROL}' with its 95 % t-interval (* excludes 0). "
+               "cls: classification mAP; cls*: with test-time selection; det@0.5, det avg: detection "
+               "mAP at tIoU 0.5 and averaged over eval.tiou (all %).")
+    return "\n".join(out)
 
 
 def plot_summary(summary: dict, out: Path) -> None:
@@ -241,6 +242,7 @@ class Comparison:
             except ConfigError as exc:
                 raise ConfigError(f"variant '{name}': {exc}") from None
         self.dataset = None
+        self._ids: dict = {}  # run folder -> training_id, of finished runs seen
 
     def _manifest(self) -> dict:
         cfg = copy.deepcopy(self.base)
@@ -269,8 +271,10 @@ class Comparison:
         from .config import from_dict
         if (run_dir / ckpt.LATEST).exists():
             state = ckpt.load(run_dir / ckpt.LATEST)
-            if from_dict(state["config"]) != cfg:
-                diff = [k for k, v in _flatten(cfg).items() if _flatten(from_dict(state["config"])).get(k) != v]
+            saved = from_dict(state["config"])
+            same = stage1_id(saved) == stage1_id(cfg) if start is None else saved == cfg
+            if not same:  # a stage-1 run serves every config with the same stage 1
+                diff = [k for k, v in flatten(cfg).items() if flatten(saved).get(k) != v]
                 raise ConfigError(f"compare: {run_dir} holds a run with another config ({', '.join(diff)}); "
                                   f"remove it or choose another --out")
             if (run_dir / "results.json").exists():  # written when a run has finished
@@ -290,6 +294,11 @@ class Comparison:
         self._check_folder()
         self.dataset = open_dataset(self.base)
         configs = {v: variant_config(self.base, over, self.seeds[0]) for v, over in self.variants.items()}
+        for name, cfg in configs.items():  # checks that need the data, before any training
+            try:
+                check_against_data(cfg, self.dataset, *resolve_subsets(cfg, self.dataset))
+            except ConfigError as exc:
+                raise ConfigError(f"variant '{name}': {exc}") from None
         base_id = stage1_id(variant_config(self.base, {}, self.seeds[0]))
         stage1 = {}  # stage-1 folder name -> the overrides of the first variant that needs it
         for v, cfg in configs.items():
@@ -312,10 +321,10 @@ class Comparison:
                 continue
             cfg = variant_config(self.base, self.variants[variant], seed)
             self._quiet(cfg)
-            trained = next((v for v in self.variants if v in results and seed in results[v]
-                            and training_id(configs[v]) == training_id(configs[variant])), None)
+            trained = None if (folder / variant / ckpt.LATEST).exists() else \
+                self._trained_like(folder, training_id(cfg), exclude=variant)
             if trained is not None:
-                res = self._evaluate(cfg, folder / trained, folder / variant)
+                res = self._evaluate(cfg, trained, folder / variant)
             else:
                 start = ckpt.load(folder / s1 / ckpt.LATEST)
                 res = self._run(cfg, folder / variant, start)
@@ -336,6 +345,19 @@ class Comparison:
         except Exception as exc:  # a figure is never a reason to lose a finished comparison
             log.warning("could not draw the comparison: %s", exc)
         return {"summary": summary, "table": table, "results": results}
+
+    def _trained_like(self, folder: Path, tid: str, exclude: str) -> Path | None:
+        """A finished, trained run in ``folder`` (one seed's) whose training equals ``tid``
+        (:func:`training_id`), if any; first in name order."""
+        from .config import from_dict
+        for run in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("stage1")):
+            if run.name == exclude or not (run / "results.json").exists() or not (run / ckpt.LATEST).exists():
+                continue
+            if run not in self._ids:
+                self._ids[run] = training_id(from_dict(ckpt.load(run / ckpt.LATEST)["config"]))
+            if self._ids[run] == tid:
+                return run
+        return None
 
     def _evaluate(self, cfg: dict, trained: Path, run_dir: Path) -> dict:
         """The final checkpoint of the finished run in ``trained`` evaluated with ``cfg``'s evaluation
@@ -372,12 +394,12 @@ def load_variants(path: str | None, inline: list[str]) -> dict[str, dict]:
         if not p.is_file():
             raise ConfigError(f"variants file not found: {path}")
         try:
-            tree.update(yaml.safe_load(p.read_text()) or {})
+            tree.update(load_yaml(p.read_text()) or {})
         except yaml.YAMLError as exc:
             raise ConfigError(f"variants file {path}: invalid YAML ({exc})") from None
     for text in inline:
         try:
-            item = yaml.safe_load(text)
+            item = load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--variant {text!r}: invalid YAML ({exc})") from None
         if not isinstance(item, dict) or len(item) != 1:

@@ -216,9 +216,12 @@ def _string_key(key: str) -> bool:
 
 
 def _keep_text(node, key: str) -> None:
-    """Unquoted numbers and booleans at string-valued keys are read as their text."""
+    """Unquoted numbers and booleans at string-valued keys are read as their text, and so are keys
+    that YAML 1.1 would read as booleans (``on``, ``off``, ``yes``, ``no``: ``cc: {on: input}``)."""
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.style is None and k.tag == "tag:yaml.org,2002:bool":
+                k.tag = _STR_TAG
             if isinstance(k, yaml.ScalarNode):
                 _keep_text(v, f"{key}.{k.value}" if key else str(k.value))
     elif (isinstance(node, yaml.ScalarNode) and node.style is None and node.tag in _TEXT_KEPT
@@ -248,6 +251,11 @@ def _walk(tree, prefix=""):
             yield from _walk(value, path + ".")
         else:
             yield path, value
+
+
+def flatten(tree: dict) -> dict:
+    """``{"cc": {"alpha": 1}}`` -> ``{"cc.alpha": 1}`` (dotted keys of every leaf)."""
+    return dict(_walk(tree))
 
 
 def get(cfg: dict, key: str):
