@@ -322,11 +322,8 @@ class ClassContrastiveLoss(PaddedExemplarLoss):
             lab = torch.cat([lab, torch.zeros(B, 1, dtype=torch.bool, device=lab.device)], dim=1)
         lab_rows = lab[:, None, :].expand(B, T, lab.shape[1]).reshape(B * T, lab.shape[1])
         target = _contrastive_target(w.reshape(B * T), lab_rows, bg)
-        # Padding rows are outside the computed pairs, but exemplar_logsumexp's backward still scales
-        # them (0 * x), so a NaN there would reach their gradient: give the op zeros instead.
-        x = torch.where(mask[:, :, None], features, torch.zeros((), dtype=features.dtype,
-                                                                device=features.device))
-        loss = _cross_entropy(x.reshape(B * T, m), target, db, log_q, self.alpha, self.metric,
+        # Padding rows are outside the computed pairs: never read, exactly 0 gradient (NaN there included).
+        loss = _cross_entropy(features.reshape(B * T, m), target, db, log_q, self.alpha, self.metric,
                               self.temperature, rows=mask.reshape(B * T))
         return self._reduce(loss, B)
 

@@ -155,7 +155,9 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
         metric: ``"sqeuclidean"`` (``|a-b|^2``) or ``"euclidean"`` (``|a-b|``, the d of the paper; its
             gradient at zero distance is taken as 0).
         pairs: optional ``[N, C]`` bool mask. Only these (segment, class) pairs are computed; every
-            other entry of the output is 0 and receives no gradient.
+            other entry of the output is 0 and receives no gradient. A row of x with no pair is never
+            read: its gradient is exactly 0 and it reaches no other gradient, whatever it holds (NaN,
+            inf), so padding needs no cleaning.
 
     Returns:
         ``[N, C]`` tensor of x's dtype. float16/bfloat16 inputs are computed in float32.

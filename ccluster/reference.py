@@ -41,9 +41,14 @@ def scores(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
 def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, alpha: float,
                        metric: str = "sqeuclidean", pairs: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for :func:`ccluster.exemplar_logsumexp` (same semantics, materialised)."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if pairs is not None:
+        # Rows without a pair are computed from zeros: their entries are masked anyway, and their real
+        # values (NaN, inf) would otherwise reach the gradients as 0 * NaN.
+        x = torch.where(pairs.any(1, keepdim=True), x, zero)
     out = torch.logsumexp(scores(x, db, log_q, alpha, metric), dim=-1)
     if pairs is not None:
-        out = torch.where(pairs, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = torch.where(pairs, out, zero.to(out.dtype))
     return out
 
 

@@ -176,12 +176,12 @@ def test_torch_compile_fullgraph_forward_backward(backend):
 # Low precision
 
 
-def _low_precision_case(dtype, metric, shape, seed):
+def _low_precision_case(dtype, metric, shape, seed, grad=None):
     x64, db64, lq64 = make_inputs(*shape, seed=seed)
     x, db, log_q = (t.to(dtype).requires_grad_() for t in (x64, db64, lq64))
     out = lse(x, db, log_q, ALPHA, metric)
     assert out.dtype == dtype
-    grad = random_like(out, seed=seed)
+    grad = random_like(out, seed=seed) if grad is None else grad.to(dtype)
     g_fused = torch.autograd.grad(out, (x, db, log_q), grad)
     assert [g.dtype for g in g_fused] == [dtype] * 3
     # the oracle sees exactly the rounded inputs, in float64
@@ -201,6 +201,20 @@ def _low_precision_case(dtype, metric, shape, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_against_oracle(dtype, metric):
     _low_precision_case(dtype, metric, (ROW_BLOCK + 2, 1, COL_BLOCK + 8, 3), seed=12)
+
+
+@pytest.mark.parametrize("backend", ["fused", "library"])
+def test_float32_gradient_when_the_classes_cancel(metric, backend):
+    # An upstream gradient that sums to 0 over each row's classes, as a softmax over the classes gives
+    # (the class-contrastive loss): the classes' shares of grad_x, each of the size of the terms of
+    # alpha (W Y - rowsum(W) x), cancel, so the rounding of every share shows undiluted. Float sums of
+    # rowsum(W) (and, in the library path, of the forward's log-sum-exp) over a tile's columns made the
+    # euclidean grad_x 3-4x plain PyTorch's error here; they are taken in double.
+    shape = (ROW_BLOCK + 5, 3, COL_BLOCK + 10, 3)
+    g = random_like(torch.empty(shape[0], shape[1], dtype=torch.float64), seed=4)
+    grad = g - g.mean(1, keepdim=True)
+    with ccluster.kernel_settings(backend=backend):
+        _low_precision_case(torch.float32, metric, shape, seed=12, grad=grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -326,6 +340,86 @@ def test_nan_propagates_to_its_row_and_class_only(metric, slot):
     assert out[:, 1].isnan().all()
     assert torch.isfinite(out[:, [0, 2]]).all()
     assert_close64(out[:, [0, 2]], clean[:, [0, 2]])
+
+
+def _lse_and_grads(x, db, log_q, metric, pairs, grad, fn=lse):
+    args = [t.clone().requires_grad_() for t in (x, db, log_q)]
+    out = fn(*args, ALPHA, metric, pairs)
+    return (out.detach(), *torch.autograd.grad(out, args, grad))
+
+
+# rows with no pair: the first of a row block, one inside it, one in the second block
+UNPAIRED = [0, 7, ROW_BLOCK + 2]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad):
+    # README: with pairs, the other entries are 0 and get no gradient. A row with no pair is never read,
+    # so NaN or inf there gives that row exactly 0 gradient and changes nothing else (0 * NaN = NaN was
+    # the trap: grad_x = alpha (W Y - rowsum(W) x) with rowsum(W) = 0).
+    N, C, n, m = ROW_BLOCK + 9, 3, COL_BLOCK + 7, 4      # two row blocks, two column tiles
+    x, db, log_q = make_inputs(N, C, n, m, seed=21)
+    pairs = random_mask(N, C, 0.5, seed=5)
+    pairs[UNPAIRED] = False
+    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=8)
+    clean = _lse_and_grads(x, db, log_q, metric, pairs, grad)
+    xb = x.clone()
+    xb[0, 1] = bad
+    xb[7] = bad
+    xb[ROW_BLOCK + 2, 3] = bad
+    got = _lse_and_grads(xb, db, log_q, metric, pairs, grad)
+    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64))
+    for name, a, b in zip(("value", "grad x", "grad db", "grad log_q"), got, clean):
+        assert torch.equal(a, b), f"{name}: a row outside the pairs must change nothing"
+    # the oracle agrees (it computes rows without a pair from zeros)
+    ref = _lse_and_grads(xb, db, log_q, metric, pairs, grad, fn=reference.exemplar_logsumexp)
+    for name, a, b in zip(("value", "grad x", "grad db", "grad log_q"), got, ref):
+        assert torch.isfinite(b).all()
+        assert_close64(a, b, msg=name)
+
+
+def test_zero_gradient_pairs_are_left_out(metric):
+    # pairs whose incoming gradient is 0 take no part in the backward: a row whose pairs all have a zero
+    # gradient is not read either (NaN there reaches no gradient), in a row block with rows that do
+    N, C, n, m = 40, 3, 30, 5
+    x, db, log_q = make_inputs(N, C, n, m, seed=4)
+    pairs = random_mask(N, C, 0.7, seed=6)
+    pairs[5] = True
+    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=2)
+    grad[5] = 0.0
+    clean = _lse_and_grads(x, db, log_q, metric, pairs, grad)
+    xb = x.clone()
+    xb[5, 2] = math.nan
+    got = _lse_and_grads(xb, db, log_q, metric, pairs, grad)
+    assert got[0][5].isnan().all(), "the forward still propagates NaN to its row"
+    assert torch.equal(got[1][5], torch.zeros(m, dtype=torch.float64))
+    for name, a, b in zip(("grad x", "grad db", "grad log_q"), got[1:], clean[1:]):
+        assert torch.equal(a, b), name
+
+
+def test_nan_in_a_paired_row_reaches_its_gradient(metric):
+    # the documented propagation still holds with pairs: NaN in x reaches its row of the output and of
+    # grad_x, and, through the responsibilities of that row, the columns of the class it is paired with
+    # (the loss is NaN then); other rows and other classes are unaffected
+    N, C, n, m = 30, 3, 20, 4
+    x, db, log_q = make_inputs(N, C, n, m, seed=9)
+    pairs = random_mask(N, C, 0.5, seed=3)
+    pairs[4] = torch.tensor([False, True, False])
+    pairs[:, 0] = False
+    pairs[0, 0] = True                  # class 0 has one pair, not row 4
+    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=5)
+    clean = _lse_and_grads(x, db, log_q, metric, pairs, grad)
+    xb = x.clone()
+    xb[4, 2] = math.nan
+    out, gx, gdb, glq = _lse_and_grads(xb, db, log_q, metric, pairs, grad)
+    assert out[4, 1].isnan() and out[4, 0] == 0 and out[4, 2] == 0
+    assert gx[4].isnan().all(), "NaN in x must reach its row of grad_x"
+    rest = [s for s in range(N) if s != 4]
+    assert torch.isfinite(gx[rest]).all()
+    assert torch.equal(gx[rest], clean[1][rest])
+    assert gdb[1].isnan().all() and glq[1].isnan().all()
+    for c in (0, 2):
+        assert torch.equal(gdb[c], clean[2][c]) and torch.equal(glq[c], clean[3][c])
 
 
 # ---------------------------------------------------------------------------------------------------

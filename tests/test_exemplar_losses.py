@@ -9,8 +9,7 @@ import torch
 
 import ccluster
 from ccluster import reference
-from conftest import (COL_BLOCK, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR_ULPS, ROW_BLOCK, assert_close64,
-                      assert_low_precision, make_inputs, max_err)
+from conftest import COL_BLOCK, ROW_BLOCK, assert_close64, assert_low_precision, make_inputs
 
 pytestmark = pytest.mark.usefixtures("compiled_ops", "thread_policy")
 
@@ -221,32 +220,7 @@ def test_contrastive_float32_against_oracle(metric):
                                     *[t.double() for t in f32[2:4]], metric, f32[4].double())
     for name, a, b, c in zip(("loss", "x", "weight", "db", "log_q", "bg"), fused, plain, oracle):
         assert a.dtype == torch.float32
-        if name == "x":
-            continue
         assert_low_precision(a.detach(), b.detach(), c.detach(), torch.float32, name)
-    # grad x: the conftest rule, or else no more than 1.25x the error that exemplar_logsumexp's own
-    # backward makes when handed the exact upstream gradient dL/dlogz. The op alone can exceed the rule
-    # for the euclidean metric (3.8x the plain error on this input, with 1/d amplifying the float32
-    # distance error near an exemplar); the loss must not add to it.
-    e_fused, e_plain = max_err(fused[1].detach(), oracle[1]), max_err(plain[1].detach(), oracle[1])
-    floor = LOW_PRECISION_FLOOR_ULPS * torch.finfo(torch.float32).eps * float(oracle[1].abs().max())
-    x64, w64, db64, lq64, bg64 = (t.double() for t in f32)
-    lz = reference.exemplar_logsumexp(x64, db64, lq64, ALPHA, metric).requires_grad_()
-    (upstream,) = torch.autograd.grad(_loss_of_logz(lz, w64, labels, bg64), lz)
-    x32 = f32[0].clone().requires_grad_()
-    op = ccluster.exemplar_logsumexp(x32, f32[2], f32[3], ALPHA, metric)
-    (g_op,) = torch.autograd.grad(op, x32, upstream.float())
-    e_op = max_err(g_op, oracle[1])
-    assert e_fused <= max(LOW_PRECISION_FACTOR * e_plain + floor, 1.25 * e_op + floor), \
-        f"grad x: fused error {e_fused:.3g}, plain {e_plain:.3g}, the op alone {e_op:.3g}"
-
-
-def _loss_of_logz(logz, w, labels, bg):
-    """The contrastive loss (no empty class, tau = 1) as a function of the [N, K] log-sums."""
-    lab = labels.to(logz.dtype)
-    target = lab * (w / lab.sum(1).clamp_min(1))[:, None]
-    target = target + torch.nn.functional.pad(bg[:, None], (logz.shape[1] - 1, 0))
-    return -(target * torch.log_softmax(logz, 1)).sum()
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["no_bg", "bg"])

@@ -289,6 +289,95 @@ def test_nan_propagates_to_its_row_and_class_only():
         assert not torch.isnan(o[rest]).any(), "NaN must not spread to other rows or classes"
 
 
+UNPAIRED = [1, 6, 20]   # rows with no pair
+
+
+def _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw):
+    args = [t.clone().requires_grad_() for t in (x, db, log_q)]
+    with library(**kw):
+        out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
+        return (out.detach(), *torch.autograd.grad(out, args, grad))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("ws", ["large", "slots"], ids=str)
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
+@pytest.mark.parametrize("centring", ["off", "on"])
+def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gather, centring):
+    # README: with pairs, the other entries are 0 and get no gradient. NaN or inf in a row with no pair
+    # gives that row exactly 0 gradient and reaches neither grad_db nor grad_log_q: the row term
+    # rowsum(W) x is applied only where rowsum(W) != 0 (0 * NaN = NaN), and without gathering ("mask")
+    # such rows enter the W^T X GEMM as zeros.
+    N, C, n, m = 37, 3, 23, 5
+    x, db, log_q = make_inputs(N, C, n, m, seed=12)
+    pairs = random_mask(N, C, 0.5, seed=2)
+    pairs[UNPAIRED] = False
+    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=7)
+    kw = dict(workspace_bytes=WORKSPACES[ws], gather=gather, centring=centring)
+    clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
+    xb = x.clone()
+    xb[1, 0] = bad
+    xb[6] = bad
+    xb[20, 4] = -bad
+    got = _lse_grads_library(xb, db, log_q, metric, pairs, grad, **kw)
+    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64))
+    for name, a, b in zip(("value", "grad x", "grad db", "grad log_q"), got, clean):
+        assert torch.isfinite(a).all(), f"{name}: NaN or inf from a row outside the pairs"
+        assert_close64(a, b, rtol=1e-13, msg=name)
+    # and the fused CPU kernels give the same
+    args = [t.clone().requires_grad_() for t in (xb, db, log_q)]
+    out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
+    for name, a, b in zip(("grad x", "grad db", "grad log_q"), got[1:], torch.autograd.grad(out, args, grad)):
+        assert_close64(a, b, msg=name)
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
+def test_nan_in_a_paired_row_reaches_its_gradient(metric, gather):
+    # NaN in x still reaches its row of grad_x, and the columns of the class it is paired with. Without
+    # gathering, one W^T X GEMM serves a group of classes, so that row (with a gradient: the loss is NaN
+    # then) also reaches grad_db of the other classes of its group; grad_log_q stays per class.
+    N, C, n, m = 30, 3, 20, 4
+    x, db, log_q = make_inputs(N, C, n, m, seed=9)
+    pairs = random_mask(N, C, 0.5, seed=3)
+    pairs[4] = torch.tensor([False, True, False])
+    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=5)
+    kw = dict(workspace_bytes=WORKSPACES["slots"], gather=gather)
+    clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
+    xb = x.clone()
+    xb[4, 2] = math.nan
+    out, gx, gdb, glq = _lse_grads_library(xb, db, log_q, metric, pairs, grad, **kw)
+    assert out[4, 1].isnan() and out[4, 0] == 0 and out[4, 2] == 0
+    assert gx[4].isnan().all()
+    rest = [s for s in range(N) if s != 4]
+    assert_close64(gx[rest], clean[1][rest], rtol=1e-13)
+    assert gdb[1].isnan().all() and glq[1].isnan().all()
+    for c in (0, 2):
+        if gather:
+            assert_close64(gdb[c], clean[2][c], rtol=1e-13)
+        assert_close64(glq[c], clean[3][c], rtol=1e-13)
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
+def test_cc_loss_rows_outside_the_pairs_get_exactly_zero_gradient(metric, gather):
+    x, db, log_q = make_inputs(37, 3, 23, 5, seed=13)
+    pairs = random_mask(37, 3, 0.5, seed=4)
+    pairs[UNPAIRED] = False
+    att = torch.rand(37, dtype=torch.float64)
+    xb = x.clone()
+    xb[1, 0] = math.nan
+    xb[6] = math.inf
+    grads = []
+    for xv in (x, xb):
+        args = [t.clone().requires_grad_() for t in (xv, db, log_q)]
+        with library(workspace_bytes=WORKSPACES["slots"], gather=gather):
+            loss = ccluster.convex_clustering_loss(args[0], att, pairs, args[1], args[2], ALPHA, metric)
+            grads.append((loss.detach(), *torch.autograd.grad(loss, args)))
+    assert torch.equal(grads[1][1][UNPAIRED], torch.zeros(len(UNPAIRED), 5, dtype=torch.float64))
+    for name, a, b in zip(("loss", "grad x", "grad db", "grad log_q"), grads[1], grads[0]):
+        assert torch.isfinite(a).all(), name
+        assert_close64(a, b, rtol=1e-13, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_large_alpha_d_is_exact(metric, dtype):
     # alpha * d ~ 1e4: log(sum(q exp(-alpha d))) underflows to -inf (and NaN gradients) in float32 and

@@ -8,6 +8,9 @@
 //   grad_x   = alpha * (W @ Y - rowsum(W) * x)
 //   grad_db  = alpha * (W^T @ X - colsum(W) * y)
 //   grad_lq  = colsum(P)
+// With pairs, the rows outside them and the pairs whose incoming gradient is 0 are left out (never
+// read): such a row gets exactly 0 gradient and adds nothing to grad_db / grad_lq, whatever it holds
+// (NaN, inf). Without pairs, a row whose gradient is 0 everywhere still gets exactly 0 in grad_x.
 // Parallel over (class, exemplar chunk) units, so grad_db and grad_lq rows are owned by one worker;
 // grad_x rows are shared across classes and go through per-worker buffers added at the end.
 #include <algorithm>
@@ -91,16 +94,21 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
   // grad_x rows receive contributions from every class: each worker accumulates into its own buffer
   // (the worker that starts at unit 0 uses grad_x itself), summed afterwards in unit order so that the
   // result does not depend on thread timing.
+  // rowsum(W) is summed in double: grad_x = alpha (W Y - rowsum(W) x) cancels (the terms are about
+  // |x| / d times the result for the euclidean metric near an exemplar), and a float sum over a tile's
+  // 512 columns costs several ulps, which the cancellation multiplies. The W Y GEMM and each tile's
+  // terms stay in T.
   std::mutex mu;
   std::vector<std::pair<int64_t, at::Tensor>> partial_gx;
-  at::Tensor roww_all = need_x ? at::zeros({N}, in.x.options()) : at::Tensor();
+  const auto dopts = in.x.options().dtype(at::kDouble);
+  at::Tensor roww_all = need_x ? at::zeros({N}, dopts) : at::Tensor();
   std::vector<std::pair<int64_t, at::Tensor>> partial_roww;
   parallel_units(static_cast<int64_t>(units.size()), [&](int64_t u0, int64_t u1) {
     at::Tensor xbuf, gbuf, dbuf, tmp;
     at::Tensor gx_local, roww_local;  // this worker's share of grad_x and of rowsum(W)
     if (need_x) {
       gx_local = u0 == 0 ? gx : zeros_large({N, m}, in.x.options());
-      roww_local = u0 == 0 ? roww_all : at::zeros({N}, in.x.options());
+      roww_local = u0 == 0 ? roww_all : at::zeros({N}, dopts);
     }
     RowBlock<T> rb;
     std::vector<T> gr_s(kRowBlock), lz_s(kRowBlock), colw, colp, unused(kRowBlock);
@@ -135,17 +143,21 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
         scores_tile(gp, un.rows, cu.cols, rb.xx.data(), yyc, lqc, alpha, metric, unused.data(), dp);
         for (int64_t r = 0; r < un.rows; ++r) {
           T* row = gp + r * cu.cols;
-          const T shift = gr_s[r] == T(0) ? std::numeric_limits<T>::infinity() : lz_s[r];
+          if (gr_s[r] == T(0)) {  // exp(-inf) = 0 whatever the scores hold (s - inf is NaN for s = NaN)
+            std::fill(row, row + cu.cols, -std::numeric_limits<T>::infinity());
+            continue;
+          }
+          const T shift = lz_s[r];
 #pragma omp simd
           for (int64_t j = 0; j < cu.cols; ++j) row[j] -= shift;
         }
-        g.exp_();  // responsibilities exp(s - logz) (0 on rows without gradient)
-        T* roww = need_x ? roww_local.data_ptr<T>() : nullptr;
+        g.exp_();  // responsibilities exp(s - logz) (exactly 0 on rows without gradient)
+        double* roww = need_x ? roww_local.data_ptr<double>() : nullptr;
         for (int64_t r = 0; r < un.rows; ++r) {
           T* row = gp + r * cu.cols;
           const T* drow = dp ? dp + r * cu.cols : nullptr;
           const T gs = gr_s[r];
-          T rs = 0;
+          double rs = 0;
           if (euclid) {
 #pragma omp simd reduction(+ : rs)
             for (int64_t j = 0; j < cu.cols; ++j) {
@@ -154,7 +166,7 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
               const T w = kappa(drow[j], metric) * p;
               row[j] = w;
               colw[j] += w;
-              rs += w;
+              rs += double(w);
             }
           } else {
 #pragma omp simd reduction(+ : rs)
@@ -163,7 +175,7 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
               colp[j] += p;
               row[j] = T(2) * p;
               colw[j] += T(2) * p;
-              rs += T(2) * p;
+              rs += double(T(2) * p);
             }
           }
           if (need_x) roww[rb.ids[r]] += rs;
@@ -204,7 +216,21 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
     std::sort(partial_roww.begin(), partial_roww.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     for (auto& p : partial_gx) gx.add_(p.second);
     for (auto& p : partial_roww) roww_all.add_(p.second);
-    gx.addcmul_(in.x, roww_all.unsqueeze(1), -alpha);
+    // grad_x -= alpha rowsum(W) x, only on rows with a nonzero rowsum(W): a row outside the pairs (or
+    // whose gradient is 0) has none and gets exactly 0 gradient, also when it holds NaN or inf (0 x NaN).
+    const double* rw = roww_all.data_ptr<double>();
+    const T* xp = in.x.data_ptr<T>();
+    T* gxp = gx.data_ptr<T>();
+    at::parallel_for(0, N, 64, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) {
+        if (rw[s] == 0.0) continue;
+        const T f = static_cast<T>(-double(alpha) * rw[s]);
+        const T* xr = xp + s * m;
+        T* dst = gxp + s * m;
+#pragma omp simd
+        for (int64_t k = 0; k < m; ++k) dst[k] += f * xr[k];
+      }
+    });
   }
 }
 
@@ -247,8 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0 && (gx.defined() || gdb.defined() || glq.defined())) {
     AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_backward_cpu", [&] {
       const Inputs in = prepare<scalar_t>(x, db, log_q);
-      const ClassRows cr = pairs.has_value() ? rows_from_mask(*pairs) : all_rows(in.N);
       const at::Tensor g = grad.to(t).contiguous(), lz = logz.to(t).contiguous();
+      // With pairs, only the pairs with a gradient take part: the rows of the others are never read, so
+      // whatever they hold (NaN, inf) reaches no gradient.
+      const ClassRows cr = pairs.has_value() ? rows_from_mask(at::logical_and(*pairs, g.ne(0))) : all_rows(in.N);
       lse_backward<scalar_t>(in, cr, g, lz, static_cast<scalar_t>(alpha), metric, gx, gdb, glq);
     });
   }

@@ -9,6 +9,7 @@
 //            log-sum-exp states) of a column are combined in a fixed order: deterministic, no atomics.
 //   scatter  one block row per output row of x: the rows of the packed gradient that belong to it,
 //            summed in class order and added once: deterministic, no atomics.
+//   row terms  one warp per row of x: grad_x += scale rowsum(W) x on the rows with a nonzero rowsum.
 // Grids come from the occupancy API (launch.cuh) and loop over the work (grid-stride). Nothing reads a
 // value back to the host, so the kernels can be captured in CUDA graphs.
 #include <ATen/ATen.h>
@@ -71,6 +72,7 @@ struct GatherK {
   const T* mu;
   scalar_t* out;
   T* xx;
+  const bool* keep;
 };
 
 template <typename scalar_t, typename T>
@@ -79,6 +81,12 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(GatherK<scalar_t, T> a
   const int64_t stride = int64_t(gridDim.x) * kWarps;
   for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < a.rows; i += stride) {
     const int64_t r = a.row_ids ? a.row_ids[i] : a.r0 + i;
+    if (a.keep && !a.keep[r]) {  // uniform over the warp: zeros, src not read
+      if (a.out)
+        for (int64_t f = lane; f < a.m; f += 32) a.out[i * a.m + f] = scalar_t(0);
+      if (lane == 0) a.xx[i] = T(0);
+      continue;
+    }
     const int64_t c = a.row_class ? a.row_class[i] : (a.class_div > 0 ? (a.r0 + i) / a.class_div : a.c0);
     const scalar_t* sr = a.src + r * a.st0;
     const T* mr = a.mu ? a.mu + c * a.m : nullptr;
@@ -108,7 +116,8 @@ void gather_cuda(const GatherArgs& g) {
                            g.row_ids.defined() ? g.row_ids.data_ptr<int64_t>() : nullptr, g.r0, g.rows,
                            g.row_class.defined() ? g.row_class.data_ptr<int64_t>() : nullptr, g.c0, g.class_div,
                            g.mu.defined() ? g.mu.data_ptr<T>() : nullptr,
-                           g.out.defined() ? g.out.data_ptr<scalar_t>() : nullptr, g.xx.data_ptr<T>()};
+                           g.out.defined() ? g.out.data_ptr<scalar_t>() : nullptr, g.xx.data_ptr<T>(),
+                           g.keep.defined() ? g.keep.data_ptr<bool>() : nullptr};
     const int grid = occupancy_grid(gather_kernel<scalar_t, T>, kThreads, 0, (g.rows + kWarps - 1) / kWarps);
     gather_kernel<scalar_t, T><<<grid, kThreads, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -362,11 +371,54 @@ void scatter_cuda(const ScatterArgs& s) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// row terms
+
+template <typename scalar_t, typename T>
+struct RowTermK {
+  T* dst;
+  const scalar_t* src;
+  int64_t st0, st1, m, rows;
+  const T* w;
+  T scale;
+};
+
+template <typename scalar_t, typename T>
+__global__ void __launch_bounds__(kThreads) row_terms_kernel(RowTermK<scalar_t, T> a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = int64_t(gridDim.x) * kWarps;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); r < a.rows; r += stride) {
+    const T wr = a.w[r];
+    if (wr == T(0)) continue;  // uniform over the warp: the row is left as it is, src not read
+    const T f = a.scale * wr;
+    const scalar_t* sr = a.src + r * a.st0;
+    T* dr = a.dst + r * a.m;
+    for (int64_t k = lane; k < a.m; k += 32) dr[k] += f * static_cast<T>(sr[k * a.st1]);
+  }
+}
+
+void row_terms_cuda(const library::RowTermArgs& t) {
+  if (t.dst.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(t.dst.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.src.scalar_type(), "ccluster_row_terms_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    TORCH_INTERNAL_ASSERT(t.dst.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                          t.w.scalar_type() == t.dst.scalar_type() && t.dst.is_contiguous() && t.w.is_contiguous());
+    RowTermK<scalar_t, T> k{t.dst.data_ptr<T>(), t.src.data_ptr<scalar_t>(), t.src.stride(0), t.src.stride(1),
+                            t.dst.size(1), t.dst.size(0), t.w.data_ptr<T>(), static_cast<T>(t.scale)};
+    const int grid = occupancy_grid(row_terms_kernel<scalar_t, T>, kThreads, 0, (k.rows + kWarps - 1) / kWarps);
+    row_terms_kernel<scalar_t, T><<<grid, kThreads, 0, stream>>>(k);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 bool capturing_cuda() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-const library::Epilogues kCuda{&gather_cuda, &rows_cuda, &cols_cuda, &scatter_cuda, &capturing_cuda};
+const library::Epilogues kCuda{&gather_cuda, &rows_cuda, &cols_cuda, &scatter_cuda, &row_terms_cuda,
+                               &capturing_cuda};
 
 struct Registrar {
   Registrar() { library::register_cuda_epilogues(&kCuda); }

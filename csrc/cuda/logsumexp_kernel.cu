@@ -12,7 +12,9 @@
 // reduced in a fixed order. grad_x rows are shared by every exemplar chunk and class, so grad_x is
 // accumulated with atomicAdd (float32 / float64): its value depends on the order of the additions, at the
 // level of rounding (torch.use_deterministic_algorithms raises for it). grad_db and grad_log_q are
-// deterministic. These are the hand-written kernels (backend "fused"); the default on CUDA is the
+// deterministic. Only the rows of the pairs with a nonzero gradient are read: a row outside the pairs
+// gets exactly 0 gradient and adds nothing to grad_db / grad_log_q, whatever it holds (NaN, inf).
+// These are the hand-written kernels (backend "fused"); the default on CUDA is the
 // library-GEMM path (csrc/library).
 #include <array>
 
@@ -111,7 +113,9 @@ __global__ void __launch_bounds__(kThreads)
           for (int idx = tid; idx < BK * kTile; idx += kThreads) {
             const int l = idx / kTile, f = idx % kTile, fg = f0 + f;
             const int s = s_row[l0 + l];
-            as[l][f] = (need_db && s >= 0 && fg < m) ? static_cast<T>(x[int64_t(s) * m + fg]) : T(0);
+            // rows without gradient (W = 0) are not read: 0 * NaN would reach grad_db
+            as[l][f] = (need_db && s >= 0 && s_g[l0 + l] != T(0) && fg < m) ? static_cast<T>(x[int64_t(s) * m + fg])
+                                                                                : T(0);
             bs[l][f] = (need_x && l0 + l < cols && fg < m) ? static_cast<T>(yc[int64_t(l0 + l) * m + fg]) : T(0);
           }
           __syncthreads();

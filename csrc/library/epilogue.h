@@ -64,6 +64,7 @@ struct ColArgs {
 // out[i] = src[row(i)] - mu[class(i)], rounded to out's dtype; xx[i] = |out[i]|^2 in T (of the rounded
 // values). row(i) = row_ids[i] or r0 + i; class(i) = row_class[i], or (r0 + i) / class_div when
 // class_div > 0, or c0; without mu nothing is subtracted. Without out only the norms are computed.
+// With keep, a row whose keep[row(i)] is false is written as zeros (norm 0) without reading src.
 struct GatherArgs {
   at::Tensor src;        // [R, m], any floating dtype and strides
   at::Tensor row_ids;    // int64 [rows] or undefined
@@ -74,6 +75,16 @@ struct GatherArgs {
   at::Tensor out;        // [rows, m] contiguous, or undefined
   at::ScalarType round_to = at::kFloat;  // without out: the dtype the norms' values are rounded to
   at::Tensor xx;         // [rows] T
+  at::Tensor keep;       // [R] bool (indexed by row(i)) or undefined: every row is read
+};
+
+// dst[r] += scale * w[r] * src[r] for every row r whose weight w[r] is nonzero. A row whose weight is 0
+// is left as it is, whatever src holds there (0 * NaN would be NaN).
+struct RowTermArgs {
+  at::Tensor dst;        // [R, m] T, contiguous
+  at::Tensor src;        // [R, m], any floating dtype and strides
+  at::Tensor w;          // [R] T, contiguous
+  double scale = 1.0;
 };
 
 // dst[row] += scale * sum of the src rows of this piece that belong to row, in packed order (= class
@@ -93,6 +104,7 @@ struct Epilogues {
   void (*rows)(const RowArgs&);
   void (*cols)(const ColArgs&);
   void (*scatter)(const ScatterArgs&);
+  void (*row_terms)(const RowTermArgs&);
   bool (*capturing)();  // true while the current stream is being captured into a CUDA graph
 };
 

@@ -59,10 +59,10 @@ void rows_impl(const RowArgs& a) {
           for (int64_t j = 0; j < k; ++j)
             mx = max_nan_skip(mx, score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap));
           const T sh = shift_of(mx);
-          T l = 0;
+          double l = 0;  // a float sum over k columns would cost several ulps of logz (see rs below)
           for (int64_t j = 0; j < k; ++j)
-            l += std::exp(score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap) - sh);
-          z = sh + std::log(l);
+            l += double(std::exp(score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap) - sh));
+          z = sh + static_cast<T>(std::log(l));
           if (mode == RowMode::Lse && !a.first) z = log_add(logz[pc], z);
           logz[pc] = z;
           if (mode == RowMode::Lse) continue;
@@ -84,16 +84,18 @@ void rows_impl(const RowArgs& a) {
           if (prow) std::fill(prow, prow + k, T(0));
           continue;
         }
-        T rs = 0;
+        // summed in double: grad_x = alpha (W Y - rowsum(W) x) cancels, and a float sum over k columns
+        // costs several ulps that the cancellation multiplies (by |x| / d for the euclidean metric)
+        double rs = 0;
         for (int64_t j = 0; j < k; ++j) {
           const T sc = score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap);
           const T p = cf * std::exp(sc - z);
           const T w = kap * p;
           if (prow) prow[j] = p;
           row[j] = w;
-          rs += w;
+          rs += double(w);
         }
-        if (rowsum) rowsum[pc] += rs;
+        if (rowsum) rowsum[pc] += static_cast<T>(rs);
       }
     }
   });
@@ -146,9 +148,15 @@ void gather_typed(const GatherArgs& a) {
   const T* mu = a.mu.defined() ? a.mu.data_ptr<T>() : nullptr;
   out_t* out = a.out.defined() ? a.out.data_ptr<out_t>() : nullptr;
   T* xx = a.xx.data_ptr<T>();
+  const bool* keep = a.keep.defined() ? a.keep.data_ptr<bool>() : nullptr;
   at::parallel_for(0, a.rows, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = row_of(ids, a.r0, i);
+      if (keep && !keep[r]) {
+        if (out) std::fill(out + i * m, out + (i + 1) * m, out_t(0));
+        xx[i] = T(0);
+        continue;
+      }
       const int64_t c = cls ? cls[i] : (a.class_div > 0 ? (a.r0 + i) / a.class_div : a.c0);
       const src_t* sr = src + r * st0;
       const T* mr = mu ? mu + c * m : nullptr;
@@ -208,6 +216,30 @@ void scatter_impl(const ScatterArgs& a) {
   });
 }
 
+template <typename T, typename src_t>
+void row_terms_typed(const RowTermArgs& a) {
+  const int64_t R = a.dst.size(0), m = a.dst.size(1);
+  const int64_t st0 = a.src.stride(0), st1 = a.src.stride(1);
+  const src_t* src = a.src.data_ptr<src_t>();
+  const T* w = a.w.data_ptr<T>();
+  T* dst = a.dst.data_ptr<T>();
+  const T scale = static_cast<T>(a.scale);
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (w[r] == T(0)) continue;
+      const T f = scale * w[r];
+      const src_t* sr = src + r * st0;
+      T* dr = dst + r * m;
+      if (st1 == 1) {
+#pragma omp simd
+        for (int64_t k = 0; k < m; ++k) dr[k] += f * static_cast<T>(sr[k]);
+      } else {
+        for (int64_t k = 0; k < m; ++k) dr[k] += f * static_cast<T>(sr[k * st1]);
+      }
+    }
+  });
+}
+
 void rows_cpu(const RowArgs& a) {
   if (a.rows == 0 || a.k == 0) return;
   AT_DISPATCH_FLOATING_TYPES(a.S.scalar_type(), "ccluster_rows_cpu", [&] { rows_impl<scalar_t>(a); });
@@ -224,9 +256,17 @@ void scatter_cpu(const ScatterArgs& a) {
   if (a.rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES(a.dst.scalar_type(), "ccluster_scatter_cpu", [&] { scatter_impl<scalar_t>(a); });
 }
+void row_terms_cpu(const RowTermArgs& a) {
+  if (a.dst.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(a.dst.scalar_type(), "ccluster_row_terms_cpu", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.src.scalar_type(), "ccluster_row_terms_src",
+                                    [&] { row_terms_typed<T, scalar_t>(a); });
+  });
+}
 bool capturing_cpu() { return false; }
 
-const Epilogues kCpu{&gather_cpu, &rows_cpu, &cols_cpu, &scatter_cpu, &capturing_cpu};
+const Epilogues kCpu{&gather_cpu, &rows_cpu, &cols_cpu, &scatter_cpu, &row_terms_cpu, &capturing_cpu};
 std::atomic<const Epilogues*> g_cuda{nullptr};
 
 }  // namespace

@@ -238,16 +238,26 @@ class Engine {
     return centre ? y.sub(mu[c]) : y;
   }
 
-  // gx += alpha (acc - sum_c rowsum_c (x - mu_c)) given acc already in gx: the row terms, in row chunks.
+  // gx += alpha (acc - sum_c rowsum_c (x - mu_c)) given acc already in gx: the row terms. x is read only
+  // on rows with a nonzero rowsum: a row outside the active pairs has none and keeps exactly 0 gradient,
+  // whatever it holds (0 * NaN would be NaN). The centring term RW mu is 0 on such rows.
   void finish_rows(at::Tensor& gx, const at::Tensor& RW, double scale) const {
-    const at::Tensor rw = RW.sum(1);
-    const int64_t step = std::max<int64_t>(1, ws_ / std::max<int64_t>(m * at::elementSize(T), 1));
-    for (int64_t r0 = 0; r0 < N; r0 += step) {
-      const int64_t r = std::min(step, N - r0);
-      at::Tensor g = gx.narrow(0, r0, r);
-      g.addcmul_(x_.narrow(0, r0, r).to(T), rw.narrow(0, r0, r).unsqueeze(1), -scale);
-      if (centre) g.addmm_(RW.narrow(0, r0, r), mu, 1.0, scale);
-    }
+    RowTermArgs ra;
+    ra.dst = gx;
+    ra.src = x_;
+    ra.w = RW.sum(1);
+    ra.scale = -scale;
+    ep_->row_terms(ra);
+    if (centre) gx.addmm_(RW, mu, 1.0, scale);
+  }
+
+  // Shared mode with pairs: the gradient GEMM W^T X reads every row of a chunk, and 0 * NaN is NaN, so
+  // the rows without an active pair are gathered as zeros (into the workspace: a copy of the chunk instead
+  // of a view of x). Packed mode gathers only the active rows anyway.
+  void zero_inactive_rows() {
+    if (packed || !mask.defined()) return;
+    keep_rows_ = mask.any(1);
+    direct_x_ = false;
   }
 
   const char* op_;
@@ -261,6 +271,7 @@ class Engine {
   const Epilogues* ep_;
   int64_t ws_ = 0;
   bool direct_x_ = false, direct_y_ = false;
+  at::Tensor keep_rows_;                 // shared mode: [N] bool, rows gathered (the others as zeros)
   bool packed = false;
   at::Tensor mask;                       // shared mode: active pairs, or undefined (all)
   at::Tensor prow, pclass;               // packed mode
@@ -341,6 +352,7 @@ class Engine {
       ga.rows = rows;
       ga.xx = pc.xx;
       ga.round_to = G;
+      ga.keep = keep_rows_;
       if (!centre) {
         if (direct_x_) {
           pc.X = x_.narrow(0, r0, rows);
@@ -551,6 +563,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward(
     at::Tensor active;
     if (pairs.has_value()) active = at::logical_and(*pairs, coef.ne(0));
     Engine E(op, x, db, log_q, alpha, metric, active, /*allow_fold=*/true);
+    if (need_db) E.zero_inactive_rows();  // rows outside the pairs must not reach W^T X (before planning)
     const bool euclid = metric == Metric::Euclidean;
     const bool need_colw = need_db || need_lq;
     const bool need_p = need_lq && euclid;
