@@ -22,7 +22,8 @@ def test_defaults_validate():
     expect = copy.deepcopy(DEFAULTS)
     expect["data"]["synthetic"] = "tiny"
     assert cfg == expect
-    assert cfg["cc"]["weight"] == 1.0 and cfg["cc"]["alpha"] == "auto"  # the method's lambda
+    assert cfg["cc"]["loss"] == "prior" and cfg["cc"]["weight"] == 0.03  # chosen in the README's comparison
+    assert cfg["cc"]["alpha"] == "auto" and cfg["eval"]["smooth"] == 5
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -69,8 +69,9 @@ DEFAULTS: dict[str, Any] = {
         "casl_margin": 0.5,
     },
     "cc": {
-        "weight": 1.0,             # lambda in Loss = L_clf + lambda * L_cc
-        "loss": "literal",         # the exemplar loss: "literal" (the poster's L_cc), or our extensions
+        "weight": 0.03,            # lambda in Loss = L_clf + lambda * L_cc (0.03: chosen for "prior", see
+                                   # the README's comparison; the poster's literal loss used 1)
+        "loss": "prior",           # the exemplar loss: "literal" (the poster's L_cc), or our extensions
                                    # "contrastive" (segments classified by their exemplars, cross-entropy
                                    # toward the video's labels) and "prior" (attention trained toward a
                                    # tempered softmax of log z over the video's segments)
@@ -82,8 +83,10 @@ DEFAULTS: dict[str, Any] = {
                                    # 0: the baseline alone. weight 0 keeps the stages (a same-batch control)
         "size": 64,                # n: exemplars per class in the database
         "on": "embedding",         # "embedding" (phi, shapes features and attention) | "input"
-        "detach_attention": False, # True: L_cc shapes phi only (p(s|x) as a constant weight); False: the
-                                   # literal loss, whose gradient also moves the attention
+        "detach_attention": True,  # True: L_cc shapes phi only (p(s|x) as a constant weight); False: the
+                                   # literal loss, whose gradient also moves the attention (it collapses
+                                   # the attention onto the segments nearest an exemplar). "prior" trains
+                                   # the attention by design and ignores this
         "normalize": False,        # L2-normalise what L_cc sees (stops phi from shrinking to cheat L_cc)
         "metric": "sqeuclidean",   # "sqeuclidean" | "euclidean" (the paper's d)
         "alpha": "auto",           # bandwidth: a number > 0, or "auto" (from the data, every collection)
@@ -118,7 +121,7 @@ DEFAULTS: dict[str, Any] = {
     "eval": {
         "tiou": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
         "figures": 4,              # T-CAM figures of this many test videos at the end
-        "smooth": 0,               # centred moving average of this many segments on the T-CAM and the
+        "smooth": 5,               # centred moving average of this many segments on the T-CAM and the
                                    # attention before proposals and in figures (0 = off; ends renormalised)
     },
     "run": {
@@ -138,7 +141,7 @@ PRESETS: dict[str, dict] = {
         "name": "synthetic",
         "data": {"synthetic": "demo", "layout": "native", "batch_size": 8, "max_seqlen": 100},
         "model": {"embed_dim": 128, "dropout": 0.5, "attention": "stpn"},
-        "cc": {"weight": 1.0, "rounds": 2, "size": 32, "k": 4, "fit_max_iter": 200},
+        "cc": {"rounds": 2, "size": 32, "k": 4, "fit_max_iter": 200},
         "train": {"lr": 1.0e-3, "baseline_steps": 200, "cc_steps": 100, "checkpoint_every": 1,
                   "log_every": 10},
         "eval": {"figures": 4},
@@ -148,7 +151,7 @@ PRESETS: dict[str, dict] = {
         "name": "tiny",
         "data": {"synthetic": "tiny", "layout": "native", "batch_size": 4, "max_seqlen": 64},
         "model": {"embed_dim": 16, "dropout": 0.1},
-        "cc": {"weight": 1.0, "rounds": 1, "size": 8, "k": 2, "fit_max_iter": 100},
+        "cc": {"rounds": 1, "size": 8, "k": 2, "fit_max_iter": 100},
         "train": {"lr": 1.0e-3, "baseline_steps": 6, "cc_steps": 4, "log_every": 2},
         "eval": {"figures": 1},
         "run": {"progress": False, "tensorboard": False, "threads": 1},
