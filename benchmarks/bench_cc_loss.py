@@ -119,15 +119,7 @@ def main():
                 grad_bytes = x.numel() * x.element_size()
                 del x, att, pairs, db, log_q
                 fns = {c: build_case(c, *size, dtype, args.device) for c in cases}
-                t = common.time_alternating(fns, args.rounds, "gemm", args.device)
-                mem = {c: None for c in cases}
-                if cuda and not args.no_memory:
-                    mem = {c: common.measure_cuda(fns[c]) for c in cases}
-                del fns
-                if not cuda and not args.no_memory:
-                    size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", ",".join(map(str, size)),
-                                "--dtype", prec, "--device", args.device]
-                    mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in cases}
+                t, mem = common.time_and_measure(__file__, fns, args, ",".join(map(str, size)), prec)
 
             def speedup(a, other):
                 f, o = t[a]["seconds"], t[other]["seconds"]

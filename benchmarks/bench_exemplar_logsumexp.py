@@ -110,15 +110,7 @@ def main():
             with common.precision(prec) as dtype:
                 err = errors(N, C, n, m, dtype, args.device, backends)
                 fns = {c: build_case(c, N, C, n, m, dtype, args.device) for c in cases}
-                t = common.time_alternating(fns, args.rounds, "gemm", args.device)
-                mem = {c: None for c in cases}
-                if cuda and not args.no_memory:
-                    mem = {c: common.measure_cuda(fns[c]) for c in cases}
-                del fns
-                if not cuda and not args.no_memory:
-                    size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", f"{N},{C},{n},{m}",
-                                "--dtype", prec, "--device", args.device]
-                    mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in cases}
+                t, mem = common.time_and_measure(__file__, fns, args, f"{N},{C},{n},{m}", prec)
             row = {"precision": prec, "N": N, "C": C, "n": n, "m": m,
                    **{f"max_abs_err_{k}": v for k, v in err.items()},
                    **{f"err_ratio_{b}_vs_plain": (err[b] / err["plain"] if err["plain"] > 0 else None)

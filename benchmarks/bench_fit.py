@@ -137,15 +137,7 @@ def main():
                     err[name] = max(float((u.double() - v).nan_to_num(posinf=0, neginf=0).abs().max())
                                     for u, v in zip(a, b))
                 fns = {c: build_case(c, *size, dtype, args.device) for c in cases}
-                t = common.time_alternating(fns, args.rounds, "gemm", args.device)
-                mem = {c: None for c in cases}
-                if cuda and not args.no_memory:
-                    mem = {c: common.measure_cuda(fns[c]) for c in cases}
-                del fns
-                if not cuda and not args.no_memory:
-                    size_arg = ["--threads", str(torch.get_num_threads()), "--sizes", ",".join(map(str, size)),
-                                "--dtype", prec, "--device", args.device]
-                    mem = {c: common.measure_subprocess(__file__, c, size_arg) for c in cases}
+                t, mem = common.time_and_measure(__file__, fns, args, ",".join(map(str, size)), prec)
                 print(f"{prec} size videos,T,C,n,m = {size}, pairs = {npairs}, max abs err vs float64 = "
                       + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
                 print("  one iteration: " + " | ".join(

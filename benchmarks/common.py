@@ -189,6 +189,26 @@ def measure_subprocess(script: str, case: str, argv: list[str]) -> int | str:
     return int(res.stdout.strip().splitlines()[-1])
 
 
+def time_and_measure(script: str, fns: dict[str, Callable[[], object]], args, size_text: str,
+                     prec: str) -> tuple[dict, dict]:
+    """Times the cases ``fns`` alternately (:func:`time_alternating`, ratios to ``"gemm"``), then
+    measures each one's peak memory: in this process on CUDA, in a fresh interpreter running
+    ``script --memory-case`` on the CPU (a process's peak RSS cannot be reset between cases).
+    Empties ``fns`` before the CPU measurement so that its tensors are freed. Returns (times, memory)."""
+    cuda = args.device.startswith("cuda")
+    times = time_alternating(fns, args.rounds, "gemm", args.device)
+    mem = {c: None for c in fns}
+    if cuda and not args.no_memory:
+        mem = {c: measure_cuda(fn) for c, fn in fns.items()}
+    cases = list(fns)
+    fns.clear()
+    if not cuda and not args.no_memory:
+        argv = ["--threads", str(torch.get_num_threads()), "--sizes", size_text, "--dtype", prec,
+                "--device", args.device]
+        mem = {c: measure_subprocess(script, c, argv) for c in cases}
+    return times, mem
+
+
 def fmt_seconds(v) -> str:
     return v if isinstance(v, str) else f"{v * 1e3:9.1f}ms"
 
