@@ -55,7 +55,7 @@ def test_types_are_coerced():
     (["cc.alpha=fast"], r"'cc\.alpha': expected a number > 0 or 'auto'"),
     (["cc.k=0"], r"'cc\.k': expected a value > 0"),
     (["cc.k=900"], r"'cc\.k': expected at most data\.max_seqlen=750 segments, got 900"),
-    (["model.attention=lstm"], r"'model\.attention': expected one of \['untrimmednet', 'stpn'\]"),
+    (["model.attention=lstm"], r"'model\.attention': expected one of \['untrimmednet', 'stpn', 'none'\]"),
     (["run.tensorboard=3"], r"'run\.tensorboard': expected true or false"),
     (["train.lr=.inf"], r"'train\.lr': expected a finite number"),
     (["cc.weight=-0.5"], r"'cc\.weight': expected a value >= 0"),

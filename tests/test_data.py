@@ -153,3 +153,24 @@ def test_batches_full_sequences_and_reproducible_shuffle():
         next(iterate_batches(ds, [0], batch_size=1, shuffle=True, generator=torch.Generator()))
     with pytest.raises(ValueError, match="no video in subset 'train'"):
         ds.indices("train")
+
+
+def test_similar_pairs_batch_is_wtalcs_sampler():
+    from train.data.batching import similar_pairs_batch
+    labels = np.zeros((8, 4))
+    labels[[0, 1, 2], 0] = 1
+    labels[[3, 4], 1] = 1
+    labels[[5], 2] = 1                 # class 3 has no training video; video 7 is not for training
+    labels[7, 3] = 1
+    train = [0, 1, 2, 3, 4, 5, 6]
+    for seed in range(20):
+        batch = similar_pairs_batch(labels, train, 10, 3, np.random.default_rng(seed))
+        assert len(batch) == 10 and set(batch) <= set(train)
+        for a, b in zip(batch[0:6:2], batch[1:6:2]):   # each pair shares a class
+            assert (labels[a] * labels[b]).sum() >= 1
+    again = similar_pairs_batch(labels, train, 10, 3, np.random.default_rng(7))
+    assert again == similar_pairs_batch(labels, train, 10, 3, np.random.default_rng(7))
+    with pytest.raises(ValueError, match="2 \\* pairs <= batch_size"):
+        similar_pairs_batch(labels, train, 4, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no training video has a label"):
+        similar_pairs_batch(np.zeros((3, 2)), [0, 1, 2], 4, 1, np.random.default_rng(0))

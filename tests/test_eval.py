@@ -413,3 +413,30 @@ def test_plot_video_bars_have_a_legend(tmp_path, monkeypatch):
     bars = drawn[0].axes[1].get_legend()
     assert [t.get_text() for t in bars.get_texts()] == [
         "ground truth", "prediction, score 0.00 (lightest)", "prediction, score 0.90 (darkest)"]
+
+
+def test_wtalc_proposals_follow_wtalcs_rule():
+    from train.eval import topk_video_scores, wtalc_proposals
+    T = 16
+    tcam = np.zeros((T, 3))
+    tcam[2:6, 0] = 4.0       # class 0: one run of 4 segments above half its range
+    tcam[9, 0] = 4.0         # ... and a one-segment run, below min_length 2
+    tcam[:, 1] = -1.0        # class 1: negative video score, never proposed
+    tcam[1:3, 2] = 2.0       # class 2: runs at 1-2 and 12-15
+    tcam[12:16, 2] = 3.0
+    v = topk_video_scores(tcam, 8)   # top-2 mean per class
+    np.testing.assert_allclose(v, [4.0, -1.0, 3.0])
+    props = wtalc_proposals(tcam, 2.0, video_scores=v)
+    got = [(p["label"], p["start"], p["end"], round(p["score"], 6)) for p in props]
+    assert got == [(0, 1.0, 3.0, round(4 + 0.7 * 4, 6)),
+                   (2, 0.5, 1.5, round(2 + 0.7 * 3, 6)), (2, 6.0, 8.0, round(3 + 0.7 * 3, 6))]
+    # the default video score is the top-T/8 mean; duration clips the ends; a constant column has no run
+    assert wtalc_proposals(tcam, 2.0) == props
+    assert max(p["end"] for p in wtalc_proposals(tcam, 2.0, duration=7.5)) == 7.5
+    assert wtalc_proposals(np.ones((5, 2)), 1.0) == []
+    with pytest.raises(ValueError, match="tcam must be"):
+        wtalc_proposals(np.zeros((0, 2)), 1.0)
+    with pytest.raises(ValueError, match="feature_rate"):
+        wtalc_proposals(tcam, 0.0)
+    with pytest.raises(ValueError, match="ratio"):
+        topk_video_scores(tcam, 0)

@@ -144,3 +144,49 @@ def test_auto_alpha_rules():
     assert auto_alpha(y, count, "median") == pytest.approx(1 / 4)
     assert auto_alpha(y, count, "median", metric="euclidean") == pytest.approx(1 / 2)
     assert math.isnan(auto_alpha(y, torch.tensor([1, 0]), "lashkari"))
+
+
+def joint_model(attention="none", init="torch"):
+    torch.manual_seed(0)
+    return TwoStreamAttention(D, RGB, C, embed_dim=E, dropout=0.0, attention=attention, joint=True,
+                              topk_ratio=3, init=init).eval()
+
+
+def test_joint_model_without_attention_is_wtalcs():
+    """One stream on the whole feature vector; no attention; video logits = mean of the top ceil(T/3)
+    segment logits per class over the valid segments; the T-CAM is the class probabilities."""
+    m = joint_model()
+    assert m.streams == ("joint",) and m.joint.attention is None
+    x, mask, _ = batch()
+    out = m(x, mask)
+    assert out["emb_joint"].shape == (3, 9, E) and "emb_rgb" not in out
+    for b in range(3):
+        t = int(mask[b].sum())
+        k = math.ceil(t / 3)
+        top = out["seg_joint"][b, :t].topk(k, dim=0).values.mean(0)
+        torch.testing.assert_close(out["video_joint"][b], top)
+    torch.testing.assert_close(out["video"], torch.softmax(out["video_joint"], -1))
+    torch.testing.assert_close(out["tcam"], torch.softmax(out["seg_joint"], -1) * mask[..., None])
+    torch.testing.assert_close(out["logits"], out["seg_joint"])
+    assert torch.equal(out["att_joint"], mask.float())
+    assert (out["logatt_joint"][mask] == 0).all() and (out["logatt_joint"][~mask] < -1e30).all()
+    # test-time re-scoring of all segments is the forward's video logits
+    t = int(mask[1].sum())
+    torch.testing.assert_close(m.rescore("joint", out["emb_joint"][1, :t]), out["video_joint"][1])
+
+
+def test_two_stream_logits_are_the_mean_and_xavier_init():
+    m = model("stpn")
+    x, mask, _ = batch()
+    out = m(x, mask)
+    torch.testing.assert_close(out["logits"], (out["seg_rgb"] + out["seg_flow"]) / 2)
+    mx = joint_model(init="xavier")
+    for mod in mx.modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert (mod.bias == 0).all()
+            bound = math.sqrt(6 / (mod.in_features + mod.out_features))
+            assert mod.weight.abs().max() <= bound
+    with pytest.raises(ValueError, match="init must be"):
+        TwoStreamAttention(D, RGB, C, init="he")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TwoStreamAttention(D, RGB, C, attention="soft")

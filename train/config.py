@@ -47,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
         "rgb_dim": 0,              # features[:, :rgb_dim] are RGB, the rest flow; 0: from the files/1024
         "max_seqlen": 750,         # training crop length (segments); evaluation uses whole videos
         "batch_size": 16,
+        "sampler": "epochs",       # "epochs": every training video once per epoch, in a seeded order |
+                                   # "similar_pairs": W-TALC's batches, data.similar_pairs pairs of videos
+                                   # that share a random class, the rest drawn at random (with replacement)
+        "similar_pairs": 3,        # pairs of same-class videos per batch with the "similar_pairs" sampler
         "train_subset": "",        # "" -> the dataset's convention (THUMOS14: validation; ANet: training)
         "test_subset": "",         # "" -> the dataset's convention (THUMOS14: test; ANet: validation)
         "standardize": "zscore",   # "zscore": subtract the per-dimension mean and divide by the std of the
@@ -55,9 +59,15 @@ DEFAULTS: dict[str, Any] = {
                                    # | "none": the features as stored
     },
     "model": {
+        "streams": "two",          # "two": an RGB and a flow stream, each on its half of the features |
+                                   # "joint": one stream on the whole feature vector (W-TALC's model)
         "embed_dim": 512,          # width of the embedding phi (Linear -> ReLU -> Dropout), per stream
         "dropout": 0.5,
-        "attention": "untrimmednet",  # "untrimmednet" (softmax over segments) | "stpn" (sigmoid)
+        "attention": "untrimmednet",  # "untrimmednet" (softmax over segments) | "stpn" (sigmoid) | "none"
+                                   # (no attention branch: video logits by W-TALC's k-max pooling of the
+                                   # segment logits, k = ceil(T / loss.topk_ratio))
+        "init": "torch",           # "torch": PyTorch's default Linear init | "xavier": Xavier-uniform
+                                   # weights and zero biases (W-TALC's)
         "attention_hidden": 0,     # 0: attention is Linear(embed, 1); >0: Linear-ReLU-Linear
     },
     "loss": {
@@ -73,8 +83,11 @@ DEFAULTS: dict[str, Any] = {
                                    # the README's comparison; the poster's literal loss used 1)
         "loss": "prior",           # the exemplar loss: "literal" (the poster's L_cc), or our extensions
                                    # "contrastive" (segments classified by their exemplars, cross-entropy
-                                   # toward the video's labels) and "prior" (attention trained toward a
-                                   # tempered softmax of log z over the video's segments)
+                                   # toward the video's labels), "prior" (attention trained toward a
+                                   # tempered softmax of log z over the video's segments) and
+                                   # "tcam_prior" (per labelled class, the T-CAM's softmax over time
+                                   # trained toward the softmax of that class's log z: for models
+                                   # without attention)
         "background": False,       # add a background class to D (the cc.size least-attended segments of
                                    # the labelled videos); "contrastive" then also pulls unattended
                                    # segments toward it
@@ -123,6 +136,10 @@ DEFAULTS: dict[str, Any] = {
         "figures": 4,              # T-CAM figures of this many test videos at the end
         "smooth": 5,               # centred moving average of this many segments on the T-CAM and the
                                    # attention before proposals and in figures (0 = off; ends renormalised)
+        "proposals": "multi",      # "multi": thresholds 0.1-0.9 on the attention-weighted T-CAM, outer-inner
+                                   # contrast scores, NMS | "wtalc": W-TALC's rule on the segment logits
+                                   # (per class one threshold half way up its range, classes with a
+                                   # positive top-T/8 score, score = max + 0.7 x that score)
     },
     "run": {
         "dir": "",                 # run folder; "" -> runs/<name>
@@ -164,7 +181,11 @@ CHOICES = {
     "data.synthetic": ("", "tiny", "demo", "calibrated", "thumos14"),
     "data.layout": ("standard", "native"),
     "data.standardize": ("none", "zscore"),
-    "model.attention": ("untrimmednet", "stpn"),
+    "data.sampler": ("epochs", "similar_pairs"),
+    "model.streams": ("two", "joint"),
+    "model.attention": ("untrimmednet", "stpn", "none"),
+    "model.init": ("torch", "xavier"),
+    "eval.proposals": ("multi", "wtalc"),
     "loss.classification": ("softmax", "bce"),
     "cc.on": ("embedding", "input"),
     "cc.metric": ("sqeuclidean", "euclidean"),
@@ -172,13 +193,13 @@ CHOICES = {
     "cc.reduction": ("mean", "sum"),
     "cc.select_by": ("distance", "loss"),
     "cc.scale": ("relative", "none"),
-    "cc.loss": ("literal", "contrastive", "prior"),
+    "cc.loss": ("literal", "contrastive", "prior", "tcam_prior"),
 }
 POSITIVE = {"data.max_seqlen", "data.batch_size",
             "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
             "cc.temperature", "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
-NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
+NON_NEGATIVE = {"seed", "data.similar_pairs", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
                 "train.eval_every", "eval.figures", "eval.smooth"}
 
@@ -360,6 +381,13 @@ def validate(cfg: dict) -> dict:
     if not tiou or not all(0 < t < 1 for t in tiou):
         raise ConfigError(f"config key 'eval.tiou': expected a non-empty list of numbers in (0, 1), "
                           f"got {tiou}")
+    if cfg["data"]["sampler"] == "similar_pairs" and 2 * cfg["data"]["similar_pairs"] > cfg["data"]["batch_size"]:
+        raise ConfigError(f"config key 'data.similar_pairs': expected at most data.batch_size / 2 = "
+                          f"{cfg['data']['batch_size'] // 2} pairs, got {cfg['data']['similar_pairs']}")
+    if cfg["model"]["attention"] == "none" and cfg["cc"]["loss"] == "prior" and cfg["cc"]["weight"] > 0 \
+            and cfg["cc"]["rounds"] > 0:
+        raise ConfigError("config key 'cc.loss': 'prior' trains the attention, and model.attention is "
+                          "'none'; use 'tcam_prior' (it trains the T-CAM)")
     if cfg["cc"]["k"] > cfg["data"]["max_seqlen"]:
         raise ConfigError(f"config key 'cc.k': expected at most data.max_seqlen="
                           f"{cfg['data']['max_seqlen']} segments, got {cfg['cc']['k']}")

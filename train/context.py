@@ -17,7 +17,7 @@ from .config import ConfigError, check_against_data, resolve_subsets
 from .data.standardize import FeatureStandardizer, fit_standardizer
 from .models import TwoStreamAttention
 
-STREAMS = ("rgb", "flow")
+STREAMS = ("rgb", "flow")  # the streams of the two-stream model; a joint model has one, "joint"
 
 
 def mix_seed(*parts: int) -> int:
@@ -94,12 +94,18 @@ class RunContext:
         return bool(self.cfg["run"]["progress"]) and self.is_main
 
     @property
-    def stream_dims(self) -> tuple[int, int]:
+    def streams(self) -> tuple[str, ...]:
+        """The model's streams: ``("rgb", "flow")``, or ``("joint",)`` with ``model.streams: joint``."""
+        return self.model.streams
+
+    @property
+    def stream_dims(self) -> tuple[int, ...]:
         """Width of what L_cc and the database see, per stream: phi's, or the input features'."""
         if self.cfg["cc"]["on"] == "input":
+            if self.streams == ("joint",):
+                return (self.dataset.feature_dim,)
             return self.dataset.rgb_dim, self.dataset.feature_dim - self.dataset.rgb_dim
-        e = self.cfg["model"]["embed_dim"]
-        return e, e
+        return (self.cfg["model"]["embed_dim"],) * len(self.streams)
 
     def video(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One whole video as a batch of one: ``features [1, T, D]`` and an all-true ``mask [1, T]``."""
@@ -132,7 +138,8 @@ def build_context(cfg: dict, dataset=None) -> RunContext:
     model = TwoStreamAttention(
         dataset.feature_dim, dataset.rgb_dim, dataset.num_classes, embed_dim=m["embed_dim"],
         dropout=m["dropout"], attention=m["attention"], attention_hidden=m["attention_hidden"],
-        probabilities=cfg["loss"]["classification"]).to(device)
+        probabilities=cfg["loss"]["classification"], joint=m["streams"] == "joint",
+        topk_ratio=cfg["loss"]["topk_ratio"], init=m["init"]).to(device)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

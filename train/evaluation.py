@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import ccluster
 from . import distributed
-from .context import STREAMS, RunContext
+from .context import RunContext
 from .exemplars import ExemplarState, cc_features
 
 
@@ -59,7 +59,8 @@ class Evaluator:
         feats, mask = ctx.video(index)
         ctx.model.eval()
         out = ctx.model(feats, mask)
-        res = {"video": out["video"][0], "tcam": out["tcam"][0], "attention": out["attention"][0]}
+        res = {"video": out["video"][0], "tcam": out["tcam"][0], "attention": out["attention"][0],
+               "logits": out["logits"][0]}
         if selection and ex.ready:
             c = ctx.cfg["cc"]
             T = feats.shape[1]
@@ -67,7 +68,7 @@ class Evaluator:
             if c["select_top_classes"] > 0:
                 classes = torch.topk(res["video"], min(c["select_top_classes"], len(res["video"]))).indices
             probs, kept = [], 0
-            for s in STREAMS:
+            for s in ctx.streams:
                 x = cc_features(ctx, out, feats, s)[0]
                 if c["select_by"] == "loss":
                     a = out[f"att_{s}"][0]
@@ -80,8 +81,8 @@ class Evaluator:
                 kept += idx.numel()
                 logits = ctx.model.rescore(s, out[f"emb_{s}"][0, idx])
                 probs.append(ctx.model.class_probabilities(logits))
-            res["video_select"] = sum(probs) / 2
-            res["selected"] = kept / 2
+            res["video_select"] = sum(probs) / len(probs)
+            res["selected"] = kept / len(probs)
         return res
 
     @torch.no_grad()
@@ -90,7 +91,7 @@ class Evaluator:
         """Classification mAP (plain and selection-based) and detection mAP on the test subset.
         ``figures``: T-CAM figures of the first test videos, into ``run_dir/figures/tcam-<tag>-*.png``.
         ``outputs``: also write the detections and the T-CAMs into ``run_dir`` (module docstring)."""
-        from .eval import classification_map, detection_map, plot_video, tcam_proposals
+        from .eval import classification_map, detection_map, plot_video, tcam_proposals, wtalc_proposals
         ctx = self.ctx
         ds, cfg = ctx.dataset, ctx.cfg
         progress = ctx.progress if progress is None else (progress and ctx.is_main)
@@ -107,8 +108,12 @@ class Evaluator:
             rec = {"j": j, "plain": r["video"].cpu().numpy()}
             if selection:
                 rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
-            rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
-                                          duration=v.duration, smooth=cfg["eval"]["smooth"])
+            if cfg["eval"]["proposals"] == "wtalc":
+                rec["props"] = wtalc_proposals(r["logits"].double().cpu().numpy(), ds.feature_rate,
+                                               duration=v.duration, smooth=cfg["eval"]["smooth"])
+            else:
+                rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
+                                              duration=v.duration, smooth=cfg["eval"]["smooth"])
             att = r["attention"].cpu().numpy()
             inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
             if inside.any():

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import ccluster
 from . import distributed
-from .context import STREAMS, RunContext
+from .context import RunContext
 
 log = logging.getLogger("train")
 
@@ -59,18 +59,18 @@ def cc_features(ctx: RunContext, out: dict, features: torch.Tensor, stream: str,
     if ctx.cfg["cc"]["on"] == "embedding":
         x = out[f"emb_{stream}"]
     else:
-        rgb, flow = ctx.model.split(features)
-        x = rgb if stream == "rgb" else flow
+        x = ctx.model.split(features)[ctx.streams.index(stream)]
     normalize = ctx.cfg["cc"]["normalize"] if normalize is None else normalize
     return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
-def describe_database(name: str, info: dict, slots: int, max_iter: int) -> str:
+def describe_database(name: str, info: dict, slots: int, max_iter: int,
+                      streams: tuple = ("rgb", "flow")) -> str:
     """One readable line from the summary :meth:`ExemplarState.build` returns."""
     streams = "; ".join(
         f"{s} alpha {info[f'alpha_{s}']:.3g}, Q fit {info[f'fit_iters_{s}']}/{max_iter} passes "
         f"(gap {info[f'fit_gap_{s}']:.1e}), perplexity {info[f'q_perplexity_{s}']:.1f}"
-        for s in STREAMS if f"alpha_{s}" in info)
+        for s in streams if f"alpha_{s}" in info)
     empty = info["empty_classes"]
     return (f"{name}: {info['filled']}/{slots} exemplar slots filled"
             + (f" ({empty} classes empty)" if empty else "") + f"; {streams}")
@@ -82,13 +82,13 @@ class ExemplarState:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.db: ccluster.ExemplarDatabase | None = None
-        self.log_q: dict = {s: None for s in STREAMS}
-        self.alpha: dict = {s: None for s in STREAMS}
+        self.log_q: dict = {s: None for s in ctx.streams}
+        self.alpha: dict = {s: None for s in ctx.streams}
         self.streams: dict = {}
         # per stream: the loss's mean per video over the training set at collection (cc.scale), and
         # the mean raw phi norm there (the collapse guard's reference)
-        self.loss_scale: dict = {s: None for s in STREAMS}
-        self.phi_norm: dict = {s: None for s in STREAMS}
+        self.loss_scale: dict = {s: None for s in ctx.streams}
+        self.phi_norm: dict = {s: None for s in ctx.streams}
         self.info: dict | None = None  # the last collection's summary
 
     @property
@@ -113,9 +113,15 @@ class ExemplarState:
     def _split(self) -> None:
         if self.db is None:
             return
-        e0 = self.ctx.stream_dims[0]
-        self.streams = {"rgb": self.db.features[:, :, :e0].contiguous(),
-                        "flow": self.db.features[:, :, e0:].contiguous()}
+        self.streams = dict(zip(self.ctx.streams, self._slices(self.db.features)))
+
+    def _slices(self, x: torch.Tensor) -> list:
+        """The streams' parts of a concatenation ``[..., sum(stream_dims)]``, contiguous."""
+        out, start = [], 0
+        for width in self.ctx.stream_dims:
+            out.append(x[..., start:start + width].contiguous())
+            start += width
+        return out
 
     @torch.no_grad()
     def build(self, name: str) -> dict:
@@ -126,11 +132,11 @@ class ExemplarState:
         ctx.model.eval()
         bg = c["background"]  # one more class: the least-attended segments of the labelled videos
         db = ccluster.ExemplarDatabase(ds.num_classes + bg, c["size"], sum(ctx.stream_dims))
-        xs = {s: [] for s in STREAMS}
-        ws = {s: [] for s in STREAMS}
-        norm_sum = torch.zeros(len(STREAMS), dtype=torch.float64)
+        streams = ctx.streams
+        xs = {s: [] for s in streams}
+        ws = {s: [] for s in streams}
+        norm_sum = torch.zeros(len(streams), dtype=torch.float64)
         pending, pending_rows = [], 0
-        e0 = ctx.stream_dims[0]
 
         def flush():
             nonlocal pending, pending_rows
@@ -144,9 +150,9 @@ class ExemplarState:
                        disable=not ctx.progress, leave=False):
             feats, mask = ctx.video(vi)
             out = ctx.model(feats, mask)
-            x = torch.cat([cc_features(ctx, out, feats, s)[0] for s in STREAMS], -1)
+            x = torch.cat([cc_features(ctx, out, feats, s)[0] for s in streams], -1)
             T = x.shape[0]
-            for i, s in enumerate(STREAMS):
+            for i, s in enumerate(streams):
                 norm_sum[i] += float(cc_features(ctx, out, feats, s, normalize=False)[0].norm(dim=-1).sum())
             labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
             score = out["tcam"][0]
@@ -160,14 +166,15 @@ class ExemplarState:
             if pending_rows >= 16384:
                 flush()
             if labels.any():
-                for s in STREAMS:
+                parts = self._slices(x)
+                for i, s in enumerate(streams):
                     a = out[f"att_{s}"][0]
                     p = a / a.sum().clamp_min(1e-12)
                     w = p[:, None] * labels[None].to(p.dtype)
                     if bg:  # as ccluster.ClassContrastiveLoss weighs its background term
                         comp = 1 - a / a.max().clamp_min(1e-12)
                         w[:, -1] = comp / comp.sum() if comp.sum() > 0 else 0.0
-                    xs[s].append((x[:, :e0] if s == "rgb" else x[:, e0:]).cpu())
+                    xs[s].append(parts[i].cpu())
                     ws[s].append(w.cpu())
         flush()
         if ctx.world > 1:
@@ -180,7 +187,7 @@ class ExemplarState:
         n_seg, n_videos = float(counts[-2]), max(float(counts[-1]), 1.0)
         info = {"filled": int(db.count.sum()), "empty_classes": int((db.count == 0).sum())}
         log_q = {}
-        for s in STREAMS:
+        for s in streams:
             alpha = self._alpha(name, s)
             self.alpha[s] = alpha
             dim = self.streams[s].shape[-1]
@@ -195,7 +202,7 @@ class ExemplarState:
             q = fit.log_q.exp()
             ent = -(torch.where(q > 0, q * fit.log_q, torch.zeros_like(q))).sum(1)
             filled = db.count > 0
-            self.phi_norm[s] = float(norm_sum[STREAMS.index(s)]) / max(n_seg, 1.0)
+            self.phi_norm[s] = float(norm_sum[streams.index(s)]) / max(n_seg, 1.0)
             self.loss_scale[s] = self._mean_loss(X, W, s, alpha, fit.log_q) / n_videos
             info.update({f"alpha_{s}": alpha,
                          f"fit_iters_{s}": int(fit.n_iter.max()),
@@ -209,7 +216,8 @@ class ExemplarState:
         self.log_q = log_q
         self.info = info
         if ctx.is_main:
-            log.info("%s", describe_database(name, info, c["size"] * ds.num_classes, c["fit_max_iter"]))
+            log.info("%s", describe_database(name, info, c["size"] * ds.num_classes, c["fit_max_iter"],
+                                             streams))
         return info
 
     def _mean_loss(self, x: torch.Tensor, weight: torch.Tensor, stream: str, alpha: float,

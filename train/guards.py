@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-from .context import STREAMS
 
 
 def collection_warnings(info: dict, previous: dict | None, cfg: dict) -> list[tuple[str, str]]:
@@ -26,7 +25,7 @@ def collection_warnings(info: dict, previous: dict | None, cfg: dict) -> list[tu
     given the previous collection's summary (None at the first)."""
     c = cfg["cc"]
     out = []
-    for s in STREAMS:
+    for s in [k[len("alpha_"):] for k in info if k.startswith("alpha_")]:
         a = info.get(f"alpha_{s}")
         if previous is not None and c["alpha"] == "auto":
             before = previous.get(f"alpha_{s}")

@@ -193,7 +193,7 @@ class Trainer:
         batch (real segments only): ``dead_rgb``, ``always_on_rgb``, ``dead_flow``, ``always_on_flow``."""
         batch = self.steps.batch(self.stage, 0)
         out = {}
-        for s, x in zip(STREAMS, self.model.split(batch["features"])):
+        for s, x in zip(self.model.streams, self.model.split(batch["features"])):
             dead, on = relu_unit_fractions(getattr(self.model, s).phi[0](x), batch["mask"])
             out[f"dead_{s}"], out[f"always_on_{s}"] = dead, on
         return out
@@ -250,7 +250,7 @@ class Trainer:
                 if not health_checked:  # once per stage, after its first logged steps
                     health_checked = True
                     rec.update(self.unit_health())
-                    dead = max(rec["dead_rgb"], rec["dead_flow"])
+                    dead = max(rec[f"dead_{s}"] for s in self.model.streams)
                     if dead > 0.5:
                         self._warn(name, [("dead_units", f"{100 * dead:.0f} % of a stream's first-layer ReLUs "
                                                          f"are dead on the stage's first batch; the inputs "
@@ -261,7 +261,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{rec['total']:.3f}")
                 running = {}
                 if use_cc:
-                    norms = {s: rec.get(f"phi_norm_{s}") for s in STREAMS if s not in shrink_warned}
+                    norms = {s: rec.get(f"phi_norm_{s}") for s in self.model.streams if s not in shrink_warned}
                     found = phi_shrink_warnings(norms, self.exemplars.phi_norm, self.cfg,
                                                 "since the last collection")
                     shrink_warned |= {m.split(":")[0] for _, m in found}

@@ -20,7 +20,7 @@ import torch
 
 import ccluster
 from . import distributed
-from .context import STREAMS, RunContext, mix_seed
+from .context import RunContext, mix_seed
 from .exemplars import ExemplarState, cc_features
 from .models.losses import classification_loss, co_activity_loss, sparsity_loss, topk_pool
 
@@ -33,6 +33,9 @@ def exemplar_loss(c: dict) -> torch.nn.Module:
     if c["loss"] == "prior":
         return ccluster.AttentionPriorLoss(1.0, metric=c["metric"], temperature=c["temperature"],
                                            standardize=True, log_attention=True, reduction=c["reduction"])
+    if c["loss"] == "tcam_prior":  # one row per labelled (video, class) pair; cc_term reduces per video
+        return ccluster.AttentionPriorLoss(1.0, metric=c["metric"], temperature=c["temperature"],
+                                           standardize=True, log_attention=True, reduction="sum")
     return ccluster.ConvexClusteringLoss(1.0, metric=c["metric"], reduction=c["reduction"])
 
 
@@ -44,19 +47,28 @@ class StepRunner:
         self.exemplars = exemplars
         self.cc_loss = exemplar_loss(ctx.cfg["cc"])
         self.diagnostics: dict = {}  # of the last forward with the exemplar loss: phi's mean norm per stream
+        self._labels = None  # [V, C] labels of every video, for the similar-pairs sampler
 
     def batch(self, stage: int, step: int) -> dict:
         """The batch of step ``step`` of stage ``stage``: an epoch-wise permutation seeded by
         ``(seed, stage, epoch)``; crops seeded by ``(seed, stage, step)``."""
         from .data import iterate_batches
+        from .data.batching import similar_pairs_batch
         ctx, cfg = self.ctx, self.ctx.cfg
         n = len(ctx.train_idx)
-        bs = min(cfg["data"]["batch_size"], n)
-        per_epoch = n // bs
-        epoch, pos = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(mix_seed(cfg["seed"], stage, epoch))
-        perm = torch.randperm(n, generator=g)[pos * bs:(pos + 1) * bs]
-        chosen = [ctx.train_idx[i] for i in perm.tolist()]
+        if cfg["data"]["sampler"] == "similar_pairs":  # W-TALC's: drawn with replacement, per step
+            bs = cfg["data"]["batch_size"]
+            if self._labels is None:
+                self._labels = ctx.dataset.label_matrix()
+            chosen = similar_pairs_batch(self._labels, ctx.train_idx, bs, cfg["data"]["similar_pairs"],
+                                         np.random.default_rng(mix_seed(cfg["seed"], stage, step, 3)))
+        else:
+            bs = min(cfg["data"]["batch_size"], n)
+            per_epoch = n // bs
+            epoch, pos = divmod(step, per_epoch)
+            g = torch.Generator().manual_seed(mix_seed(cfg["seed"], stage, epoch))
+            perm = torch.randperm(n, generator=g)[pos * bs:(pos + 1) * bs]
+            chosen = [ctx.train_idx[i] for i in perm.tolist()]
         crop = np.random.default_rng(mix_seed(cfg["seed"], stage, step, 1))
         batch = next(iter(iterate_batches(ctx.dataset, chosen, batch_size=bs,
                                           max_seqlen=cfg["data"]["max_seqlen"], shuffle=False,
@@ -86,7 +98,7 @@ class StepRunner:
             terms["casl"] = 0.0
         if use_cc:
             terms["cc"] = 0.0
-        for s in STREAMS:
+        for s in self.ctx.streams:
             terms["clf"] = terms["clf"] + classification_loss(out[f"video_{s}"], labels, lc["classification"])
             if "topk_mil" in terms:
                 pooled = topk_pool(out[f"seg_{s}"], mask, lc["topk_ratio"])
@@ -114,10 +126,18 @@ class StepRunner:
         with torch.no_grad():
             self.diagnostics[f"phi_norm_{stream}"] = float(raw.norm(dim=-1)[mask].mean()) if mask.any() else 0.0
         x = torch.nn.functional.normalize(raw, dim=-1) if c["normalize"] else raw
+        self.cc_loss.alpha = ex.alpha[stream]
+        if c["loss"] == "tcam_prior":
+            # The T-CAM's softmax over time, per labelled class c of a video, toward the softmax of the
+            # standardised log z of class c: each (video, class) pair is one row of the prior loss.
+            video, cls = labels.nonzero(as_tuple=True)
+            onehot = torch.nn.functional.one_hot(cls, labels.shape[1]).to(labels.dtype)
+            loss = self.cc_loss(x[video], out[f"seg_{stream}"][video, :, cls], onehot, mask[video],
+                                ex.streams[stream], ex.log_q[stream])
+            return loss / labels.shape[0] if c["reduction"] == "mean" and labels.shape[0] else loss
         att = out[f"att_{stream}"].detach() if c["detach_attention"] else out[f"att_{stream}"]
         if c["loss"] == "prior":  # the attention as log-weights: exact where a sigmoid saturates
             att = out[f"logatt_{stream}"]
-        self.cc_loss.alpha = ex.alpha[stream]
         loss = self.cc_loss(x, att, labels, mask, ex.streams[stream], ex.log_q[stream])
         if c["loss"] == "literal" and c["scale"] == "relative":  # in units of the loss at collection
             loss = loss / max(ex.loss_scale[stream], 1e-12)

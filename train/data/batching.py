@@ -8,7 +8,7 @@ import torch
 
 from .dataset import FeatureDataset
 
-__all__ = ["iterate_batches", "collate"]
+__all__ = ["iterate_batches", "collate", "similar_pairs_batch"]
 
 
 def collate(arrays: Sequence[np.ndarray], labels: Sequence[np.ndarray], indices: Sequence[int]) -> dict:
@@ -23,6 +23,30 @@ def collate(arrays: Sequence[np.ndarray], labels: Sequence[np.ndarray], indices:
     return {"features": torch.from_numpy(feats), "mask": torch.from_numpy(mask),
             "labels": torch.from_numpy(np.stack(labels).astype(np.float32)),
             "index": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
+
+
+def similar_pairs_batch(labels: np.ndarray, indices: Sequence[int], batch_size: int, pairs: int,
+                        rng: np.random.Generator) -> list[int]:
+    """W-TALC's training batch: ``pairs`` times a random class and two random videos of it, then
+    ``batch_size - 2 * pairs`` random videos; every draw uniform and with replacement (a video may come
+    twice). ``labels [V, C]`` are the multi-hot labels of all videos, ``indices`` the training videos.
+    Classes without a training video are never drawn. Returns ``batch_size`` video indices, the pairs
+    first (``[a1, b1, a2, b2, ..., rest]``)."""
+    indices = np.asarray(list(indices), dtype=np.int64)
+    if indices.size == 0:
+        raise ValueError("similar_pairs_batch: indices is empty (expected the training videos)")
+    if not 0 <= 2 * pairs <= batch_size:
+        raise ValueError(f"similar_pairs_batch: expected 0 <= 2 * pairs <= batch_size, got pairs={pairs}, "
+                         f"batch_size={batch_size}")
+    members = [indices[labels[indices, c] > 0.5] for c in range(labels.shape[1])]
+    classes = [c for c, m in enumerate(members) if m.size]
+    if pairs and not classes:
+        raise ValueError("similar_pairs_batch: no training video has a label, so no pair can be drawn")
+    out: list[int] = []
+    for c in rng.choice(len(classes), size=pairs):
+        out += rng.choice(members[classes[c]], size=2).tolist()
+    out += rng.choice(indices, size=batch_size - 2 * pairs).tolist()
+    return out
 
 
 def iterate_batches(dataset: FeatureDataset, indices: Sequence[int], *, batch_size: int,

@@ -9,11 +9,12 @@ from .anet_json import (GroundTruthFile, read_ground_truth_json, read_prediction
 from .ap import (ACTIVITYNET_TIOU, THUMOS14_TIOU, average_precision, classification_map,
                  detection_ap_per_class, detection_map, drop_ambiguous, segment_iou)
 from .proposals import (DEFAULT_THRESHOLDS, runs_above, smooth_sequence, smoothing_weights, tcam_proposals,
-                        temporal_nms)
+                        temporal_nms, topk_video_scores, wtalc_proposals)
 
 __all__ = [
     "classification_map", "average_precision", "detection_map", "detection_ap_per_class", "segment_iou",
-    "drop_ambiguous", "THUMOS14_TIOU", "ACTIVITYNET_TIOU", "tcam_proposals", "temporal_nms", "runs_above",
+    "drop_ambiguous", "THUMOS14_TIOU", "ACTIVITYNET_TIOU", "tcam_proposals", "wtalc_proposals",
+    "topk_video_scores", "temporal_nms", "runs_above",
     "DEFAULT_THRESHOLDS", "smooth_sequence", "smoothing_weights", "plot_video", "GroundTruthFile",
     "read_ground_truth_json", "write_ground_truth_json", "read_predictions_json", "write_predictions_json",
 ]

@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_THRESHOLDS", "tcam_proposals", "runs_above", "temporal_nms", "smooth_sequence",
-           "smoothing_weights"]
+__all__ = ["DEFAULT_THRESHOLDS", "tcam_proposals", "wtalc_proposals", "topk_video_scores", "runs_above",
+           "temporal_nms", "smooth_sequence", "smoothing_weights"]
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -193,4 +193,65 @@ def tcam_proposals(tcam: np.ndarray, video_scores: np.ndarray, feature_rate: flo
                 end = min(end, float(duration))
                 start = min(start, end)
             out.append({"label": c, "start": float(start), "end": float(end), "score": float(scores[k])})
+    return out
+
+
+def topk_video_scores(tcam: np.ndarray, ratio: int = 8) -> np.ndarray:
+    """Per class, the mean of the ``max(1, T // ratio)`` largest T-CAM values over time: W-TALC's video
+    score at test time (``[T, C] -> [C]``)."""
+    tcam = np.asarray(tcam, dtype=np.float64)
+    if tcam.ndim != 2 or tcam.shape[0] == 0:
+        raise ValueError(f"topk_video_scores: tcam must be [T, C] with T >= 1, got shape {tcam.shape}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, np.integer)) or ratio < 1:
+        raise ValueError(f"topk_video_scores: ratio must be an integer >= 1, got {ratio!r}")
+    k = max(1, tcam.shape[0] // int(ratio))
+    return -np.sort(-tcam, axis=0)[:k].mean(0)
+
+
+def wtalc_proposals(tcam: np.ndarray, feature_rate: float, *, video_scores: np.ndarray | None = None,
+                    topk_ratio: int = 8, video_weight: float = 0.7, min_length: int = 2,
+                    duration: float | None = None, smooth: int = 0) -> list[dict]:
+    """Proposals by W-TALC's rule (its ``detectionMAP.py``), for one video.
+
+    ``tcam`` ``[T, C]`` holds segment class logits. Per class c with a positive video score ``v_c``
+    (default: :func:`topk_video_scores` of the T-CAM, W-TALC's top-``T/8`` mean), the threshold is half
+    way between the column's minimum and maximum over time; every maximal run of at least ``min_length``
+    segments strictly above it is a proposal, scored ``max over the run + video_weight * v_c``. No NMS.
+    ``smooth`` (segments) applies :func:`smooth_sequence` to the T-CAM first (W-TALC: none). Times are
+    segment indices over ``feature_rate``, ends clipped to ``duration`` when given. Returns dicts
+    (label, start, end, score) like :func:`tcam_proposals`, in class order then time order.
+    """
+    tcam = np.asarray(tcam, dtype=np.float64)
+    if tcam.ndim != 2 or tcam.shape[0] == 0:
+        raise ValueError(f"wtalc_proposals: tcam must be [T, C] with T >= 1, got shape {tcam.shape}")
+    if np.isnan(tcam).any():
+        raise ValueError("wtalc_proposals: tcam contains NaN")
+    if not feature_rate > 0:
+        raise ValueError(f"wtalc_proposals: feature_rate must be > 0 segments per second, got {feature_rate}")
+    if isinstance(smooth, (bool, np.bool_)) or not isinstance(smooth, (int, np.integer)) or smooth < 0:
+        raise ValueError(f"wtalc_proposals: smooth must be an integer >= 0 (segments), got {smooth!r}")
+    if video_scores is None:
+        video_scores = topk_video_scores(tcam, topk_ratio)
+    video_scores = np.asarray(video_scores, dtype=np.float64).ravel()
+    if video_scores.shape != (tcam.shape[1],):
+        raise ValueError(f"wtalc_proposals: video_scores must have {tcam.shape[1]} entries, got "
+                         f"{video_scores.shape}")
+    if smooth > 1:
+        tcam = smooth_sequence(tcam, smooth)
+    out: list[dict] = []
+    for c in np.flatnonzero(video_scores > 0):
+        sig = tcam[:, c]
+        hi, lo = sig.max(), sig.min()
+        threshold = hi - (hi - lo) * 0.5
+        on = np.concatenate([[False], sig > threshold, [False]])
+        edges = np.flatnonzero(on[1:] != on[:-1])
+        for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            if e - s < min_length:
+                continue
+            start, end = s / feature_rate, e / feature_rate
+            if duration is not None:
+                end = min(end, float(duration))
+                start = min(start, end)
+            out.append({"label": int(c), "start": float(start), "end": float(end),
+                        "score": float(sig[s:e].max() + video_weight * video_scores[c])})
     return out
