@@ -273,14 +273,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import Comparison, load_variants
+    from .compare import CONTROL, Comparison, load_peer, load_variants, parse_metrics
     cfg = load_config(args.config, args.overrides)
     variants = load_variants(args.variants, args.variant)
+    peers = dict(load_peer(p, args.seeds) for p in args.peer)
+    metrics = parse_metrics(args.metrics) if args.metrics else None
     out = Path(args.out) if args.out else Path("runs") / f"compare-{cfg['name']}"
     apply_threads(cfg)
     t0 = time.time()
     try:
-        res = Comparison(cfg, variants, args.seeds, out).run()
+        kwargs = {"metrics": metrics} if metrics else {}
+        res = Comparison(cfg, variants, args.seeds, out, peers=peers, against=args.against or CONTROL,
+                         **kwargs).run()
     except KeyboardInterrupt:
         raise Interrupted(f"the finished runs and the checkpoints are kept in {out}; run the same command "
                           f"again to continue where it stopped") from None
@@ -479,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one more variant (repeatable), e.g. --variant 'lam01: {cc.weight: 0.1}'")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--out", help="comparison folder (default runs/compare-<name>)")
+    p.add_argument("--peer", action="append", default=[], metavar="RESULTS_JSON",
+                   help="a row not trained here, paired by seed: the results.json of "
+                        "benchmarks/peer_wtalc.py (W-TALC's own code); repeatable")
+    p.add_argument("--against", metavar="NAME",
+                   help="the row the differences are taken from (default: control), e.g. a peer's name")
+    p.add_argument("--metrics", nargs="+", metavar="M",
+                   help="columns: cls, cls*, det@<tIoU>, det@all (0.1-0.7), det-avg "
+                        "(default: cls cls* det@0.5 det-avg)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("steptime", parents=[common], help="time a training step with and without L_cc")

@@ -13,7 +13,11 @@ evaluated with the variant's settings.
 
 Per variant and metric the table gives the mean and standard deviation over seeds, and the paired
 difference from the control (variant minus control, per seed) with its 95 % confidence interval
-(Student's t over the seeds). Results are bitwise reproducible at a fixed thread count
+(Student's t over the seeds); ``against`` names another row to take the differences from. ``peers``
+adds rows that were not trained here, e.g. W-TALC's own code from ``benchmarks/peer_wtalc.py`` (its
+``results.json``, one result per seed): they are paired with the variants by seed, which for a peer (other
+code, other random streams) is a comparison of two samples of seeds, valid but not variance-reducing.
+``metrics`` chooses the columns (:func:`parse_metrics`). Results are bitwise reproducible at a fixed thread count
 (``run.threads``) and differ slightly between thread counts.
 
 Folder layout (``--out``)::
@@ -55,6 +59,54 @@ FIXED = ("seed", "run.")  # a comparison sets these itself
 # The summary's metrics: (results key, column label).
 METRICS = (("cls_map", "cls"), ("cls_map_select", "cls*"), ("det_map@0.5", "det@0.5"),
            ("det_map_avg", "det avg"))
+
+
+def parse_metrics(names: list[str]) -> tuple:
+    """Columns of the summary from their labels: ``cls``, ``cls*``, ``det@<tIoU>`` (e.g. ``det@0.7``),
+    ``det-avg``; ``det@all`` stands for ``det@0.1`` ... ``det@0.7``."""
+    out = []
+    for name in names:
+        if name == "cls":
+            out.append(("cls_map", "cls"))
+        elif name == "cls*":
+            out.append(("cls_map_select", "cls*"))
+        elif name in ("det-avg", "det_avg", "det avg"):
+            out.append(("det_map_avg", "det avg"))
+        elif name == "det@all":
+            out += [(f"det_map@{t / 10:g}", f"det@{t / 10:g}") for t in range(1, 8)]
+        elif name.startswith("det@"):
+            try:
+                t = float(name[4:])
+            except ValueError:
+                t = math.nan
+            if not 0 < t < 1:
+                raise ConfigError(f"--metrics: expected det@<tIoU in (0, 1)>, got {name!r}")
+            out.append((f"det_map@{t:g}", f"det@{t:g}"))
+        else:
+            raise ConfigError(f"--metrics: unknown metric {name!r}; expected cls, cls*, det@<tIoU>, det@all "
+                              f"or det-avg")
+    if not out:
+        raise ConfigError("--metrics: expected at least one metric")
+    return tuple(out)
+
+
+def load_peer(path: str | Path, seeds: list[int]) -> tuple[str, dict]:
+    """``(name, {seed: results})`` from a peer's ``results.json`` (``benchmarks/peer_wtalc.py``), checked
+    to hold every seed of the comparison."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+        name, per_seed = str(data["peer"]), {int(s): r for s, r in data["results"].items()}
+    except FileNotFoundError:
+        raise ConfigError(f"--peer: file not found: {path}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"--peer {path}: expected a peer's results.json ('peer', 'results' per seed), "
+                          f"could not read it ({exc})") from None
+    missing = [s for s in seeds if s not in per_seed]
+    if missing:
+        raise ConfigError(f"--peer {path}: no result for seed(s) {', '.join(map(str, missing))} (it has "
+                          f"{', '.join(map(str, sorted(per_seed))) or 'none'}); run the peer with those seeds")
+    return name, {s: per_seed[s] for s in seeds}
 
 
 def parse_variants(tree) -> dict[str, dict]:
@@ -128,21 +180,22 @@ def training_id(cfg: dict) -> str:
     return _digest(cfg, EVALUATION_ONLY)
 
 
-def summarize(results: dict, seeds: list[int]) -> dict:
-    """Per variant and metric: mean, std over seeds, and the paired difference from the control with
-    its 95 % interval. ``results[variant][seed]`` are final-stage results."""
+def summarize(results: dict, seeds: list[int], against: str = CONTROL, metrics: tuple = METRICS) -> dict:
+    """Per variant and metric: mean, std over seeds, and the paired difference from the row ``against``
+    (the control by default) with its 95 % interval. ``results[variant][seed]`` are final-stage
+    results."""
     from scipy import stats
     out = {}
     for name, per_seed in results.items():
         row = {}
-        for key, _ in METRICS:
+        for key, _ in metrics:
             vals = np.array([per_seed[s].get(key, math.nan) for s in seeds], dtype=float)
-            ctrl = np.array([results[CONTROL][s].get(key, math.nan) for s in seeds], dtype=float)
+            ctrl = np.array([results[against][s].get(key, math.nan) for s in seeds], dtype=float)
             diff = vals - ctrl
             n = len(seeds)
             entry = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if n > 1 else math.nan,
                      "values": vals.tolist()}
-            if name != CONTROL:
+            if name != against:
                 d_mean = float(np.mean(diff))
                 if n > 1:
                     half = float(stats.t.ppf(0.975, n - 1) * np.std(diff, ddof=1) / math.sqrt(n))
@@ -154,7 +207,8 @@ def summarize(results: dict, seeds: list[int]) -> dict:
     return out
 
 
-def format_summary(summary: dict, seeds: list[int], threads: int) -> str:
+def format_summary(summary: dict, seeds: list[int], threads: int, against: str = CONTROL,
+                   metrics: tuple = METRICS) -> str:
     """The summary as a fixed-width table (all in %)."""
     def pct(v):
         return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
@@ -162,7 +216,7 @@ def format_summary(summary: dict, seeds: list[int], threads: int) -> str:
     rows = []
     for name, row in summary.items():
         cells = [name]
-        for key, _ in METRICS:
+        for key, _ in metrics:
             e = row[key]
             cells.append(f"{pct(e['mean'])} ± {pct(e['std'])}")
             if "diff" in e:
@@ -174,34 +228,35 @@ def format_summary(summary: dict, seeds: list[int], threads: int) -> str:
             else:
                 cells.append("")
         rows.append(cells)
-    head = ["variant"] + [h for _, label in METRICS for h in (label, "Δ [95% CI]")]
+    head = ["variant"] + [h for _, label in metrics for h in (label, "Δ [95% CI]")]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     def line(cells):
         return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
     out.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
-               f"seeds; Δ: paired difference from '{CONTROL}' with its 95 % t-interval (* excludes 0). "
-               "cls: classification mAP; cls*: with test-time selection; det@0.5, det avg: detection "
-               "mAP at tIoU 0.5 and averaged over eval.tiou (all %).")
+               f"seeds; Δ: paired difference from '{against}' with its 95 % t-interval (* excludes 0). "
+               "cls: classification mAP; cls*: with test-time selection; det@t, det avg: detection "
+               "mAP at tIoU t and averaged over eval.tiou (all %).")
     return "\n".join(out)
 
 
-def plot_summary(summary: dict, out: Path) -> None:
-    """Per metric, each variant's seeds as dots and its mean, with the control's mean as a line."""
+def plot_summary(summary: dict, out: Path, against: str = CONTROL, metrics: tuple = METRICS) -> None:
+    """Per metric, each variant's seeds as dots and its mean, with the mean of ``against`` (the
+    control) as a line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(summary)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 0.5 * len(names) + 1.6),
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(names) + 1.6),
                              squeeze=False)
-    for ax, (key, label) in zip(axes[0], METRICS):
-        ctrl = summary[CONTROL][key]["mean"]
+    for ax, (key, label) in zip(axes[0], metrics):
+        ctrl = summary[against][key]["mean"]
         for i, name in enumerate(names):
             vals = [100 * v for v in summary[name][key]["values"]]
             ax.scatter(vals, [i] * len(vals), s=12, color="C0", alpha=0.6)
             ax.scatter([100 * summary[name][key]["mean"]], [i], marker="|", s=200, color="k")
         if math.isfinite(ctrl):
-            ax.axvline(100 * ctrl, color="C3", lw=1, ls="--", label="control mean")
+            ax.axvline(100 * ctrl, color="C3", lw=1, ls="--", label=f"{against} mean")
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is axes[0][0] else [])
         ax.invert_yaxis()
@@ -221,9 +276,13 @@ class Comparison:
         variants: ``{name: {dotted key: value}}``; ``control`` is added (``cc.weight: 0``) if absent.
         seeds: the seeds; each gets its own stage 1.
         out: the comparison's folder.
+        peers: ``{name: {seed: results}}``, rows not trained here (:func:`load_peer`).
+        against: the row the differences are taken from (default the control).
+        metrics: the summary's columns (:func:`parse_metrics`).
     """
 
-    def __init__(self, base: dict, variants: dict[str, dict], seeds: list[int], out: str | Path):
+    def __init__(self, base: dict, variants: dict[str, dict], seeds: list[int], out: str | Path,
+                 peers: dict | None = None, against: str = CONTROL, metrics: tuple = METRICS):
         if not seeds:
             raise ConfigError("compare: expected at least one seed, got none")
         if len(set(seeds)) != len(seeds):
@@ -236,6 +295,14 @@ class Comparison:
             self.variants[CONTROL] = {**variants[CONTROL], "cc.weight": 0.0}
         self.seeds = list(seeds)
         self.out = Path(out)
+        self.peers = dict(peers or {})
+        self.against, self.metrics = against, metrics
+        clash = set(self.peers) & set(self.variants)
+        if clash:
+            raise ConfigError(f"compare: peer name(s) {', '.join(sorted(clash))} are also variant names")
+        if against not in self.variants and against not in self.peers:
+            raise ConfigError(f"--against: expected a variant or peer name ({', '.join([*self.variants, *self.peers])}), "
+                              f"got {against!r}")
         for name, over in self.variants.items():  # fail before any training
             try:
                 variant_config(base, over, self.seeds[0])
@@ -332,16 +399,18 @@ class Comparison:
             results[variant][seed] = final
             log.info("seed %d %s: cls %.1f, cls* %.1f, det avg %.1f", seed, variant, 100 * final["cls_map"],
                      100 * final.get("cls_map_select", math.nan), 100 * final["det_map_avg"])
-        summary = summarize(results, self.seeds)
+        results.update(self.peers)
+        summary = summarize(results, self.seeds, self.against, self.metrics)
         threads = self.base["run"]["threads"]
-        table = format_summary(summary, self.seeds, threads)
+        table = format_summary(summary, self.seeds, threads, self.against, self.metrics)
         payload = {"seeds": self.seeds, "threads": threads, "variants": self.variants,
+                   "peers": sorted(self.peers), "against": self.against,
                    "results": {v: {str(s): r for s, r in per.items()} for v, per in results.items()},
                    "summary": summary}
         (self.out / "results.json").write_text(json.dumps(payload, indent=1))
         (self.out / "table.txt").write_text(table + "\n")
         try:
-            plot_summary(summary, self.out / "compare.png")
+            plot_summary(summary, self.out / "compare.png", self.against, self.metrics)
         except Exception as exc:  # a figure is never a reason to lose a finished comparison
             log.warning("could not draw the comparison: %s", exc)
         return {"summary": summary, "table": table, "results": results}
