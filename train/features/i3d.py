@@ -203,11 +203,19 @@ class I3D(nn.Module):
         return self.trunk(x).mean(dim=(2, 3, 4))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes], averaged over time (needs ``num_classes`` at construction)."""
+        """Class logits [B, num_classes] (needs ``num_classes`` at construction), as the original network
+        computes them: a 2 x 7 x 7 average pool of ``Mixed_5c`` with stride 1 and no padding, the 1x1x1
+        logits layer at each remaining position, then the mean over those positions.
+
+        For a 224 x 224 input the pool covers the whole 7 x 7 grid; with ``T'`` time steps it gives
+        ``T' - 1`` overlapping pairs, so the first and last steps weigh half as much as the others. Maps
+        smaller than the window (short or small inputs) are pooled whole.
+        """
         if self.logits is None:
             raise RuntimeError("I3D.classify: this model was built without num_classes (no logits layer)")
         f = self.trunk(x)
-        f = F.adaptive_avg_pool3d(f, (f.shape[2], 1, 1))
+        window = (min(2, f.shape[2]), min(7, f.shape[3]), min(7, f.shape[4]))
+        f = F.avg_pool3d(f, window, stride=1)
         return self.logits(f).mean(dim=(2, 3, 4))
 
 
