@@ -18,7 +18,7 @@ from train.procedure import Trainer, open_dataset, stage_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough that a kill lands inside a training stage; small enough for a few seconds per run.
-TINY = ["train.baseline_steps=12", "train.cc_steps=8", "train.log_every=1", "cc.rounds=2"]
+TINY = ["train.baseline_steps=12", "train.cc_steps=8", "train.log_every=1", "cc.rounds=2", "cc.select=true"]
 STEPS = 12 + 2 * 8
 
 
@@ -149,3 +149,17 @@ def test_open_dataset_missing_files(tmp_path):
     cfg = load_config(None, [f"data.root={tmp_path}", "data.name=Missing", "data.layout=native"])
     with pytest.raises(ConfigError, match=r"data\.root.*Missing"):
         open_dataset(cfg)
+
+
+def test_test_time_selection_is_opt_in(cache, tmp_path):
+    """cc.select (default off): without it no cls* is computed; with it the same run reports cls*."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=4", "train.cc_steps=2",
+                                                       "eval.figures=0"])
+    assert cfg["cc"]["select"] is False
+    trainer = Trainer(cfg, tmp_path / "run")
+    results = trainer.run()
+    assert "cls_map_select" not in results["cc1"]
+    trainer.cfg["cc"]["select"] = True
+    again = trainer.evaluate(progress=False)
+    assert 0 <= again["cls_map_select"] <= 1
+    assert again["cls_map"] == results["cc1"]["cls_map"] and again["det_map_avg"] == results["cc1"]["det_map_avg"]

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # configs/wtalc.yaml's recipe on the tiny preset, a few steps
 RECIPE = ["model.streams=joint", "model.attention=none", "model.init=xavier", "data.sampler=similar_pairs",
           "data.similar_pairs=1", "loss.casl=0.5", "cc.loss=tcam_prior", "cc.weight=0.3",
-          "eval.proposals=wtalc", "eval.smooth=0", "eval.figures=1"]
+          "eval.proposals=wtalc", "eval.smooth=0", "eval.figures=1", "cc.select=true"]
 
 
 def test_wtalc_config_is_the_recipe():

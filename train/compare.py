@@ -172,7 +172,7 @@ def stage1_id(cfg: dict) -> str:
 
 
 # Keys that act only at evaluation: variants that differ in nothing else share one trained run.
-EVALUATION_ONLY = ("eval.", "run.", "name", "cc.k", "cc.select_by", "cc.select_top_classes")
+EVALUATION_ONLY = ("eval.", "run.", "name", "cc.select", "cc.k", "cc.select_by", "cc.select_top_classes")
 
 
 def training_id(cfg: dict) -> str:
@@ -207,9 +207,16 @@ def summarize(results: dict, seeds: list[int], against: str = CONTROL, metrics: 
     return out
 
 
+def _measured(summary: dict, metrics: tuple) -> tuple:
+    """The metrics some row has a value for (cls* only exists with cc.select)."""
+    return tuple((k, label) for k, label in metrics
+                 if any(math.isfinite(row[k]["mean"]) for row in summary.values())) or metrics
+
+
 def format_summary(summary: dict, seeds: list[int], threads: int, against: str = CONTROL,
                    metrics: tuple = METRICS) -> str:
-    """The summary as a fixed-width table (all in %)."""
+    """The summary as a fixed-width table (all in %); metrics no row has are left out."""
+    metrics = _measured(summary, metrics)
     def pct(v):
         return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
 
@@ -247,6 +254,7 @@ def plot_summary(summary: dict, out: Path, against: str = CONTROL, metrics: tupl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(summary)
+    metrics = _measured(summary, metrics)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(names) + 1.6),
                              squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):

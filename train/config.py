@@ -108,6 +108,9 @@ DEFAULTS: dict[str, Any] = {
         "fit_tol": 1.0e-4,         # stop the Q fit when |max log eta - sum q log eta| < tol
         "fit_max_iter": 500,       # kernel passes at most
         "fit_accelerate": True,    # SQUAREM extrapolation of the Q update (same certificate, fewer passes)
+        "select": False,           # test-time selection of representative segments (the poster's testing
+                                   # step, reported as cls*): off by default, it lowered classification
+                                   # mAP in every comparison (README: "Test-time selection")
         "k": 8,                    # test: segments per class kept by select_representative
         "select_by": "distance",   # "distance": closest to the class's exemplars (-log z) | "loss":
                                    # least -p(s|x) log z, the literal L_cc (favours low attention)

@@ -95,7 +95,7 @@ class Evaluator:
         ctx = self.ctx
         ds, cfg = ctx.dataset, ctx.cfg
         progress = ctx.progress if progress is None else (progress and ctx.is_main)
-        selection = self.exemplars.ready
+        selection = self.exemplars.ready and cfg["cc"]["select"]
         positions = list(range(len(ctx.test_idx)))
         if ctx.world > 1:
             positions = distributed.shard(positions, ctx.rank, ctx.world)
