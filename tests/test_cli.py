@@ -144,6 +144,38 @@ def test_unknown_option_is_one_line(capsys):
     _one_error_line(capsys.readouterr().err, "--no-such-option", "python -m train fit --help")
 
 
+@pytest.mark.parametrize("argv", [[], ["fit"], ["eval"], ["demo"], ["compare"], ["steptime"], ["config"]])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_command_prints_its_help(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, flag])
+    assert exc.value.code == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("usage: python -m train") and not out.err
+    if not argv:  # the overview names every command
+        for command in ("fit", "eval", "demo", "compare", "steptime", "config"):
+            assert command in out.out.split("\n\n")[1]
+
+
+@pytest.mark.parametrize("module", ["train", "train.eval", "train.eval.plot", "train.checkpoint"])
+def test_every_module_command_prints_its_help_in_a_real_process(module, tmp_path):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], env=ENV, cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: ") and not out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["steptime", "--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    (["eval", "--checkpoint", "x.pt", "--figures", "-3"], "argument --figures: expected an integer >= 0, got -3"),
+    (["eval", "--checkpoint", "x.pt", "--figures", "many"], "expected an integer >= 0, got 'many'"),
+])
+def test_counts_out_of_range_are_refused_by_the_parser(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    _one_error_line(capsys.readouterr().err, needle)
+
+
 def test_debug_brings_the_traceback_back(tmp_path, monkeypatch):
     from train.checkpoint import CheckpointError
     bad = tmp_path / "bad.pt"

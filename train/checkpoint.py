@@ -175,9 +175,9 @@ def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
 
 def main(argv=None) -> int:
     """``python -m train.checkpoint upgrade FILE [--out NEW]``: convert an older checkpoint you trust."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m train.checkpoint", description=main.__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    from .argparsing import OneLineParser
+    p = OneLineParser(prog="python -m train.checkpoint", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     u = sub.add_parser("upgrade", help="convert an older ccluster checkpoint (only one you trust)")
     u.add_argument("file")
     u.add_argument("--out", help="write here instead of replacing FILE")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {fit,eval,demo,steptime,config}``.
+"""Command line: ``python -m train {fit,eval,demo,compare,steptime,config}``.
 
     python -m train fit --config configs/synthetic.yaml [key=value ...] [--resume]
     python -m train eval --checkpoint runs/synthetic/latest.pt
@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from .argparsing import OneLineParser, non_negative_int, positive_int
 from .config import DEFAULTS, ConfigError, PRESETS, flatten, from_dict, load_config, parse_override, to_yaml, validate
 
 log = logging.getLogger("train")
@@ -400,14 +401,6 @@ def _dist_args(p) -> None:
                         "(default 1800)")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <what>, see <prog> --help`` and exit code 2."""
-
-    def error(self, message):
-        print(f"error: {message}, see {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
     """Entry point; under torchrun (WORLD_SIZE > 1) an exception is also recorded for the launcher,
     which then ends the other ranks and reports this rank's error."""
@@ -447,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also: environment CCLUSTER_DEBUG=1)")
-    parser = _Parser(prog="python -m train", description=__doc__,
+    parser = OneLineParser(prog="python -m train", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser("fit", parents=[common],
                        help="train (baseline, then the rounds with L_cc), evaluate, save")
     p.add_argument("--config", help="YAML file (keys of train/config.py DEFAULTS)")
@@ -461,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test subset")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
-    p.add_argument("--figures", type=int, default=0, help="draw T-CAM figures of this many videos")
+    p.add_argument("--figures", type=non_negative_int, default=0,
+                   help="draw T-CAM figures of this many videos (default 0)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     _dist_args(p)
     p.set_defaults(func=cmd_eval)
@@ -472,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("compare", parents=[common],
-                       help="variants vs a same-batch control over seeds: mean, sd, paired 95% CI")
+                       help="variants vs a same-batch control over seeds: mean, sd, paired 95%% CI")
     p.add_argument("--config", help="YAML file: the base config (its cc.* is what an empty variant runs)")
     p.add_argument("--variants", help="YAML file of variants: 'name: {key: value, ...}' per line")
     p.add_argument("--variant", action="append", default=[], metavar="'NAME: {KEY: VALUE}'",
@@ -483,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("steptime", parents=[common], help="time a training step with and without L_cc")
     p.add_argument("--config", help="YAML file (default: the synthetic demo preset)")
-    p.add_argument("--steps", type=int, default=20, help="pairs of steps to time")
+    p.add_argument("--steps", type=positive_int, default=20, help="pairs of steps to time (default 20)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_steptime)
     p = sub.add_parser("config", parents=[common], help="print the resolved config")
