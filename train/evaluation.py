@@ -17,8 +17,9 @@ detection mAP from the T-CAM.
 * **Outputs** (rank 0, when asked): ``predictions-<tag>.json``, the detections as an ActivityNet result
   file (for ``python -m train.eval --predictions`` or the official evaluation code), and
   ``cams-<tag>.npz``, per test video its T-CAM ``tcam/<video>`` ``[T, C]`` and attention
-  ``attention/<video>`` ``[T]``, with ``classes``, ``videos`` and ``feature_rate`` (for
-  ``python -m train.eval.plot --cam``). ``predictions.json`` and ``cams.npz`` are copies of the latest.
+  ``attention/<video>`` ``[T]``, with ``classes``, ``videos``, ``feature_rate`` and the evaluation's
+  settings ``smooth`` (``eval.smooth``) and ``tiou`` (``eval.tiou``), for ``python -m train.eval.plot
+  --cam``, which draws the curves smoothed as the proposals were. ``predictions.json`` and ``cams.npz`` are copies of the latest.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ class Evaluator:
                        for rec in records for p in rec["props"]]
         if ctx.is_main and outputs:
             save_outputs(Path(run_dir), tag, ds, [ds.videos[ctx.test_idx[rec["j"]]].name for rec in records],
-                         predictions, [rec["figure"] for rec in records])
+                         predictions, [rec["figure"] for rec in records], settings=cfg["eval"])
         if ctx.is_main:
             for rec in records:
                 if "figure" not in rec or rec["j"] >= figures:
@@ -155,9 +156,11 @@ class Evaluator:
         return res
 
 
-def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: list, cams: list) -> None:
+def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: list, cams: list,
+                 settings: dict | None = None) -> None:
     """Write ``predictions-<tag>.json`` and ``cams-<tag>.npz`` into ``run_dir`` and copy them to
-    ``predictions.json`` and ``cams.npz`` (see the module docstring); every file appears whole."""
+    ``predictions.json`` and ``cams.npz`` (see the module docstring); every file appears whole.
+    ``settings``: the config's ``eval`` section, whose ``smooth`` and ``tiou`` the npz records."""
     import shutil
     from .eval import write_predictions_json
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,9 @@ def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: li
     write_predictions_json(str(pred), predictions, class_names=list(dataset.classes), videos=videos)
     arrays = {"classes": np.array([str(c) for c in dataset.classes]), "videos": np.array(videos),
               "feature_rate": np.array(float(dataset.feature_rate))}
+    if settings is not None:
+        arrays["smooth"] = np.array(int(settings["smooth"]))
+        arrays["tiou"] = np.array([float(t) for t in settings["tiou"]])
     for name, (tcam, att) in zip(videos, cams):
         arrays[f"tcam/{name}"] = np.asarray(tcam, dtype=np.float32)
         arrays[f"attention/{name}"] = np.asarray(att, dtype=np.float32)
