@@ -182,6 +182,8 @@ NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "mod
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
                 "train.eval_every", "eval.figures", "eval.smooth"}
 
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range; the batch and dropout seeds mix it as 64 bits
+
 
 # Float literals as Python's float() reads them (optional sign; digits with single underscores between them;
 # a dot or an exponent; inf / infinity / nan in any case). YAML 1.1 floats need a dot and a signed exponent.
@@ -350,6 +352,8 @@ def validate(cfg: dict) -> dict:
                 raise ConfigError(f"config key '{key}': expected a value > 0, got {value}")
             if key in NON_NEGATIVE and value < 0:
                 raise ConfigError(f"config key '{key}': expected a value >= 0, got {value}")
+    if cfg["seed"] > MAX_SEED:
+        raise ConfigError(f"config key 'seed': expected an integer in [0, 2**64 - 1], got {cfg['seed']}")
     if cfg["cc"]["alpha"] != "auto" and cfg["cc"]["alpha"] <= 0:
         raise ConfigError(f"config key 'cc.alpha': expected a number > 0 or 'auto', got "
                           f"{cfg['cc']['alpha']}")
@@ -370,14 +374,27 @@ def validate(cfg: dict) -> dict:
 
 
 def resolve_subsets(cfg: dict, dataset) -> tuple[list[int], list[int]]:
-    """Video indices of the training and test subsets (config, or the dataset's convention)."""
-    out = []
+    """Video indices of the training and test subsets (config, or the dataset's convention). A video of
+    neither subset would silently take part in nothing: it is an error naming the file and the video."""
+    out, names = [], []
     for key, default in (("data.train_subset", "train_subset"), ("data.test_subset", "test_subset")):
         try:
             name = get(cfg, key) or getattr(dataset, default)
             out.append(list(dataset.indices(name)))
+            names.append(name)
         except ValueError as exc:
             raise ConfigError(f"config key '{key}': {exc}") from None
+    if names[0] == names[1]:
+        raise ConfigError(f"config keys 'data.train_subset' and 'data.test_subset': expected two different "
+                          f"subsets, got {names[0]!r} for both")
+    for v in dataset.videos:
+        if v.subset not in names:
+            from .data.dataset import DatasetError
+            where = getattr(dataset, "subset_source", "") or dataset.source or dataset.name
+            raise DatasetError(f"{where}: video {v.name!r} field 'subset' is {v.subset!r}, neither the training "
+                               f"subset {names[0]!r} nor the test subset {names[1]!r}, so it would take part in "
+                               f"nothing; give it one of them (or choose the subsets with data.train_subset / "
+                               f"data.test_subset)")
     return out[0], out[1]
 
 

@@ -67,8 +67,10 @@ def _segment(value, path: str, video: str) -> tuple[float, float]:
 
 def _kind(value) -> str:
     """A short description of a JSON value for an error message."""
+    if value is None:
+        return "null"
     text = json.dumps(value)
-    return f"{type(value).__name__ if value is not None else 'null'} {text[:40] + '...' if len(text) > 43 else text}"
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 43 else text}"
 
 
 def _list_field(info: dict, key: str, path: str, video: str) -> list:
