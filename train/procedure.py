@@ -120,7 +120,23 @@ class Trainer:
                              else None),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str | os.PathLike = "the checkpoint") -> None:
+        """Restore a :meth:`state_dict`. A state that lacks an entry or does not fit the model its
+        config describes raises :class:`train.checkpoint.CheckpointError` naming ``source`` (the file)."""
+        try:
+            self._load_state_dict(state)
+        except KeyError as exc:
+            raise ckpt.CheckpointError(f"checkpoint {source} has no {exc.args[0]!r} entry: not a complete ccluster "
+                                       f"training checkpoint, pass a latest.pt or stage-<name>.pt written by "
+                                       f"python -m train fit") from None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = "; ".join(lines[1:3] if len(lines) > 1 else lines)
+            raise ckpt.CheckpointError(f"checkpoint {source} does not fit the model and data its config describes "
+                                       f"({detail[:300]}), pass a checkpoint written by python -m train fit for "
+                                       f"this data") from None
+
+    def _load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved = state.get("standardizer")  # absent in checkpoints older than data.standardize: none
@@ -135,13 +151,15 @@ class Trainer:
         self.saved_at = (self.stage_name, self.step, self.global_step)
 
     @classmethod
-    def resume(cls, run_dir: str | os.PathLike, dataset=None, state: dict | None = None) -> "Trainer":
+    def resume(cls, run_dir: str | os.PathLike, dataset=None, state: dict | None = None,
+               source: str | os.PathLike | None = None) -> "Trainer":
         """Continue the run in ``run_dir`` from its latest checkpoint (or from ``state``, that
-        checkpoint already loaded, e.g. by rank 0 and broadcast)."""
+        checkpoint already loaded, e.g. by rank 0 and broadcast; ``source`` names its file)."""
+        source = source or Path(run_dir) / ckpt.LATEST
         if state is None:
-            state = ckpt.load(Path(run_dir) / ckpt.LATEST)
+            state = ckpt.load(source)
         trainer = cls(from_dict(state["config"]), run_dir, dataset)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, source=source)
         return trainer
 
     def save(self, stage_copy: str | None = None) -> None:
