@@ -149,3 +149,13 @@ def test_open_dataset_missing_files(tmp_path):
     cfg = load_config(None, [f"data.root={tmp_path}", "data.name=Missing", "data.layout=native"])
     with pytest.raises(ConfigError, match=r"data\.root.*Missing"):
         open_dataset(cfg)
+
+
+def test_the_database_line_counts_the_background_slots(cache, tmp_path, caplog):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.loss=contrastive", "cc.background=true"])
+    trainer = Trainer(cfg, tmp_path)
+    with caplog.at_level("INFO", logger="train"):
+        info = trainer.build_database("db1")
+    slots = cfg["cc"]["size"] * (trainer.dataset.num_classes + 1)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("db1: "))
+    assert line.startswith(f"db1: {info['filled']}/{slots} exemplar slots filled") and info["filled"] <= slots

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ccluster
-from . import distributed
+from . import distributed, interrupt
 from .context import STREAMS, RunContext
 from .exemplars import ExemplarState, cc_features
 
@@ -100,24 +100,26 @@ class Evaluator:
         if ctx.world > 1:
             positions = distributed.shard(positions, ctx.rank, ctx.world)
         records = []
-        for j in tqdm(positions, desc="evaluate", unit="video", dynamic_ncols=True, disable=not progress,
-                      leave=False):
-            vi = ctx.test_idx[j]
-            v = ds.videos[vi]
-            r = self.predict(vi, selection)
-            rec = {"j": j, "plain": r["video"].cpu().numpy()}
-            if selection:
-                rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
-            rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
-                                          duration=v.duration, smooth=cfg["eval"]["smooth"])
-            att = r["attention"].cpu().numpy()
-            inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
-            if inside.any():
-                rec["att_in_gt"] = float(att[inside].sum() / max(float(att.sum()), 1e-12))
-                rec["gt_share"] = float(inside.mean())
-            if j < figures or outputs:
-                rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
-            records.append(rec)
+        with tqdm(positions, desc="evaluate", unit="video", dynamic_ncols=True, disable=not progress,
+                  leave=False) as bar:  # closed before an interruption is reported
+            for j in bar:
+                interrupt.check()
+                vi = ctx.test_idx[j]
+                v = ds.videos[vi]
+                r = self.predict(vi, selection)
+                rec = {"j": j, "plain": r["video"].cpu().numpy()}
+                if selection:
+                    rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
+                rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
+                                              duration=v.duration, smooth=cfg["eval"]["smooth"])
+                att = r["attention"].cpu().numpy()
+                inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
+                if inside.any():
+                    rec["att_in_gt"] = float(att[inside].sum() / max(float(att.sum()), 1e-12))
+                    rec["gt_share"] = float(inside.mean())
+                if j < figures or outputs:
+                    rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
+                records.append(rec)
         if ctx.world > 1:
             records = sorted((rec for part in distributed.all_gather_objects(records) for rec in part),
                              key=lambda rec: rec["j"])

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import ccluster
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, interrupt
 from .config import from_dict, save_config
 from .data.standardize import FeatureStandardizer, conditioning_warning, relu_unit_fractions
 from .context import STREAMS, RunContext, build_context, default_cache, mix_seed, open_dataset  # noqa: F401
@@ -248,12 +248,17 @@ class Trainer:
         t = self.cfg["train"]
         if self.step == 0 and use_cc and t["reset_optimizer"]:
             self.optimizer = self._new_optimizer()
-        bar = tqdm(total=steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True,
-                   disable=not self.ctx.progress)
+        with tqdm(total=steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True,
+                  disable=not self.ctx.progress) as bar:  # closed before an interruption is reported
+            self._train_steps(name, steps, use_cc, bar)
+
+    def _train_steps(self, name: str, steps: int, use_cc: bool, bar) -> None:
+        t = self.cfg["train"]
         running = {}
         shrink_warned = set()
         health_checked = self.step > 0
         while self.step < steps:
+            interrupt.check()
             t0 = time.perf_counter()
             terms = self.train_step(self.stage, self.step, use_cc)
             dt = time.perf_counter() - t0
@@ -290,7 +295,6 @@ class Trainer:
             if self.step % t["checkpoint_every"] == 0 or self.step == steps:
                 self.save()
             bar.update(1)
-        bar.close()
 
     def run(self) -> dict:
         """Train every remaining stage; returns ``{stage name: evaluation results}`` of train stages."""
