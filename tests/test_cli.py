@@ -594,3 +594,29 @@ def test_messages_that_say_what_to_do(tmp_path, capsys):
     assert main(["eval", "--checkpoint", TINY]) == 2
     line = _one_error_line(capsys.readouterr().err, f"{TINY} is not a checkpoint")
     assert "damaged" not in line and "start the run again" not in line
+
+
+class _Touch:
+    """Unpickling this would create ``path`` (as a crafted data file would run any code)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_crafted_feature_file_in_the_synthetic_cache_runs_nothing(dataset_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(dataset_dir.parent, cache / "synthetic-tiny")
+    victim = cache / "synthetic-tiny" / "SynthTiny-I3D-JOINTFeatures.npy"
+    feats = np.load(victim, allow_pickle=True)  # our own file, as the generator wrote it
+    marker = tmp_path / "ran"
+    feats[0] = _Touch(marker)
+    np.save(victim, feats, allow_pickle=True)
+    out = subprocess.run([sys.executable, "-m", "train", "fit", "--config", TINY, "data.layout=standard",
+                          f"run.dir={tmp_path / 'r'}"], env={**ENV, "CCLUSTER_CACHE": str(cache)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    _one_error_line(out.stderr, f"file {victim} refused: its pickle calls posix.system", "nothing in it was run")
+    assert not marker.exists()
