@@ -289,15 +289,24 @@ def test_eval_command_writes_the_outputs_too(run, tmp_path, capsys):
 
 def test_curves_get_a_test_map_panel(run, tmp_path):
     import matplotlib.image
-    from train.procedure import plot_curves
+    import matplotlib.pyplot as plt
+    from train.procedure import CURVE_COLUMNS, curves_figure, plot_curves
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert any(r["kind"] == "eval" for r in rows)
     losses_only = tmp_path / "train-only.jsonl"
     losses_only.write_text("".join(json.dumps(r) + "\n" for r in rows if r["kind"] != "eval"))
-    plot_curves(losses_only, tmp_path / "a.png")
+    a, b = curves_figure(losses_only), curves_figure(run / "metrics.jsonl")
+    assert len(b.axes) == len(a.axes) + 1 and b.axes[-1].get_title() == "test mAP"
+    for fig in (a, b):
+        assert all(ax.get_ylabel() and ax.get_xlabel() == "global step" for ax in fig.axes)  # every axis labelled
+        for ax in fig.axes:  # a short run (10 steps) gets whole-step ticks only
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        assert fig.get_size_inches()[0] <= 4.2 * CURVE_COLUMNS + 1e-9  # rows of panels, not one long strip
+        plt.close(fig)
     plot_curves(run / "metrics.jsonl", tmp_path / "b.png")
-    width = [matplotlib.image.imread(tmp_path / f"{n}.png").shape[1] for n in "ab"]
-    assert width[1] == width[0] + 400  # one more 4-inch panel at 100 dpi: the test mAP
+    height, width = matplotlib.image.imread(tmp_path / "b.png").shape[:2]
+    assert width <= 3 * height  # 4 panels on two rows: about 1260 x 600, not 1600 x 300
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -217,11 +217,12 @@ def summary_figure(summary: dict):
         if shown:
             lo, hi = min(shown), max(shown)
             half = max(0.55 * (hi - lo), MIN_SPAN / 2)
-            ax.set_xlim((lo + hi) / 2 - half, (lo + hi) / 2 + half)
+            left = max((lo + hi) / 2 - half, min(lo, 0.0))  # no room below 0 % unless a value is there
+            ax.set_xlim(left, left + 2 * half)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is axes[0][0] else [])
         ax.invert_yaxis()
-        ax.set_title(f"{label} (%)")
+        ax.set_title(label)
         ax.set_xlabel("mAP (%)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
