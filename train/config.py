@@ -106,6 +106,8 @@ DEFAULTS: dict[str, Any] = {
                                    # follows alpha * d). The extensions are in nats already
         "guard_alpha_jump": 10.0,  # warn when an automatic alpha changes by more than this factor
         "guard_q_uniform": 0.95,   # warn when Q's perplexity / filled slots (median class) is above this
+        "guard_fit_gap": 0.1,      # warn when a Q fit stops at cc.fit_max_iter with a certificate (gap, in
+                                   # nats) above this; below it the final mAPs moved < 0.1 points (README)
         "guard_phi_shrink": 100.0, # warn when phi's mean norm falls by more than this factor
     },
     "train": {
@@ -176,7 +178,7 @@ CHOICES = {
 }
 POSITIVE = {"data.max_seqlen", "data.batch_size",
             "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
-            "cc.temperature", "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink",
+            "cc.temperature", "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink", "cc.guard_fit_gap",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
 NON_NEGATIVE = {"seed", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
