@@ -47,7 +47,7 @@ def test_each_guard_fires_on_its_own(now, guard):
 
 def test_an_unconverged_fit_warns_only_above_the_gap_that_matters():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    assert cfg["cc"]["guard_fit_gap"] == 0.1
+    assert cfg["cc"]["guard_fit_gap"] == "auto" and cfg["cc"]["loss"] == "prior"
     # stopped at fit_max_iter with gaps of the size default runs end with: harmless, no warning
     for gap in (3.3e-2, 1.3e-2, 0.1):
         assert collection_warnings(_info(unconverged=1, gap=gap), None, cfg) == []
@@ -59,6 +59,15 @@ def test_an_unconverged_fit_warns_only_above_the_gap_that_matters():
     assert collection_warnings(_info(unconverged=1, gap=float("nan")), None, cfg)  # NaN: never silent
     stricter = load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=0.01"])
     assert collection_warnings(_info(unconverged=1, gap=3.3e-2), None, stricter)
+    # the losses that use log z as it is move with smaller gaps: "auto" is 0.01 for them
+    for loss in ("contrastive", "literal"):
+        other = load_config(ROOT / "configs" / "tiny.yaml", [f"cc.loss={loss}"])
+        assert collection_warnings(_info(unconverged=1, gap=2.1e-2), None, other)
+        assert not collection_warnings(_info(unconverged=1, gap=0.009), None, other)
+    with pytest.raises(Exception, match="cc.guard_fit_gap': expected a number > 0 or 'auto'"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=often"])
+    with pytest.raises(Exception, match="cc.guard_fit_gap': expected a value > 0"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=0"])
 
 
 def test_default_runs_print_no_fit_warning(tmp_path):
