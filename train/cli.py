@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also: environment CCLUSTER_DEBUG=1)")
     parser = OneLineParser(prog="python -m train", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser("fit", parents=[common],
                        help="train (baseline, then the rounds with L_cc), evaluate, save")
