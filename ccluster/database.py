@@ -157,7 +157,8 @@ class ExemplarDatabase:
 
         Args:
             features: ``[N, m]`` floating segment features (detached and converted to the database
-                dtype/device).
+                dtype/device). Must be finite after that conversion: a NaN or infinite exemplar would
+                make its class's ``log z`` NaN.
             scores: ``[N, C]`` floating per-class scores (e.g. the fused score). Must not contain NaN and
                 must be finite (after conversion to the database dtype) wherever ``labels`` is True.
             labels: ``[N, C]`` bool, the labels of each segment's video.
@@ -195,6 +196,11 @@ class ExemplarDatabase:
         scores = scores.detach().to(device=dev, dtype=self.dtype)
         labels = labels.to(dev)
         ids = ids.to(device=dev, dtype=torch.int64)
+        bad_features = ~torch.isfinite(features)
+        if bad_features.any():
+            raise ValueError(f"{where}: features must be finite (after conversion to {self.dtype}), got "
+                             f"{int(bad_features.sum())} NaN or infinite entries in "
+                             f"{int(bad_features.any(1).sum())} of {N} rows")
         if torch.isnan(scores).any():
             raise ValueError(f"{where}: scores contain NaN (at {int(torch.isnan(scores).sum())} entries)")
         if (ids < 0).any():

@@ -126,3 +126,64 @@ def test_upgrade_converts_an_older_checkpoint(trainer, tmp_path):
     assert new["config"] == trainer.cfg and new["step"] == state["step"]
     assert torch.equal(new["rng"]["numpy"]["keys"], torch.from_numpy(old["rng"]["numpy"][1].astype(np.int64)))
     assert all(torch.equal(new["model"][k], v) for k, v in state["model"].items())
+
+
+def test_upgrade_refuses_a_crafted_file_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "was-run"
+    path = tmp_path / "old.pt"
+    torch.save({"model": {}, "config": {}, "rng": {"numpy": np.random.get_state()}, "x": _Payload(str(marker))},
+               path)
+    assert ckpt.main(["upgrade", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path} carries a pickled Python object (io.open)") and "refused" in err
+    assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_not_called_damaged(tmp_path):
+    for name, content in (("config.yaml", (ROOT / "configs" / "tiny.yaml").read_bytes()),
+                          ("notes.txt", b"hello"), ("data.npy", b"\x93NUMPY\x01\x00")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as exc:
+            ckpt.load(path)
+        message = str(exc.value)
+        assert message.startswith(f"{path} is not a checkpoint (not a file written by torch.save")
+        assert "damaged" not in message and "start the run again" not in message
+
+
+def _state_of(trainer):
+    return ckpt.load(trainer.run_dir / "latest.pt")
+
+
+def test_a_checkpoint_without_an_entry_or_of_another_shape_names_the_file(trainer, tmp_path):
+    state = _state_of(trainer)
+    state.pop("model")
+    fresh = Trainer(trainer.cfg, tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"checkpoint x\.pt has no 'model' entry: not a complete ccluster"):
+        fresh.load_state_dict(state, source="x.pt")
+    state = _state_of(trainer)
+    weight = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][weight] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=rf"checkpoint y\.pt does not fit the model and data its config "
+                                              rf"describes \(size mismatch for {weight}"):
+        fresh.load_state_dict(state, source="y.pt")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail a write with ENOSPC")
+def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(trainer, tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    ckpt.save(trainer.state_dict(), path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def to_a_full_disk(obj, f):  # the bytes go to /dev/full, where every write fails with ENOSPC
+        with open("/dev/full", "wb") as full:
+            real_save(obj, full)
+            full.flush()
+
+    monkeypatch.setattr(ckpt.torch, "save", to_a_full_disk)
+    with pytest.raises(CheckpointError) as exc:
+        ckpt.save(trainer.state_dict(), path)
+    assert str(exc.value).startswith(f"could not write checkpoint {path} (No space left on device): latest.pt "
+                                     f"still holds the previous checkpoint; free disk space")
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp*"))

@@ -179,3 +179,52 @@ def test_killed_comparison_resumes_to_the_same_table(compared, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (folder / "table.txt").read_text() == (out / "table.txt").read_text()
     assert res["table"] in done.stdout
+    # the killed process's locks were taken over, each said once, and nothing of it is left
+    assert f"note: took over the lock of run folder {folder} from process {proc.pid}" in done.stderr
+    assert f"note: took over the lock of run folder {folder / 'seed-0' / 'lam1'} from process {proc.pid}" \
+        in done.stderr
+    assert not list(folder.rglob(".lock")) and not list(folder.rglob(".*.tmp*"))
+    runs = len(SEEDS) * (1 + 1 + len(VARIANTS))  # stage 1, the control and the variants, per seed
+    reused = int(done.stdout.splitlines()[-1].split("; ")[1].split(" of ")[0])  # those finished before the kill
+    assert 0 < reused < runs and f"; {reused} of {runs} runs were finished in {folder}" in done.stdout
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert f"; all {runs} runs were finished in {folder} already and were reused" in again.stdout.splitlines()[-1]
+
+
+def test_one_seed_is_said_once_and_the_control_keeps_weight_0(tmp_path):
+    from train.compare import format_summary
+    results = {CONTROL: {2: {"cls_map": 0.5}}, "v": {2: {"cls_map": 0.52}}}
+    table = format_summary(summarize(results, [2]), [2], threads=1)
+    assert "\n1 seed (2), 1 thread(s)." in table
+    assert "\n2 seeds (0, 1)" in format_summary(summarize(
+        {CONTROL: {0: {}, 1: {}}, "v": {0: {}, 1: {}}}, [0, 1]), [0, 1], threads=1)
+    with pytest.raises(ConfigError, match=r"variant 'control': the control trains without the exemplar loss "
+                                          r"\(cc.weight 0\), got cc.weight 0.5; give this variant another name"):
+        Comparison(_base(), {CONTROL: {"cc.weight": 0.5}}, [0], tmp_path)
+    comp = Comparison(_base(), load_variants(None, ["control: {eval.smooth: 0}"]), [0], tmp_path)
+    assert comp.variants[CONTROL] == {"eval.smooth": 0, "cc.weight": 0.0}  # its other keys apply
+
+
+def _axes_span(summary):
+    import matplotlib.pyplot as plt
+    from train.compare import METRICS, summary_figure
+    fig = summary_figure(summary)
+    spans = [ax.get_xlim() for ax in fig.axes[:len(METRICS)]]
+    title = fig._suptitle.get_text()
+    plt.close(fig)
+    return spans, title
+
+
+def test_the_comparison_figure_does_not_zoom_a_small_difference(tmp_path):
+    from train.compare import MIN_SPAN, plot_summary
+    one = {CONTROL: {0: {"cls_map": 0.612, "det_map_avg": 0.2}}, "v": {0: {"cls_map": 0.6145, "det_map_avg": 0.2}}}
+    spans, title = _axes_span(summarize(one, [0]))
+    lo, hi = spans[0]
+    assert hi - lo >= MIN_SPAN and lo <= 61.2 and hi >= 61.45  # cls: a 0.25-point difference in a 5-point axis
+    assert "1 seed" in title and "no spread" in title
+    wide = {CONTROL: {s: {"cls_map": c} for s, c in enumerate([0.40, 0.55, 0.70])},
+            "v": {s: {"cls_map": c} for s, c in enumerate([0.42, 0.56, 0.73])}}
+    (lo, hi), *_ = _axes_span(summarize(wide, [0, 1, 2]))[0]
+    assert lo < 40 and hi > 73 and hi - lo < 40  # the seeds' spread sets the axis
+    plot_summary(summarize(wide, [0, 1, 2]), tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -87,7 +87,7 @@ def test_standard_errors_name_the_file(tmp_path):
     os.remove(os.path.join(ann, "duration.npy"))
     with pytest.raises(FileNotFoundError, match=r"duration\.npy"):
         load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
-    with pytest.raises(ValueError, match="rgb_dim=1024"):  # 8-dim features need rgb_dim
+    with pytest.raises(ValueError, match="the default 1024 does not split the 8-dimensional"):  # need rgb_dim
         _write_wtalc(str(tmp_path / "b"))
         load_dataset(str(tmp_path / "b"), "Toy", layout="standard")
     with pytest.raises(FileNotFoundError, match="Nope-Annotations"):
@@ -174,3 +174,200 @@ def test_similar_pairs_batch_is_wtalcs_sampler():
         similar_pairs_batch(labels, train, 4, 3, np.random.default_rng(0))
     with pytest.raises(ValueError, match="no training video has a label"):
         similar_pairs_batch(np.zeros((3, 2)), [0, 1, 2], 4, 1, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# invalid annotations and features: errors that name the file, the video and the field
+
+
+def _native_toy(tmp_path):
+    _write_wtalc(str(tmp_path))
+    ds = load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    ann_path, feat_dir = write_native(ds, str(tmp_path / "n"), "Toy")
+    return str(tmp_path / "n"), ann_path, feat_dir
+
+
+def _edit(path, change):
+    with open(path) as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _video(key, value, video="video_test_2"):
+    def change(data):
+        data["database"][video][key] = value
+    return change
+
+
+@pytest.mark.parametrize("change, needles", [
+    (_video("duration", 0), ["video 'video_test_2' field 'duration'", "> 0, got 0"]),
+    (_video("duration", -4.5), ["field 'duration'", "got -4.5"]),
+    (_video("duration", "abc"), ["field 'duration'", "got 'abc'"]),
+    (_video("duration", None), ["field 'duration'", "got None"]),
+    (_video("num_segments", "x"), ["video 'video_test_2' field 'num_segments': expected an integer >= 1, got 'x'"]),
+    (_video("annotations", None), ["video 'video_test_2' field 'annotations' must be a list, got null"]),
+    (_video("annotations", [{"segment": [-1.0, 2.0], "label": "Swim"}]),
+     ["video 'video_test_2' field 'annotations' [-1, 2]", "0 <= start <= end <= duration (19.2 s)"]),
+    (_video("annotations", [{"segment": [3.0, 25.0], "label": "Swim"}]), ["field 'annotations' [3, 25]"]),
+    (_video("subset", 3), ["video 'video_test_2' field 'subset'", "got 3"]),
+    (_video("labels", "Swim"), ["video 'video_test_2' field 'labels': expected a list of class names, got 'Swim'"]),
+    (_video("labels", ["Fly"]), ["video 'video_test_2' field 'labels' has 'Fly'"]),
+    (lambda d: d.update(classes="Jump"), ["field 'classes' must be a list of class names, got str"]),
+    (lambda d: d.update(database={}), ["field 'database' holds no video"]),
+    (lambda d: d.update(feature_rate=0), ["field 'feature_rate': expected a number of segments per second > 0, got 0"]),
+    (lambda d: d.update(feature_rate=-1.5), ["field 'feature_rate'", "got -1.5"]),
+    (lambda d: d.update(feature_rate="fast"), ["field 'feature_rate'", "got 'fast'"]),
+    (lambda d: d.update(rgb_dim=0), ["field 'rgb_dim': expected an integer in [1, 7]", "got 0"]),
+    (lambda d: d.update(rgb_dim=100000), ["field 'rgb_dim'", "got 100000"]),
+])
+def test_native_annotation_errors_name_the_file_video_and_field(tmp_path, change, needles):
+    from train.data import DatasetError
+    root, ann_path, _ = _native_toy(tmp_path)
+    _edit(ann_path, change)
+    with pytest.raises(DatasetError) as exc:
+        load_dataset(root, "Toy")
+    message = str(exc.value)
+    assert message.startswith(ann_path) and "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize("video", ["video_validation_1", "video_test_2"])  # a training and a test video
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused_when_the_data_is_opened(tmp_path, video, bad):
+    from train.data import DatasetError
+    root, _, feat_dir = _native_toy(tmp_path)
+    path = os.path.join(feat_dir, video + ".npy")
+    x = np.load(path)
+    x[1, 3] = bad
+    np.save(path, x)
+    with pytest.raises(DatasetError, match=rf"{path}: video '{video}' has 1 NaN or infinite feature values "
+                                           rf"\(in 1 of {len(x)} segments, first 1\)"):
+        load_dataset(root, "Toy")
+    # the standard layout too
+    ds_dir = tmp_path / "s"
+    _write_wtalc(str(ds_dir))
+    feats = np.load(ds_dir / "Toy-I3D-JOINTFeatures.npy", allow_pickle=True)
+    names = ["video_validation_1", "video_test_1", "video_test_2"]
+    feats[names.index(video)][0, 0] = bad
+    np.save(ds_dir / "Toy-I3D-JOINTFeatures.npy", feats, allow_pickle=True)
+    with pytest.raises(DatasetError, match=rf"JOINTFeatures\.npy: video '{video}' has 1 NaN or infinite"):
+        load_dataset(str(ds_dir), "Toy", layout="standard", rgb_dim=4)
+
+
+def test_a_feature_file_of_another_width_is_named(tmp_path):
+    from train.data import DatasetError
+    root, _, feat_dir = _native_toy(tmp_path)
+    path = os.path.join(feat_dir, "video_test_2.npy")
+    np.save(path, np.load(path)[:, :5])
+    with pytest.raises(DatasetError, match=rf"{path}: video 'video_test_2' has 5-dimensional features, the videos "
+                                           r"before it 8-dimensional"):
+        load_dataset(root, "Toy")
+
+
+@pytest.mark.parametrize("file, value, needles", [
+    ("classlist", np.array(b"Jump"), ["classlist.npy: expected a 1-d array with one entry per class, got ()"]),
+    ("videoname", np.array([[b"a", b"b", b"c"]]), ["videoname.npy: expected a 1-d array"]),
+    ("duration", np.array([7.7, 0.0, 19.2]), ["duration.npy: video 'video_test_1' field 'duration'", "got 0.0"]),
+    ("duration", np.array([7.7, np.nan, 19.2]), ["duration.npy: video 'video_test_1' field 'duration'", "got nan"]),
+    ("segments", _objects([[[1.0, 2.5], [4.0, 60.0]], [], [[3.2, 9.6]]]),
+     ["segments.npy: video 'video_validation_1' field 'segment' [4, 60]"]),
+    ("segments", _objects([[[1.0, 2.5], [4.0, 6.0]], [], 5.0]), ["segments.npy: video 'video_test_2' has 5.0"]),
+])
+def test_standard_annotation_errors_name_the_file_and_video(tmp_path, file, value, needles):
+    from train.data import DatasetError
+    ann = _write_wtalc(str(tmp_path))
+    np.save(os.path.join(ann, f"{file}.npy"), value, allow_pickle=True)
+    with pytest.raises(DatasetError) as exc:
+        load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    for needle in needles:
+        assert needle in str(exc.value), str(exc.value)
+
+
+def test_a_video_of_neither_subset_is_an_error_naming_it(tmp_path):
+    from train.config import ConfigError, load_config, resolve_subsets
+    from train.data import DatasetError
+    root, ann_path, _ = _native_toy(tmp_path)
+    cfg = load_config(None, [f"data.root={root}", "data.train_subset=validation", "data.test_subset=test"])
+    assert resolve_subsets(cfg, load_dataset(root, "Toy")) == ([0], [1, 2])
+    _edit(ann_path, _video("subset", "tset"))
+    with pytest.raises(DatasetError, match=rf"{ann_path}: video 'video_test_2' field 'subset' is 'tset', neither "
+                                           r"the training subset 'validation' nor the test subset 'test'"):
+        resolve_subsets(cfg, load_dataset(root, "Toy"))
+    ann = _write_wtalc(str(tmp_path / "s"))
+    np.save(os.path.join(ann, "subset.npy"), np.array([b"validation", b"test", b"tset"]))
+    with pytest.raises(DatasetError, match=r"subset\.npy: video 'video_test_2' field 'subset' is 'tset'"):
+        resolve_subsets(cfg, load_dataset(str(tmp_path / "s"), "Toy", layout="standard", rgb_dim=4))
+    with pytest.raises(ConfigError, match="expected two different subsets, got 'test' for both"):
+        resolve_subsets(load_config(None, [f"data.root={root}", "data.train_subset=test"]),
+                        load_dataset(root, "Toy"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the standard layout's pickles are read without running code
+
+
+class _Runs:
+    """An object whose unpickling calls ``func(*args)``: what a crafted file would carry."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _crafted(marker):
+    return [_Runs(open, str(marker), "w"), _Runs(os.system, f"touch {marker}")]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("file", ["features", "segments", "videoname"])
+def test_a_crafted_pickle_is_refused_and_nothing_in_it_runs(tmp_path, which, file):
+    from train.data import DatasetError
+    ann = _write_wtalc(str(tmp_path))
+    marker = tmp_path / "ran"
+    path = (tmp_path / "Toy-I3D-JOINTFeatures.npy" if file == "features" else os.path.join(ann, f"{file}.npy"))
+    good = np.load(path, allow_pickle=True)
+    good = _objects(list(good)) if good.dtype != object else good
+    good[1] = _crafted(marker)[which]  # one video's entry is the payload
+    np.save(path, good, allow_pickle=True)
+    with pytest.raises(DatasetError) as exc:
+        load_dataset(str(tmp_path), "Toy", layout="standard", rgb_dim=4)
+    message = str(exc.value)
+    assert message.startswith(f"file {path} refused: its pickle calls ") and "nothing in it was run" in message
+    assert ("open" in message) if which == 0 else ("system" in message)
+    assert not marker.exists()
+
+
+def test_a_crafted_bare_pickle_is_refused(tmp_path):
+    import pickle
+    from train.data.npy import RefusedPickle, read_npy
+    marker = tmp_path / "ran"
+    path = tmp_path / "bare.npy"
+    path.write_bytes(pickle.dumps([np.zeros(3), _crafted(marker)[0]], protocol=2))
+    with pytest.raises(RefusedPickle):
+        read_npy(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_the_restricted_reader_reads_what_the_release_holds(tmp_path, protocol):
+    import pickle
+    from train.data.npy import read_npy
+    value = _objects([np.arange(6, dtype=np.float32).reshape(2, 3), [b"name", "label", 1.5, np.float64(2.0)],
+                      {"a": (1, 2)}, {3, 4}, np.array([b"x", b"yz"]), None])
+    path = tmp_path / "objects.npy"
+    with open(path, "wb") as f:  # np.save with the pickle protocol of the file's era
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": value.shape})
+        pickle.dump(value, f, protocol=protocol)
+    back = read_npy(path)
+    assert back.dtype == object and len(back) == len(value)
+    assert np.array_equal(back[0], value[0]) and back[0].dtype == np.float32
+    assert back[1] == value[1] and back[2] == value[2] and back[3] == value[3] and back[5] is None
+    assert np.array_equal(back[4], value[4])
+    plain = tmp_path / "plain.npy"
+    np.save(plain, np.arange(4.0))
+    assert np.array_equal(read_npy(plain), np.arange(4.0))

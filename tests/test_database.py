@@ -229,6 +229,10 @@ def _bad(kind):
         feats = feats[:, :2]
     elif kind == "feat_int":
         feats = feats.long()
+    elif kind == "feat_nan":
+        feats[5, 1] = math.nan
+    elif kind == "feat_inf":
+        feats[0, 2] = math.inf
     elif kind == "scores_shape":
         scores = scores[:, :2]
     elif kind == "scores_nan":
@@ -253,6 +257,8 @@ def _bad(kind):
 @pytest.mark.parametrize("kind, exc, match", [
     ("feat_dim", ValueError, r"features must be \[N, m\] with m=3, got shape \[56, 2\]"),
     ("feat_int", TypeError, "features must be a floating-point tensor, got torch.int64"),
+    ("feat_nan", ValueError, r"features must be finite .* got 1 NaN or infinite entries in 1 of 56 rows"),
+    ("feat_inf", ValueError, r"features must be finite .* got 1 NaN or infinite entries"),
     ("scores_shape", ValueError, r"scores must be \[N, C\] = \[56, 4\], got shape \[56, 2\]"),
     ("scores_nan", ValueError, "scores contain NaN"),
     ("scores_inf", ValueError, "scores must be finite where labels is True"),
@@ -268,6 +274,15 @@ def test_update_errors(kind, exc, match):
     with pytest.raises(exc, match=match):
         db.update(*_bad(kind))
     assert int(db.count.sum()) == 0  # a rejected update leaves the database untouched
+
+
+def test_update_rejects_features_that_overflow_the_database_dtype():
+    feats, scores, labels, ids = make_data()
+    feats[2, 0] = 1e6  # finite in float32, +inf in float16
+    db = ExemplarDatabase(C, N_SLOTS, M, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"features must be finite \(after conversion to torch.float16\)"):
+        db.update(feats, scores, labels, ids)
+    assert int(db.count.sum()) == 0
 
 
 def test_merge_errors():

@@ -440,3 +440,117 @@ def test_wtalc_proposals_follow_wtalcs_rule():
         wtalc_proposals(tcam, 0.0)
     with pytest.raises(ValueError, match="ratio"):
         topk_video_scores(tcam, 0)
+
+
+def _one_error_line(err: str, *needles) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert str(needle) in lines[0], f"{needle!r} not in: {lines[0]}"
+    return lines[0]
+
+
+def test_cli_refuses_predictions_of_one_subset_scored_against_every_subset(tmp_path, capsys):
+    gt_path, pred_path = _write_case(tmp_path)  # ground truth: a (test), b (validation); predictions: a
+    assert eval_main(["--ground-truth", str(gt_path), "--predictions", str(pred_path)]) == 2
+    _one_error_line(capsys.readouterr().err, pred_path, "subset 'test' only", "--subset test")
+    out = tmp_path / "all.json"
+    assert eval_main(["--ground-truth", str(gt_path), "--predictions", str(pred_path), "--subset", "all",
+                      "--json", str(out)]) == 0
+    # every video scored: b's Jump instance is missed (Jump AP 1/2, Run AP 1)
+    assert json.loads(out.read_text())["average_mAP"] == pytest.approx(0.75)
+    # predictions that list videos of both subsets need no --subset
+    write_predictions_json(str(pred_path), [P("a", "Jump", 0, 10, 0.9), P("b", "Jump", 5, 8, 0.8)],
+                           videos=["a", "b"])
+    assert eval_main(["--ground-truth", str(gt_path), "--predictions", str(pred_path), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["average_mAP"] == pytest.approx(0.5)  # Run: no prediction
+
+
+def test_cli_says_which_labels_it_does_not_score(tmp_path, capsys):
+    gt_path, pred_path = _write_case(tmp_path)
+    write_predictions_json(str(pred_path), [P("a", "Jump", 0, 10, 0.9), P("a", "jump", 0, 10, 0.95)])
+    assert eval_main(["--ground-truth", str(gt_path), "--predictions", str(pred_path), "--subset", "test"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 of 2 predictions have a label that is not a class of" in err and "'jump'" in err
+
+
+@pytest.mark.parametrize("score", ["Infinity", "-Infinity", "NaN", '"high"', "null", "true"])
+def test_cli_refuses_a_score_that_is_not_a_finite_number(tmp_path, capsys, score):
+    gt_path, _ = _write_case(tmp_path)
+    pred_path = tmp_path / "bad.json"
+    pred_path.write_text('{"results": {"a": [{"label": "Jump", "segment": [0, 10], "score": %s}]}}' % score)
+    assert eval_main(["--ground-truth", str(gt_path), "--predictions", str(pred_path), "--subset", "test"]) == 2
+    _one_error_line(capsys.readouterr().err, pred_path, "video 'a'", "expected a finite number")
+
+
+@pytest.mark.parametrize("tiou, needle", [("1.5", "--tiou: thresholds must be in (0, 1], got 1.5"),
+                                          ("0", "got 0"), ("x", "--tiou: expected numbers")])
+def test_cli_bad_tiou_is_one_error_line(tmp_path, capsys, tiou, needle):
+    gt_path, pred_path = _write_case(tmp_path)
+    assert eval_main(["--ground-truth", str(gt_path), "--predictions", str(pred_path), "--tiou", tiou]) == 2
+    _one_error_line(capsys.readouterr().err, needle)
+
+
+def test_ground_truth_fields_of_the_wrong_kind_are_named(tmp_path):
+    db = {"a": {"subset": "test", "duration": 10.0, "annotations": None}}
+    path = tmp_path / "gt.json"
+    write_ground_truth_json(str(path), db, classes=["A"])
+    with pytest.raises(ValueError, match=r"gt.json: video 'a' field 'annotations' must be a list, got null"):
+        read_ground_truth_json(str(path))
+    write_ground_truth_json(str(path), {"a": {"subset": "test", "duration": 10.0}}, classes=None,
+                            meta={"classes": "A"})
+    with pytest.raises(ValueError, match=r"gt.json: field 'classes' must be a list of class names, got str"):
+        read_ground_truth_json(str(path))
+
+
+def test_envelope_keeps_every_peak_in_few_points():
+    from train.eval.plot import envelope
+    rng = np.random.default_rng(0)
+    y = rng.random(100_003)
+    y[12345], y[777] = 5.0, -3.0
+    t = np.arange(len(y)) / 1.5625
+    tx, ty = envelope(t, y, 4000)
+    assert len(tx) == len(ty) <= 4000
+    assert ty.max() == 5.0 and ty.min() == -3.0
+    assert tx[0] >= t[0] and tx[-1] <= t[-1] and np.all(np.diff(tx) >= 0)
+    same = envelope(t[:50], y[:50], 4000)
+    assert np.array_equal(same[0], t[:50]) and np.array_equal(same[1], y[:50])  # short curves as they are
+
+
+def test_plot_video_of_a_very_long_video_draws_a_bounded_figure(tmp_path, monkeypatch):
+    from train.eval.plot import MAX_POINTS, MAX_PREDICTIONS
+    figs = _captured_figure(monkeypatch)
+    T, rate = 100_000, 25 / 16
+    rng = np.random.default_rng(1)
+    tcam = rng.random((T, 3))
+    tcam[54321, 2] = 9.0
+    starts = rng.uniform(0, T / rate - 5, size=124_145)
+    preds = [{"label": int(c), "start": float(s), "end": float(s) + 3.0, "score": float(sc)}
+             for s, c, sc in zip(starts, rng.integers(0, 3, len(starts)), rng.random(len(starts)))]
+    gts = [(100.0, 110.0, 1), (5000.0, 5020.0, 2)]
+    path = plot_video(str(tmp_path / "long.png"), tcam, rng.random(T), gts, preds, rate, ["A", "B", "C"], smooth=5)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    ax, ax2, axr = figs[0].axes
+    assert all(len(line.get_xdata()) <= MAX_POINTS for line in ax.lines + axr.lines)
+    assert max(line.get_ydata().max() for line in ax.lines) == 9.0  # the raw curve's peak is drawn
+    bars = sum(len(c.get_paths()) for c in ax2.collections)
+    assert bars == 3 * MAX_PREDICTIONS + len(gts)
+    texts = [t.get_text() for t in ax2.get_legend().get_texts()]
+    assert f"(best {MAX_PREDICTIONS} per class drawn, {len(preds) - 3 * MAX_PREDICTIONS} more not)" in texts
+
+
+def test_plot_cli_uses_the_smoothing_recorded_in_the_cam_file(tmp_path, monkeypatch):
+    gt_path, pred_path = _write_case(tmp_path)
+    tcam = np.zeros((160, 2))
+    tcam[0:16, 0] = 1.0
+    np.savez(tmp_path / "cam.npz", tcam=tcam, attention=np.ones(160), feature_rate=1.6, smooth=np.array(5))
+    figs = _captured_figure(monkeypatch)
+    args = ["--cam", str(tmp_path / "cam.npz"), "--ground-truth", str(gt_path), "--video", "a",
+            "--out", str(tmp_path / "a.png")]
+    assert plot_main(args) == 0
+    curves = [line.get_ydata() for line in figs[0].axes[0].lines]
+    assert any(np.allclose(c, smooth_sequence(tcam[:, 0], 5)) for c in curves)
+    assert figs[0].axes[0].get_ylabel().startswith("T-CAM (moving average of 5")
+    assert plot_main(args + ["--smooth", "0"]) == 0  # the command line still decides when given
+    assert figs[1].axes[0].get_ylabel() == "T-CAM"
+    assert [np.asarray(line.get_ydata()).tolist() for line in figs[1].axes[0].lines] == tcam.T.tolist()

@@ -19,11 +19,12 @@ def _private_cache(cache):
     yield cache
 
 
-def _info(alpha=1.0, uniformity=0.3, unconverged=0, phi=10.0):
+def _info(alpha=1.0, uniformity=0.3, unconverged=0, phi=10.0, gap=None):
     out = {}
     for s in ("rgb", "flow"):
         out.update({f"alpha_{s}": alpha, f"q_uniformity_{s}": uniformity, f"fit_unconverged_{s}": unconverged,
-                    f"fit_gap_{s}": 1e-3 if unconverged else 1e-5, f"phi_norm_{s}": phi})
+                    f"fit_gap_{s}": gap if gap is not None else 0.5 if unconverged else 1e-5,
+                    f"phi_norm_{s}": phi})
     return out
 
 
@@ -42,6 +43,41 @@ def test_each_guard_fires_on_its_own(now, guard):
     found = collection_warnings(now, _info(), cfg)
     assert {g for g, _ in found} == {guard} and len(found) == 2  # both streams
     assert all(m.startswith(("rgb:", "flow:")) for _, m in found)
+
+
+def test_an_unconverged_fit_warns_only_above_the_gap_that_matters():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    assert cfg["cc"]["guard_fit_gap"] == "auto" and cfg["cc"]["loss"] == "prior"
+    # stopped at fit_max_iter with gaps of the size default runs end with: harmless, no warning
+    for gap in (3.3e-2, 1.3e-2, 0.1):
+        assert collection_warnings(_info(unconverged=1, gap=gap), None, cfg) == []
+    found = collection_warnings(_info(unconverged=2, gap=0.44), None, cfg)
+    assert [g for g, _ in found] == ["fit_unconverged"] * 2
+    message = found[0][1]
+    assert "gap of 0.44 nats, above cc.guard_fit_gap = 0.1" in message
+    assert f"raise cc.fit_max_iter (e.g. to {4 * cfg['cc']['fit_max_iter']})" in message  # what to do
+    assert collection_warnings(_info(unconverged=1, gap=float("nan")), None, cfg)  # NaN: never silent
+    stricter = load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=0.01"])
+    assert collection_warnings(_info(unconverged=1, gap=3.3e-2), None, stricter)
+    # the losses that use log z as it is move with smaller gaps: "auto" is 0.01 for them
+    for loss in ("contrastive", "literal"):
+        other = load_config(ROOT / "configs" / "tiny.yaml", [f"cc.loss={loss}"])
+        assert collection_warnings(_info(unconverged=1, gap=2.1e-2), None, other)
+        assert not collection_warnings(_info(unconverged=1, gap=0.009), None, other)
+    with pytest.raises(Exception, match="cc.guard_fit_gap': expected a number > 0 or 'auto'"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=often"])
+    with pytest.raises(Exception, match="cc.guard_fit_gap': expected a value > 0"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=0"])
+
+
+def test_default_runs_print_no_fit_warning(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")  # its rgb Q fit stops at 100 passes, gap 0.033
+    run = tmp_path / "run"
+    Trainer(cfg, run).run()
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    fits = [r for r in rows if r["kind"] == "database"]
+    assert fits and any(r["fit_unconverged_rgb"] or r["fit_unconverged_flow"] for r in fits)  # it did stop
+    assert not [r for r in _warnings(run) if r["guard"] == "fit_unconverged"]
 
 
 def test_alpha_jump_only_for_automatic_alpha():

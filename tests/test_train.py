@@ -163,3 +163,13 @@ def test_test_time_selection_is_opt_in(cache, tmp_path):
     again = trainer.evaluate(progress=False)
     assert 0 <= again["cls_map_select"] <= 1
     assert again["cls_map"] == results["cc1"]["cls_map"] and again["det_map_avg"] == results["cc1"]["det_map_avg"]
+
+
+def test_the_database_line_counts_the_background_slots(cache, tmp_path, caplog):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.loss=contrastive", "cc.background=true"])
+    trainer = Trainer(cfg, tmp_path)
+    with caplog.at_level("INFO", logger="train"):
+        info = trainer.build_database("db1")
+    slots = cfg["cc"]["size"] * (trainer.dataset.num_classes + 1)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("db1: "))
+    assert line.startswith(f"db1: {info['filled']}/{slots} exemplar slots filled") and info["filled"] <= slots

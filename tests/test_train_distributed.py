@@ -250,9 +250,9 @@ def test_torchrun_fit_and_resume_across_world_sizes(reference, tmp_path):
 
 
 def test_torchrun_failing_rank_fails_the_job(reference, tmp_path):
-    """NaN features in a test video of rank 1's shard: rank 1 raises while evaluating, rank 0 is already
-    waiting in the all_gather of the predictions; the job must end with rank 1's error. (A training video
-    would stop every rank at the start, when the input statistics are measured.)"""
+    """Features of a test video of rank 1's shard so large (finite: NaN or inf would be refused when the
+    data is opened, on every rank) that its T-CAM overflows to NaN: rank 1 raises while evaluating, rank 0
+    is already waiting in the all_gather of the predictions; the job must end with rank 1's error."""
     cfg, _, _ = reference
     ds = open_dataset(cfg)
     _, test_idx = resolve_subsets(cfg, ds)
@@ -262,7 +262,7 @@ def test_torchrun_failing_rank_fails_the_job(reference, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(src / name, root / name)
     feats = np.load(root / name / "features" / f"{bad}.npy")
-    np.save(root / name / "features" / f"{bad}.npy", np.full_like(feats, np.nan))
+    np.save(root / name / "features" / f"{bad}.npy", np.full_like(feats, 3e38))
     start = time.time()
     out = _torchrun(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *OVERRIDES,
                      "train.baseline_steps=0", "data.synthetic=", f"data.root={root}", f"data.name={name}",

@@ -4,7 +4,8 @@
 the config is stored as YAML text and the RNG states as tensors and lists, so :func:`load` reads it
 with ``torch.load(weights_only=True)``, which cannot run code. A file that carries a pickled Python
 object (a checkpoint from elsewhere, or from an older ccluster) is refused with :class:`CheckpointError`;
-``python -m train.checkpoint upgrade FILE`` converts an older ccluster checkpoint you trust.
+``python -m train.checkpoint upgrade FILE`` converts an older ccluster checkpoint (reading only numpy
+arrays besides, so that cannot run code either).
 
 **Atomic.** A checkpoint is written to a temporary file in the same folder, flushed, then renamed over
 the old one. A reader (or a resumed run) sees either the previous complete file or the new complete
@@ -27,6 +28,8 @@ import torch
 import yaml
 
 LATEST = "latest.pt"
+# How a torch.save file begins: a zip archive (the default format) or a pickle (the legacy format).
+_TORCH_SAVE_STARTS = (b"PK\x03\x04", b"\x80")
 FORMAT = "ccluster-checkpoint-2"  # tensors and plain values only; config as YAML text
 
 
@@ -46,6 +49,12 @@ def save_atomic(obj, path: str | os.PathLike, fsync: bool = False) -> None:
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a folder without permission: the previous file is untouched
+        before = (f"{path.name} still holds the previous checkpoint" if path.exists() else
+                  f"no earlier {path.name} was there")
+        raise CheckpointError(f"could not write checkpoint {path} ({exc.strerror or exc}): {before}; free disk "
+                              f"space (or fix the folder's permissions), then continue the run with fit --resume "
+                              f"(run.dir {path.parent})") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -89,6 +98,12 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}, pass a checkpoint file ({LATEST} or "
                                 f"stage-<name>.pt) or a run folder that holds {LATEST}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head and not head.startswith(_TORCH_SAVE_STARTS):  # another kind of file, not a damaged checkpoint
+        raise CheckpointError(f"{path} is not a checkpoint (not a file written by torch.save: it starts with "
+                              f"{head!r}), pass a checkpoint file ({LATEST} or stage-<name>.pt written by python -m "
+                              f"train fit) or a run folder that holds {LATEST}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -100,8 +115,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(
             f"checkpoint {path} carries a pickled Python object ({what}), which could run code when "
             f"loaded: refused (ccluster checkpoints hold tensors and plain values only), if it is an older "
-            f"ccluster checkpoint from a source you trust, convert it with: python -m train.checkpoint "
-            f"upgrade {path}") from None
+            f"ccluster checkpoint, convert it with: python -m train.checkpoint upgrade {path}") from None
     except Exception as exc:  # a truncated or overwritten file: zip, pickle or I/O errors of any kind
         raise CheckpointError(f"checkpoint {path} is damaged (truncated or overwritten: {_reason(exc)}), "
                               f"{_copies(path)}") from None
@@ -150,10 +164,23 @@ def set_rng_state(state: dict) -> None:
 
 
 def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Convert a checkpoint written by an older ccluster (pickled config and RNG states) to the safe
-    format. It is read with ``weights_only=False``, which can run code: only for files you trust."""
+    """Convert a checkpoint written by an older ccluster (numpy arrays and tuples in its RNG states) to
+    the current format. It is read with ``weights_only=True`` allowing numpy's array reconstruction as
+    well, so it cannot run code either: a file that names anything else is refused."""
+    from .data.npy import NUMPY_GLOBALS
     path = Path(path)
-    old = torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            old = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        raise CheckpointError(f"{path} carries a pickled Python object ({found.group(1) if found else 'unknown'}) "
+                              f"that an older ccluster checkpoint does not hold, which could run code when loaded: "
+                              f"refused") from None
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged (truncated or overwritten: {_reason(exc)})") from None
     if not isinstance(old, dict) or not {"model", "config", "rng"} <= set(old):
         raise CheckpointError(f"{path} is not a ccluster training checkpoint (no model, config and rng)")
     rng = old["rng"]
@@ -174,11 +201,11 @@ def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
 
 
 def main(argv=None) -> int:
-    """``python -m train.checkpoint upgrade FILE [--out NEW]``: convert an older checkpoint you trust."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m train.checkpoint", description=main.__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    u = sub.add_parser("upgrade", help="convert an older ccluster checkpoint (only one you trust)")
+    """``python -m train.checkpoint upgrade FILE [--out NEW]``: convert an older ccluster checkpoint."""
+    from .argparsing import OneLineParser
+    p = OneLineParser(prog="python -m train.checkpoint", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    u = sub.add_parser("upgrade", help="convert an older ccluster checkpoint")
     u.add_argument("file")
     u.add_argument("--out", help="write here instead of replacing FILE")
     args = p.parse_args(argv)

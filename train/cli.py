@@ -1,4 +1,4 @@
-"""Command line: ``python -m train {fit,eval,demo,steptime,config}``.
+"""Command line: ``python -m train {fit,eval,demo,compare,steptime,config}``.
 
     python -m train fit --config configs/synthetic.yaml [key=value ...] [--resume]
     python -m train eval --checkpoint runs/synthetic/latest.pt
@@ -18,12 +18,15 @@ changed on resume, nothing else).
 
 Errors a user can cause (a config key, a missing or damaged file, a checkpoint that cannot be used)
 print one line, ``error: <what>, <which file or key>, <what to do>``, and exit with code 2; Ctrl-C
-prints where the run stopped and how to continue, and exits with 130. ``--debug`` (or
-``CCLUSTER_DEBUG=1``) shows the traceback instead.
+prints where the run stopped and how to continue, and exits with 130 (stopping at once, whatever it was
+doing, see :mod:`train.interrupt`; when the interruption passed through code that Python ran with
+``exec``, as during a lazy import, CPython ends the process by SIGINT instead, which shells report as 130
+too). ``--debug`` (or ``CCLUSTER_DEBUG=1``) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+from . import interrupt
+from .argparsing import OneLineParser, non_negative_int, positive_int
 from .config import DEFAULTS, ConfigError, PRESETS, flatten, from_dict, load_config, parse_override, to_yaml, validate
+from .runlock import RunFolderLock
 
 log = logging.getLogger("train")
 
@@ -134,12 +140,30 @@ def cmd_fit(args) -> int:
             except yaml.YAMLError:
                 device = None
         return _in_process_group(args, device or "cpu", lambda: _fit(args, None, run_dir))
+    _need_config(args, "fit")
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir) if args.run_dir else run_dir_of(cfg)
     return _in_process_group(args, cfg["device"], lambda: _fit(args, cfg, run_dir))
 
 
+def _need_config(args, command: str) -> None:
+    """Without --config and without data.root / data.synthetic overrides there is no data to train on:
+    say that --config is missing (the defaults name no dataset)."""
+    if args.config or any(_override_value(args.overrides, k) for k in ("data.root", "data.synthetic")):
+        return
+    raise ConfigError(f"{command}: --config is missing, pass a YAML config (e.g. --config configs/tiny.yaml, or "
+                      f"configs/synthetic.yaml) or name the data with data.root=... / data.synthetic=...")
+
+
 def _fit(args, cfg, run_dir: Path) -> int:
+    from . import distributed
+    # one writer per run folder: taken before the folder is read, so that two fits cannot both find
+    # it empty (only rank 0 writes there)
+    with RunFolderLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        return _fit_locked(args, cfg, run_dir)
+
+
+def _fit_locked(args, cfg, run_dir: Path) -> int:
     from . import checkpoint as ckpt
     from . import distributed
     from .procedure import Trainer
@@ -170,7 +194,7 @@ def _fit(args, cfg, run_dir: Path) -> int:
                 print(f"note: run.threads {saved['run']['threads']} -> {now['run']['threads']}: the rest of "
                       f"the run is not bitwise identical to a run at one thread count", file=sys.stderr)
             apply_threads(now)
-            trainer = Trainer.resume(run_dir, state=state)
+            trainer = Trainer.resume(run_dir, state=state, source=latest)
             if main:
                 print(f"resuming {run_dir} at stage "
                       f"{trainer.plan[min(trainer.stage, len(trainer.plan) - 1)][0]}, step {trainer.step} "
@@ -215,10 +239,18 @@ def cmd_eval(args) -> int:
 
 def _eval(args, path, state, cfg) -> int:
     from . import distributed
-    from .procedure import Trainer
     run_dir = path.parent if path.is_file() else path
+    # eval writes predictions and T-CAMs into the run folder: one writer at a time there too
+    with RunFolderLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        return _eval_locked(args, path, state, cfg, run_dir)
+
+
+def _eval_locked(args, path, state, cfg, run_dir: Path) -> int:
+    from . import checkpoint as ckpt
+    from . import distributed
+    from .procedure import Trainer
     trainer = Trainer(cfg, run_dir)
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(state, source=path / ckpt.LATEST if path.is_dir() else path)
     res = trainer.evaluate(figures=args.figures)
     if distributed.is_main():
         if args.json:
@@ -244,14 +276,11 @@ def cmd_demo(args) -> int:
     from .compare import CONTROL, Comparison
     cfg = demo_config(args.overrides)
     out = Path(args.out)
-    if args.fresh and out.exists():
-        import shutil
-        shutil.rmtree(out)
     apply_threads(cfg)
     t0 = time.time()
     comp = Comparison(cfg, {"method": {}}, [cfg["seed"]], out)
     try:
-        res = comp.run()["results"]
+        res = comp.run(fresh=args.fresh)["results"]
     except KeyboardInterrupt:
         again = " ".join(["python -m train demo --out", str(out), *args.overrides])
         raise Interrupted(f"the finished runs and the checkpoints are kept in {out}; continue with: "
@@ -266,14 +295,24 @@ def cmd_demo(args) -> int:
     table = format_table(rows, cfg["eval"]["tiou"], signed={"method - control"})
     (out / "table.txt").write_text(table + "\n")
     print(table)
-    print(f"({time.time() - t0:.0f} s at {torch_threads()} thread(s); both continue from the same "
-          f"{t['baseline_steps']}-step stage 1 on the same batches; runs in {out}/seed-{seed}; table in "
+    print(f"({time.time() - t0:.0f} s at {torch_threads()} thread(s){_reused(comp, out)}; both continue from "
+          f"the same {t['baseline_steps']}-step stage 1 on the same batches; runs in {out}/seed-{seed}; table in "
           f"{out}/table.txt)")
     return 0
 
 
+def _reused(comp, out: Path) -> str:
+    """How many of a comparison's runs were finished already (and only read back)."""
+    if not comp.reused:
+        return ""
+    if comp.reused == comp.runs:
+        return f"; all {comp.runs} runs were finished in {out} already and were reused, --fresh starts over"
+    return f"; {comp.reused} of {comp.runs} runs were finished in {out} already and were reused"
+
+
 def cmd_compare(args) -> int:
     from .compare import CONTROL, Comparison, load_peer, load_variants, parse_metrics
+    _need_config(args, "compare")
     cfg = load_config(args.config, args.overrides)
     variants = load_variants(args.variants, args.variant)
     peers = dict(load_peer(p, args.seeds) for p in args.peer)
@@ -281,15 +320,15 @@ def cmd_compare(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"compare-{cfg['name']}"
     apply_threads(cfg)
     t0 = time.time()
+    kwargs = {"metrics": metrics} if metrics else {}
+    comp = Comparison(cfg, variants, args.seeds, out, peers=peers, against=args.against or CONTROL, **kwargs)
     try:
-        kwargs = {"metrics": metrics} if metrics else {}
-        res = Comparison(cfg, variants, args.seeds, out, peers=peers, against=args.against or CONTROL,
-                         **kwargs).run()
+        res = comp.run()
     except KeyboardInterrupt:
         raise Interrupted(f"the finished runs and the checkpoints are kept in {out}; run the same command "
                           f"again to continue where it stopped") from None
     print(res["table"])
-    print(f"({time.time() - t0:.0f} s; runs, results.json, table.txt and compare.png in {out})")
+    print(f"({time.time() - t0:.0f} s{_reused(comp, out)}; runs, results.json, table.txt and compare.png in {out})")
     return 0
 
 
@@ -404,21 +443,25 @@ def _dist_args(p) -> None:
                         "(default 1800)")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <what>, see <prog> --help`` and exit code 2."""
-
-    def error(self, message):
-        print(f"error: {message}, see {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
     """Entry point; under torchrun (WORLD_SIZE > 1) an exception is also recorded for the launcher,
     which then ends the other ranks and reports this rank's error."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from torch.distributed.elastic.multiprocessing.errors import record
-        return record(_after_peer_failures_wait(_main))(argv)
-    return _main(argv)
+    with interrupt.stop_on_ctrl_c():  # from the start: Ctrl-C during the (long) imports is no traceback
+        try:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                from torch.distributed.elastic.multiprocessing.errors import record
+                return record(_after_peer_failures_wait(_main))(argv)
+            return _main(argv)
+        except KeyboardInterrupt:
+            if "--debug" in (sys.argv[1:] if argv is None else argv) or _debug_env():
+                raise
+            _close_progress_bars()
+            print("interrupted", file=sys.stderr)
+            return 130
+
+
+def _debug_env() -> bool:
+    return os.environ.get("CCLUSTER_DEBUG", "") not in ("", "0")
 
 
 # Messages of a collective that failed because another rank went away (gloo, NCCL).
@@ -451,9 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show the traceback of an error (also: environment CCLUSTER_DEBUG=1)")
-    parser = _Parser(prog="python -m train", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(prog="python -m train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     p = sub.add_parser("fit", parents=[common],
                        help="train (baseline, then the rounds with L_cc), evaluate, save")
     p.add_argument("--config", help="YAML file (keys of train/config.py DEFAULTS)")
@@ -465,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test subset")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file or a run folder")
-    p.add_argument("--figures", type=int, default=0, help="draw T-CAM figures of this many videos")
+    p.add_argument("--figures", type=non_negative_int, default=0,
+                   help="draw T-CAM figures of this many videos (default 0)")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     _dist_args(p)
     p.set_defaults(func=cmd_eval)
@@ -476,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("compare", parents=[common],
-                       help="variants vs a same-batch control over seeds: mean, sd, paired 95% CI")
+                       help="variants vs a same-batch control over seeds: mean, sd, paired 95%% CI")
     p.add_argument("--config", help="YAML file: the base config (its cc.* is what an empty variant runs)")
     p.add_argument("--variants", help="YAML file of variants: 'name: {key: value, ...}' per line")
     p.add_argument("--variant", action="append", default=[], metavar="'NAME: {KEY: VALUE}'",
@@ -495,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("steptime", parents=[common], help="time a training step with and without L_cc")
     p.add_argument("--config", help="YAML file (default: the synthetic demo preset)")
-    p.add_argument("--steps", type=int, default=20, help="pairs of steps to time")
+    p.add_argument("--steps", type=positive_int, default=20, help="pairs of steps to time (default 20)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_steptime)
     p = sub.add_parser("config", parents=[common], help="print the resolved config")
@@ -534,20 +578,50 @@ def _main(argv=None) -> int:
         print(f"error: '{args.command}' runs in one process, under torchrun only fit and eval run "
               f"in parallel", file=sys.stderr)
         return 2
-    # other ranks: warnings and errors only (rank 0 reports progress)
-    logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
-    debug = args.debug or os.environ.get("CCLUSTER_DEBUG", "") not in ("", "0")
+    # other ranks: warnings and errors only (rank 0 reports progress); log lines go through tqdm, which
+    # clears its bars, writes the line, and draws them again below it
+    if not logging.getLogger().handlers:
+        handler = _ThroughProgressBars()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.basicConfig(level=logging.INFO if env_rank() == 0 else logging.WARNING, handlers=[handler])
+    try:
+        return _run_command(args, args.debug or _debug_env())
+    finally:
+        _close_progress_bars()
+
+
+class _ThroughProgressBars(logging.Handler):
+    """Writes to stderr with ``tqdm.write``: a log line never lands inside a progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm.auto import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # as logging.StreamHandler: a failed log line is reported, never raised
+            self.handleError(record)
+
+
+def _close_progress_bars() -> None:
+    """Close the bars an exception left open (an interrupted loop's bar is otherwise closed, and drawn
+    once more, only when its frame is freed: after the message that says where the run stopped)."""
+    from tqdm.auto import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _run_command(args, debug: bool) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetError
     try:
         return args.func(args)
     except Interrupted as exc:
+        _close_progress_bars()
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         if debug:
             raise
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
     except (ConfigError, CheckpointError, DatasetError) as exc:

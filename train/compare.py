@@ -40,6 +40,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,10 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import interrupt
 from .config import (ConfigError, _merge_yaml, check_against_data, flatten, load_yaml, resolve_subsets,
                      validate)
+from .runlock import LOCK_FILE, RunFolderLock
 
 log = logging.getLogger("train")
 
@@ -240,38 +243,62 @@ def format_summary(summary: dict, seeds: list[int], threads: int, against: str =
     def line(cells):
         return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
-    out.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), {threads} thread(s). mean ± sd over "
+    out.append(f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), "
+               f"{threads} thread(s). mean ± sd over "
                f"seeds; Δ: paired difference from '{against}' with its 95 % t-interval (* excludes 0). "
                "cls: classification mAP; cls*: with test-time selection; det@t, det avg: detection "
                "mAP at tIoU t and averaged over eval.tiou (all %).")
     return "\n".join(out)
 
 
-def plot_summary(summary: dict, out: Path, against: str = CONTROL, metrics: tuple = METRICS) -> None:
-    """Per metric, each variant's seeds as dots and its mean, with the mean of ``against`` (the
-    control) as a line."""
+MIN_SPAN = 5.0  # percentage points: the narrowest value axis of compare.png
+
+
+def summary_figure(summary: dict, against: str = CONTROL, metrics: tuple = METRICS):
+    """The figure of :func:`plot_summary`: per metric, each variant's seeds as dots and its mean as a
+    bar, the mean of ``against`` (the control) as a line. The value axis spans the seeds' values, and at
+    least :data:`MIN_SPAN` points, so that a difference far below the seeds' spread does not fill the
+    panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(summary)
     metrics = _measured(summary, metrics)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(names) + 1.6),
+    seeds = max(len(summary[n][metrics[0][0]]["values"]) for n in names)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.5 * len(names) + 1.8),
                              squeeze=False)
     for ax, (key, label) in zip(axes[0], metrics):
         ctrl = summary[against][key]["mean"]
+        shown = []
         for i, name in enumerate(names):
             vals = [100 * v for v in summary[name][key]["values"]]
             ax.scatter(vals, [i] * len(vals), s=12, color="C0", alpha=0.6)
             ax.scatter([100 * summary[name][key]["mean"]], [i], marker="|", s=200, color="k")
+            shown += [v for v in vals if math.isfinite(v)]
         if math.isfinite(ctrl):
             ax.axvline(100 * ctrl, color="C3", lw=1, ls="--", label=f"{against} mean")
+        if shown:
+            lo, hi = min(shown), max(shown)
+            half = max(0.55 * (hi - lo), MIN_SPAN / 2)
+            left = max((lo + hi) / 2 - half, min(lo, 0.0))  # no room below 0 % unless a value is there
+            ax.set_xlim(left, left + 2 * half)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is axes[0][0] else [])
         ax.invert_yaxis()
-        ax.set_title(f"{label} (%)")
+        ax.set_title(label)
+        ax.set_xlabel("mAP (%)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{seeds} seed{'s' if seeds != 1 else ''}: dots are seeds, bars their mean"
+                 + (" (one seed: no spread to judge a difference by)" if seeds == 1 else ""), fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def plot_summary(summary: dict, out: Path, against: str = CONTROL, metrics: tuple = METRICS) -> None:
+    """Write :func:`summary_figure` to ``out``."""
+    import matplotlib.pyplot as plt
+    fig = summary_figure(summary, against, metrics)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
@@ -300,6 +327,10 @@ class Comparison:
         self.base = base
         self.variants = {CONTROL: {"cc.weight": 0.0}, **{k: v for k, v in variants.items() if k != CONTROL}}
         if CONTROL in variants:
+            weight = variants[CONTROL].get("cc.weight", 0.0)
+            if weight != 0:
+                raise ConfigError(f"variant '{CONTROL}': the control trains without the exemplar loss "
+                                  f"(cc.weight 0), got cc.weight {weight!r}; give this variant another name")
             self.variants[CONTROL] = {**variants[CONTROL], "cc.weight": 0.0}
         self.seeds = list(seeds)
         self.out = Path(out)
@@ -318,6 +349,8 @@ class Comparison:
                 raise ConfigError(f"variant '{name}': {exc}") from None
         self.dataset = None
         self._ids: dict = {}  # run folder -> training_id, of finished runs seen
+        self.runs = 0    # runs the last run() went through (stage 1 and variants)
+        self.reused = 0  # of those, finished runs found in the folder and not trained or evaluated again
 
     def _manifest(self) -> dict:
         cfg = copy.deepcopy(self.base)
@@ -339,9 +372,13 @@ class Comparison:
         tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
         tmp.replace(path)
 
-    def _run(self, cfg: dict, run_dir: Path, start: dict | None):
+    def _run(self, cfg: dict, run_dir: Path, start: dict | None, start_path: Path | None = None):
         """Train ``cfg`` in ``run_dir`` to its end (resuming it if it was started) and return its
-        results; ``start`` is the stage-1 checkpoint a variant begins from."""
+        results; ``start`` is the stage-1 checkpoint a variant begins from (read from ``start_path``)."""
+        with RunFolderLock(run_dir):
+            return self._run_locked(cfg, run_dir, start, start_path)
+
+    def _run_locked(self, cfg: dict, run_dir: Path, start: dict | None, start_path: Path | None):
         from .procedure import Trainer
         from .config import from_dict
         if (run_dir / ckpt.LATEST).exists():
@@ -353,19 +390,30 @@ class Comparison:
                 raise ConfigError(f"compare: {run_dir} holds a run with another config ({', '.join(diff)}); "
                                   f"remove it or choose another --out")
             if (run_dir / "results.json").exists():  # written when a run has finished
+                self.reused += 1
                 return state["results"]
-            trainer = Trainer.resume(run_dir, self.dataset, state=state)
+            trainer = Trainer.resume(run_dir, self.dataset, state=state, source=run_dir / ckpt.LATEST)
         else:
             trainer = Trainer(cfg, run_dir, self.dataset)
             if start is not None:
-                trainer.load_state_dict(start)
+                trainer.load_state_dict(start, source=start_path)
                 trainer.metrics_offset = 0
                 trainer.step = 0
         return trainer.run()
 
-    def run(self) -> dict:
-        """Train whatever is missing, then write and return the summary."""
+    def run(self, fresh: bool = False) -> dict:
+        """Train whatever is missing, then write and return the summary. ``fresh``: delete what the
+        folder holds first (under its lock, so never under a comparison that runs there)."""
+        with RunFolderLock(self.out):
+            if fresh:
+                for p in self.out.iterdir():
+                    if p.name != LOCK_FILE:
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            return self._run_all()
+
+    def _run_all(self) -> dict:
         from .context import open_dataset
+        self.reused, self.runs = 0, 0
         self._check_folder()
         self.dataset = open_dataset(self.base)
         configs = {v: variant_config(self.base, over, self.seeds[0]) for v, over in self.variants.items()}
@@ -384,29 +432,9 @@ class Comparison:
         jobs = [(s, f, None) for s in self.seeds for f in stage1] + \
                [(s, folder_of[v], v) for s in self.seeds for v in self.variants]
         results = {v: {} for v in self.variants}
-        bar = tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True, disable=not self.base["run"]["progress"])
-        for seed, s1, variant in bar:
-            bar.set_postfix_str(f"seed {seed} {variant or s1}")
-            folder = self.out / f"seed-{seed}"
-            if variant is None:
-                cfg = stage1_config(self.base, stage1[s1], seed)
-                res = self._run(cfg, folder / s1, None)
-                log.info("seed %d %s: cls %.1f, det avg %.1f", seed, s1, 100 * res["baseline"]["cls_map"],
-                         100 * res["baseline"]["det_map_avg"])
-                continue
-            cfg = variant_config(self.base, self.variants[variant], seed)
-            self._quiet(cfg)
-            trained = None if (folder / variant / ckpt.LATEST).exists() else \
-                self._trained_like(folder, training_id(cfg), exclude=variant)
-            if trained is not None:
-                res = self._evaluate(cfg, trained, folder / variant)
-            else:
-                start = ckpt.load(folder / s1 / ckpt.LATEST)
-                res = self._run(cfg, folder / variant, start)
-            final = res[[k for k in res if k != "baseline"][-1]]
-            results[variant][seed] = final
-            log.info("seed %d %s: cls %.1f, cls* %.1f, det avg %.1f", seed, variant, 100 * final["cls_map"],
-                     100 * final.get("cls_map_select", math.nan), 100 * final["det_map_avg"])
+        with tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True,
+                  disable=not self.base["run"]["progress"]) as bar:  # closed before an interruption is reported
+            self._jobs(bar, stage1, folder_of, results)
         results.update(self.peers)
         summary = summarize(results, self.seeds, self.against, self.metrics)
         threads = self.base["run"]["threads"]
@@ -422,6 +450,33 @@ class Comparison:
         except Exception as exc:  # a figure is never a reason to lose a finished comparison
             log.warning("could not draw the comparison: %s", exc)
         return {"summary": summary, "table": table, "results": results}
+
+    def _jobs(self, bar, stage1: dict, folder_of: dict, results: dict) -> None:
+        """Every stage-1 run, then every variant's run, in the order of ``bar``'s jobs."""
+        for seed, s1, variant in bar:
+            interrupt.check()
+            bar.set_postfix_str(f"seed {seed} {variant or s1}")
+            self.runs += 1
+            folder = self.out / f"seed-{seed}"
+            if variant is None:
+                cfg = stage1_config(self.base, stage1[s1], seed)
+                res = self._run(cfg, folder / s1, None)
+                log.info("seed %d %s: cls %.1f, det avg %.1f", seed, s1, 100 * res["baseline"]["cls_map"],
+                         100 * res["baseline"]["det_map_avg"])
+                continue
+            cfg = variant_config(self.base, self.variants[variant], seed)
+            self._quiet(cfg)
+            trained = None if (folder / variant / ckpt.LATEST).exists() else \
+                self._trained_like(folder, training_id(cfg), exclude=variant)
+            if trained is not None:
+                res = self._evaluate(cfg, trained, folder / variant)
+            else:
+                start = ckpt.load(folder / s1 / ckpt.LATEST)
+                res = self._run(cfg, folder / variant, start, folder / s1 / ckpt.LATEST)
+            final = res[[k for k in res if k != "baseline"][-1]]
+            results[variant][seed] = final
+            log.info("seed %d %s: cls %.1f, cls* %.1f, det avg %.1f", seed, variant, 100 * final["cls_map"],
+                     100 * final.get("cls_map_select", math.nan), 100 * final["det_map_avg"])
 
     def _trained_like(self, folder: Path, tid: str, exclude: str) -> Path | None:
         """A finished, trained run in ``folder`` (one seed's) whose training equals ``tid``
@@ -439,15 +494,20 @@ class Comparison:
     def _evaluate(self, cfg: dict, trained: Path, run_dir: Path) -> dict:
         """The final checkpoint of the finished run in ``trained`` evaluated with ``cfg``'s evaluation
         settings, into ``run_dir/results.json`` (the same form as a trained run's)."""
+        with RunFolderLock(run_dir):
+            return self._evaluate_locked(cfg, trained, run_dir)
+
+    def _evaluate_locked(self, cfg: dict, trained: Path, run_dir: Path) -> dict:
         from .procedure import Trainer
         done = run_dir / "results.json"
         if done.exists():
+            self.reused += 1
             results = json.loads(done.read_text())
             results.pop("evaluated_from", None)
             return results
         state = ckpt.load(trained / ckpt.LATEST)
         trainer = Trainer(cfg, run_dir, self.dataset)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, source=trained / ckpt.LATEST)
         results = dict(state["results"])
         results[trainer.plan[-1][0]] = trainer.evaluate(progress=False)
         run_dir.mkdir(parents=True, exist_ok=True)

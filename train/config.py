@@ -122,6 +122,10 @@ DEFAULTS: dict[str, Any] = {
                                    # follows alpha * d). The extensions are in nats already
         "guard_alpha_jump": 10.0,  # warn when an automatic alpha changes by more than this factor
         "guard_q_uniform": 0.95,   # warn when Q's perplexity / filled slots (median class) is above this
+        "guard_fit_gap": "auto",   # warn when a Q fit stops at cc.fit_max_iter with a certificate (gap, in
+                                   # nats) above this. "auto": 0.1 for cc.loss "prior" (it standardises
+                                   # log z), 0.01 for the losses that use log z as it is; measured: below
+                                   # these the final mAPs moved < 0.2 points (README, "Collapse guards")
         "guard_phi_shrink": 100.0, # warn when phi's mean norm falls by more than this factor
     },
     "train": {
@@ -200,11 +204,13 @@ CHOICES = {
 }
 POSITIVE = {"data.max_seqlen", "data.batch_size",
             "model.embed_dim", "loss.topk_ratio", "cc.size", "cc.k", "cc.alpha_scale", "cc.fit_tol",
-            "cc.temperature", "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink",
+            "cc.temperature", "cc.guard_alpha_jump", "cc.guard_q_uniform", "cc.guard_phi_shrink", "cc.guard_fit_gap",
             "cc.fit_max_iter", "train.lr", "train.checkpoint_every", "train.log_every"}
 NON_NEGATIVE = {"seed", "data.similar_pairs", "run.threads", "data.feature_rate", "data.rgb_dim", "model.attention_hidden", "loss.sparsity", "loss.topk_mil", "loss.casl", "loss.casl_margin",
                 "cc.weight", "cc.rounds", "cc.select_top_classes", "train.weight_decay", "train.baseline_steps", "train.cc_steps",
                 "train.eval_every", "eval.figures", "eval.smooth"}
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range; the batch and dropout seeds mix it as 64 bits
 
 
 # Float literals as Python's float() reads them (optional sign; digits with single underscores between them;
@@ -218,7 +224,7 @@ _FLOAT_LITERAL = re.compile(
 _FLOAT_FIRST = list("-+0123456789.iInN")
 _STR_TAG = "tag:yaml.org,2002:str"
 _TEXT_KEPT = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
-_STRING_OR_NUMBER = {"cc.alpha"}  # string-valued defaults that also take numbers
+_STRING_OR_NUMBER = {"cc.alpha", "cc.guard_fit_gap"}  # string-valued defaults ("auto") that also take numbers
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -328,7 +334,7 @@ def _coerce(key: str, value, default):
     def bad(expected):
         return ConfigError(f"config key '{key}': expected {expected}, got {value!r} "
                            f"({type(value).__name__})")
-    if key == "cc.alpha":  # a number > 0 or "auto"
+    if key in _STRING_OR_NUMBER:  # a number > 0 or "auto"
         if value == "auto":
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -374,6 +380,8 @@ def validate(cfg: dict) -> dict:
                 raise ConfigError(f"config key '{key}': expected a value > 0, got {value}")
             if key in NON_NEGATIVE and value < 0:
                 raise ConfigError(f"config key '{key}': expected a value >= 0, got {value}")
+    if cfg["seed"] > MAX_SEED:
+        raise ConfigError(f"config key 'seed': expected an integer in [0, 2**64 - 1], got {cfg['seed']}")
     if cfg["cc"]["alpha"] != "auto" and cfg["cc"]["alpha"] <= 0:
         raise ConfigError(f"config key 'cc.alpha': expected a number > 0 or 'auto', got "
                           f"{cfg['cc']['alpha']}")
@@ -401,14 +409,27 @@ def validate(cfg: dict) -> dict:
 
 
 def resolve_subsets(cfg: dict, dataset) -> tuple[list[int], list[int]]:
-    """Video indices of the training and test subsets (config, or the dataset's convention)."""
-    out = []
+    """Video indices of the training and test subsets (config, or the dataset's convention). A video of
+    neither subset would silently take part in nothing: it is an error naming the file and the video."""
+    out, names = [], []
     for key, default in (("data.train_subset", "train_subset"), ("data.test_subset", "test_subset")):
         try:
             name = get(cfg, key) or getattr(dataset, default)
             out.append(list(dataset.indices(name)))
+            names.append(name)
         except ValueError as exc:
             raise ConfigError(f"config key '{key}': {exc}") from None
+    if names[0] == names[1]:
+        raise ConfigError(f"config keys 'data.train_subset' and 'data.test_subset': expected two different "
+                          f"subsets, got {names[0]!r} for both")
+    for v in dataset.videos:
+        if v.subset not in names:
+            from .data.dataset import DatasetError
+            where = getattr(dataset, "subset_source", "") or dataset.source or dataset.name
+            raise DatasetError(f"{where}: video {v.name!r} field 'subset' is {v.subset!r}, neither the training "
+                               f"subset {names[0]!r} nor the test subset {names[1]!r}, so it would take part in "
+                               f"nothing; give it one of them (or choose the subsets with data.train_subset / "
+                               f"data.test_subset)")
     return out[0], out[1]
 
 

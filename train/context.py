@@ -50,7 +50,7 @@ def open_dataset(cfg: dict):
         root, gen_name = gen
         name = name or gen_name
     if not Path(root).exists():
-        raise ConfigError(f"config key 'data.root': dataset folder not found: {root}")
+        raise ConfigError(f"config key 'data.root': dataset folder not found: {root}; {_what_goes_there(d, name)}")
     try:
         kwargs = {"layout": d["layout"]}
         if d["feature_rate"]:
@@ -60,7 +60,21 @@ def open_dataset(cfg: dict):
         return tdata.load_dataset(root, name, **kwargs)
     except FileNotFoundError as exc:
         raise ConfigError(f"config key 'data.root' ({root}, dataset '{name}'): missing file: "
-                          f"{exc.filename or exc}") from None
+                          f"{exc.filename or exc}; {_what_goes_there(d, name)}") from None
+    except tdata.DatasetError as exc:
+        if exc.argument is None:
+            raise
+        detail = str(exc).removeprefix(f"{exc.argument}: ")
+        raise ConfigError(f"config key 'data.{exc.argument}': {detail}") from None
+
+
+def _what_goes_there(d: dict, name: str) -> str:
+    """What the folder of ``data.root`` must hold for ``data.layout`` (the advice of a missing-data error)."""
+    if d["layout"] == "standard":
+        return (f"it should hold {name}-I3D-JOINTFeatures.npy and the folder {name}-Annotations/ of the W-TALC "
+                f"release (data.layout: standard), or set data.root to the folder that does")
+    return (f"it should hold {name}/annotations.json and {name}/features/<video>.npy (data.layout: native), or "
+            f"set data.root to the folder that does")
 
 
 @dataclass

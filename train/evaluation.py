@@ -17,8 +17,9 @@ detection mAP from the T-CAM.
 * **Outputs** (rank 0, when asked): ``predictions-<tag>.json``, the detections as an ActivityNet result
   file (for ``python -m train.eval --predictions`` or the official evaluation code), and
   ``cams-<tag>.npz``, per test video its T-CAM ``tcam/<video>`` ``[T, C]`` and attention
-  ``attention/<video>`` ``[T]``, with ``classes``, ``videos`` and ``feature_rate`` (for
-  ``python -m train.eval.plot --cam``). ``predictions.json`` and ``cams.npz`` are copies of the latest.
+  ``attention/<video>`` ``[T]``, with ``classes``, ``videos``, ``feature_rate`` and the evaluation's
+  settings ``smooth`` (``eval.smooth``) and ``tiou`` (``eval.tiou``), for ``python -m train.eval.plot
+  --cam``, which draws the curves smoothed as the proposals were. ``predictions.json`` and ``cams.npz`` are copies of the latest.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ccluster
-from . import distributed
+from . import distributed, interrupt
 from .context import RunContext
 from .exemplars import ExemplarState, cc_features
 
@@ -100,28 +101,30 @@ class Evaluator:
         if ctx.world > 1:
             positions = distributed.shard(positions, ctx.rank, ctx.world)
         records = []
-        for j in tqdm(positions, desc="evaluate", unit="video", dynamic_ncols=True, disable=not progress,
-                      leave=False):
-            vi = ctx.test_idx[j]
-            v = ds.videos[vi]
-            r = self.predict(vi, selection)
-            rec = {"j": j, "plain": r["video"].cpu().numpy()}
-            if selection:
-                rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
-            if cfg["eval"]["proposals"] == "wtalc":
-                rec["props"] = wtalc_proposals(r["logits"].double().cpu().numpy(), ds.feature_rate,
-                                               duration=v.duration, smooth=cfg["eval"]["smooth"])
-            else:
-                rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
-                                              duration=v.duration, smooth=cfg["eval"]["smooth"])
-            att = r["attention"].cpu().numpy()
-            inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
-            if inside.any():
-                rec["att_in_gt"] = float(att[inside].sum() / max(float(att.sum()), 1e-12))
-                rec["gt_share"] = float(inside.mean())
-            if j < figures or outputs:
-                rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
-            records.append(rec)
+        with tqdm(positions, desc="evaluate", unit="video", dynamic_ncols=True, disable=not progress,
+                  leave=False) as bar:  # closed before an interruption is reported
+            for j in bar:
+                interrupt.check()
+                vi = ctx.test_idx[j]
+                v = ds.videos[vi]
+                r = self.predict(vi, selection)
+                rec = {"j": j, "plain": r["video"].cpu().numpy()}
+                if selection:
+                    rec["select"], rec["kept"] = r["video_select"].cpu().numpy(), r["selected"]
+                if cfg["eval"]["proposals"] == "wtalc":
+                    rec["props"] = wtalc_proposals(r["logits"].double().cpu().numpy(), ds.feature_rate,
+                                                   duration=v.duration, smooth=cfg["eval"]["smooth"])
+                else:
+                    rec["props"] = tcam_proposals(r["tcam"].cpu().numpy(), rec["plain"], ds.feature_rate,
+                                                  duration=v.duration, smooth=cfg["eval"]["smooth"])
+                att = r["attention"].cpu().numpy()
+                inside = inside_ground_truth(v.segments, len(att), ds.feature_rate)
+                if inside.any():
+                    rec["att_in_gt"] = float(att[inside].sum() / max(float(att.sum()), 1e-12))
+                    rec["gt_share"] = float(inside.mean())
+                if j < figures or outputs:
+                    rec["figure"] = (r["tcam"].cpu().numpy(), r["attention"].cpu().numpy())
+                records.append(rec)
         if ctx.world > 1:
             records = sorted((rec for part in distributed.all_gather_objects(records) for rec in part),
                              key=lambda rec: rec["j"])
@@ -131,7 +134,7 @@ class Evaluator:
                        for rec in records for p in rec["props"]]
         if ctx.is_main and outputs:
             save_outputs(Path(run_dir), tag, ds, [ds.videos[ctx.test_idx[rec["j"]]].name for rec in records],
-                         predictions, [rec["figure"] for rec in records])
+                         predictions, [rec["figure"] for rec in records], settings=cfg["eval"])
         if ctx.is_main:
             for rec in records:
                 if "figure" not in rec or rec["j"] >= figures:
@@ -160,9 +163,11 @@ class Evaluator:
         return res
 
 
-def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: list, cams: list) -> None:
+def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: list, cams: list,
+                 settings: dict | None = None) -> None:
     """Write ``predictions-<tag>.json`` and ``cams-<tag>.npz`` into ``run_dir`` and copy them to
-    ``predictions.json`` and ``cams.npz`` (see the module docstring); every file appears whole."""
+    ``predictions.json`` and ``cams.npz`` (see the module docstring); every file appears whole.
+    ``settings``: the config's ``eval`` section, whose ``smooth`` and ``tiou`` the npz records."""
     import shutil
     from .eval import write_predictions_json
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +175,9 @@ def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: li
     write_predictions_json(str(pred), predictions, class_names=list(dataset.classes), videos=videos)
     arrays = {"classes": np.array([str(c) for c in dataset.classes]), "videos": np.array(videos),
               "feature_rate": np.array(float(dataset.feature_rate))}
+    if settings is not None:
+        arrays["smooth"] = np.array(int(settings["smooth"]))
+        arrays["tiou"] = np.array([float(t) for t in settings["tiou"]])
     for name, (tcam, att) in zip(videos, cams):
         arrays[f"tcam/{name}"] = np.asarray(tcam, dtype=np.float32)
         arrays[f"attention/{name}"] = np.asarray(att, dtype=np.float32)

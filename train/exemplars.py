@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ccluster
-from . import distributed
+from . import distributed, interrupt
 from .context import RunContext
 
 log = logging.getLogger("train")
@@ -146,36 +146,38 @@ class ExemplarState:
             pending, pending_rows = [], 0
 
         videos = ctx.train_idx if ctx.world == 1 else distributed.shard(ctx.train_idx, ctx.rank, ctx.world)
-        for vi in tqdm(videos, desc=f"{name}: collect", unit="video", dynamic_ncols=True,
-                       disable=not ctx.progress, leave=False):
-            feats, mask = ctx.video(vi)
-            out = ctx.model(feats, mask)
-            x = torch.cat([cc_features(ctx, out, feats, s)[0] for s in streams], -1)
-            T = x.shape[0]
-            for i, s in enumerate(streams):
-                norm_sum[i] += float(cc_features(ctx, out, feats, s, normalize=False)[0].norm(dim=-1).sum())
-            labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
-            score = out["tcam"][0]
-            if bg:
-                labels = torch.cat([labels, labels.any()[None]])
-                score = torch.cat([score, -out["attention"][0, :, None]], 1)
-            lab = labels[None].expand(T, -1)
-            ids = torch.stack([torch.full((T,), vi, dtype=torch.long), torch.arange(T)], 1)
-            pending.append((x.cpu(), score.cpu(), lab.cpu(), ids))
-            pending_rows += T
-            if pending_rows >= 16384:
-                flush()
-            if labels.any():
-                parts = self._slices(x)
+        with tqdm(videos, desc=f"{name}: collect", unit="video", dynamic_ncols=True, disable=not ctx.progress,
+                  leave=False) as bar:  # closed before an interruption is reported
+            for vi in bar:
+                interrupt.check()
+                feats, mask = ctx.video(vi)
+                out = ctx.model(feats, mask)
+                x = torch.cat([cc_features(ctx, out, feats, s)[0] for s in streams], -1)
+                T = x.shape[0]
                 for i, s in enumerate(streams):
-                    a = out[f"att_{s}"][0]
-                    p = a / a.sum().clamp_min(1e-12)
-                    w = p[:, None] * labels[None].to(p.dtype)
-                    if bg:  # as ccluster.ClassContrastiveLoss weighs its background term
-                        comp = 1 - a / a.max().clamp_min(1e-12)
-                        w[:, -1] = comp / comp.sum() if comp.sum() > 0 else 0.0
-                    xs[s].append(parts[i].cpu())
-                    ws[s].append(w.cpu())
+                    norm_sum[i] += float(cc_features(ctx, out, feats, s, normalize=False)[0].norm(dim=-1).sum())
+                labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
+                score = out["tcam"][0]
+                if bg:
+                    labels = torch.cat([labels, labels.any()[None]])
+                    score = torch.cat([score, -out["attention"][0, :, None]], 1)
+                lab = labels[None].expand(T, -1)
+                ids = torch.stack([torch.full((T,), vi, dtype=torch.long), torch.arange(T)], 1)
+                pending.append((x.cpu(), score.cpu(), lab.cpu(), ids))
+                pending_rows += T
+                if pending_rows >= 16384:
+                    flush()
+                if labels.any():
+                    parts = self._slices(x)
+                    for i, s in enumerate(streams):
+                        a = out[f"att_{s}"][0]
+                        p = a / a.sum().clamp_min(1e-12)
+                        w = p[:, None] * labels[None].to(p.dtype)
+                        if bg:  # as ccluster.ClassContrastiveLoss weighs its background term
+                            comp = 1 - a / a.max().clamp_min(1e-12)
+                            w[:, -1] = comp / comp.sum() if comp.sum() > 0 else 0.0
+                        xs[s].append(parts[i].cpu())
+                        ws[s].append(w.cpu())
         flush()
         if ctx.world > 1:
             db = distributed.all_gather_database(db)
@@ -216,7 +218,7 @@ class ExemplarState:
         self.log_q = log_q
         self.info = info
         if ctx.is_main:
-            log.info("%s", describe_database(name, info, c["size"] * ds.num_classes, c["fit_max_iter"],
+            log.info("%s", describe_database(name, info, c["size"] * (ds.num_classes + bg), c["fit_max_iter"],
                                              streams))
         return info
 

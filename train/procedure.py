@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import ccluster
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, interrupt
 from .config import from_dict, save_config
 from .data.standardize import FeatureStandardizer, conditioning_warning, relu_unit_fractions
 from .context import STREAMS, RunContext, build_context, default_cache, mix_seed, open_dataset  # noqa: F401
@@ -120,7 +120,23 @@ class Trainer:
                              else None),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: str | os.PathLike = "the checkpoint") -> None:
+        """Restore a :meth:`state_dict`. A state that lacks an entry or does not fit the model its
+        config describes raises :class:`train.checkpoint.CheckpointError` naming ``source`` (the file)."""
+        try:
+            self._load_state_dict(state)
+        except KeyError as exc:
+            raise ckpt.CheckpointError(f"checkpoint {source} has no {exc.args[0]!r} entry: not a complete ccluster "
+                                       f"training checkpoint, pass a latest.pt or stage-<name>.pt written by "
+                                       f"python -m train fit") from None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = "; ".join(lines[1:3] if len(lines) > 1 else lines)
+            raise ckpt.CheckpointError(f"checkpoint {source} does not fit the model and data its config describes "
+                                       f"({detail[:300]}), pass a checkpoint written by python -m train fit for "
+                                       f"this data") from None
+
+    def _load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         saved = state.get("standardizer")  # absent in checkpoints older than data.standardize: none
@@ -135,13 +151,15 @@ class Trainer:
         self.saved_at = (self.stage_name, self.step, self.global_step)
 
     @classmethod
-    def resume(cls, run_dir: str | os.PathLike, dataset=None, state: dict | None = None) -> "Trainer":
+    def resume(cls, run_dir: str | os.PathLike, dataset=None, state: dict | None = None,
+               source: str | os.PathLike | None = None) -> "Trainer":
         """Continue the run in ``run_dir`` from its latest checkpoint (or from ``state``, that
-        checkpoint already loaded, e.g. by rank 0 and broadcast)."""
+        checkpoint already loaded, e.g. by rank 0 and broadcast; ``source`` names its file)."""
+        source = source or Path(run_dir) / ckpt.LATEST
         if state is None:
-            state = ckpt.load(Path(run_dir) / ckpt.LATEST)
+            state = ckpt.load(source)
         trainer = cls(from_dict(state["config"]), run_dir, dataset)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, source=source)
         return trainer
 
     def save(self, stage_copy: str | None = None) -> None:
@@ -230,12 +248,17 @@ class Trainer:
         t = self.cfg["train"]
         if self.step == 0 and use_cc and t["reset_optimizer"]:
             self.optimizer = self._new_optimizer()
-        bar = tqdm(total=steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True,
-                   disable=not self.ctx.progress)
+        with tqdm(total=steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True,
+                  disable=not self.ctx.progress) as bar:  # closed before an interruption is reported
+            self._train_steps(name, steps, use_cc, bar)
+
+    def _train_steps(self, name: str, steps: int, use_cc: bool, bar) -> None:
+        t = self.cfg["train"]
         running = {}
         shrink_warned = set()
         health_checked = self.step > 0
         while self.step < steps:
+            interrupt.check()
             t0 = time.perf_counter()
             terms = self.train_step(self.stage, self.step, use_cc)
             dt = time.perf_counter() - t0
@@ -272,7 +295,6 @@ class Trainer:
             if self.step % t["checkpoint_every"] == 0 or self.step == steps:
                 self.save()
             bar.update(1)
-        bar.close()
 
     def run(self) -> dict:
         """Train every remaining stage; returns ``{stage name: evaluation results}`` of train stages."""
@@ -320,43 +342,70 @@ class Trainer:
             self._writer.close()
 
 
-def plot_curves(metrics: Path, out: Path) -> None:
-    """Loss terms against the global step, one panel per term, one colour per stage; and, where
-    evaluations were logged, a last panel with the test mAP (classification and detection average)."""
+# The loss panels of curves.png: (term, title). Terms are as logged (both streams, before their weight).
+CURVE_PANELS = (("total", "total loss (weighted sum)"), ("clf", "L_clf (both streams)"),
+                ("cc", "L_cc (both streams, before cc.weight)"), ("topk_mil", "top-k MIL (before its weight)"),
+                ("sparsity", "attention sparsity (before its weight)"), ("casl", "co-activity (before its weight)"))
+CURVE_COLUMNS = 3  # panels per row
+
+
+def curves_figure(metrics: Path):
+    """The figure of :func:`plot_curves` (None when ``metrics`` holds neither losses nor evaluations)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     rows = [json.loads(line) for line in open(metrics)]
     train = [r for r in rows if r.get("kind") == "train"]
     evals = sorted((r for r in rows if r.get("kind") == "eval" and "cls_map" in r), key=lambda r: r["step"])
     if not train and not evals:
-        return
-    keys = [k for k in ("total", "clf", "cc", "topk_mil", "sparsity", "casl") if k in
-            set().union(*(r.keys() for r in train))] if train else []
-    panels = len(keys) + bool(evals)
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3), squeeze=False)
+        return None
+    logged = set().union(*(r.keys() for r in train)) if train else set()
+    panels = [(k, title) for k, title in CURVE_PANELS if k in logged]
+    count = len(panels) + bool(evals)
+    columns = min(CURVE_COLUMNS, count)
+    lines = -(-count // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.0 * lines), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[count:]:
+        ax.remove()
     stages = list(dict.fromkeys(r["stage"] for r in train))
-    for ax, k in zip(axes[0], keys):
+    for ax, (k, title) in zip(flat, panels):
         for i, stage in enumerate(stages):
             pts = [(r["step"], r[k]) for r in train if r["stage"] == stage and k in r]
             if pts:
                 ax.plot(*zip(*pts), label=stage, color=f"C{i % 10}")
-        ax.set_title(k)
-        ax.set_xlabel("step")
-    if keys:
-        axes[0][0].legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    if panels:
+        flat[0].legend(fontsize=7, title="stage", title_fontsize=7)
     if evals:
-        ax = axes[0][-1]
+        ax = flat[count - 1]
         steps = [r["step"] for r in evals]
         for key, label, style in (("cls_map", "cls", "o-"), ("det_map_avg", "det avg", "s-")):
             ax.plot(steps, [100 * r.get(key, float("nan")) for r in evals], style, label=label, ms=4)
         if any("cls_map_select" in r for r in evals):
             ax.plot(steps, [100 * r.get("cls_map_select", float("nan")) for r in evals], "^--", ms=4,
                     label="cls* (selection)")
-        ax.set_title("test mAP (%)")
-        ax.set_xlabel("step")
+        ax.set_title("test mAP", fontsize=9)
+        ax.set_ylabel("mAP (%)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    for ax in flat[:count]:
+        ax.set_xlabel("global step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half steps on short runs
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(metrics: Path, out: Path) -> None:
+    """Loss terms against the global step, one panel per term (three to a row), one colour per stage;
+    and, where evaluations were logged, a last panel with the test mAP (classification and detection
+    average)."""
+    import matplotlib.pyplot as plt
+    fig = curves_figure(metrics)
+    if fig is None:
+        return
     fig.savefig(out, dpi=100)
     plt.close(fig)

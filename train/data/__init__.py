@@ -2,8 +2,9 @@
 batching, and the synthetic benchmark (:mod:`train.data.synthetic`).
 
 ``load_dataset(root, name, layout="native")`` reads our safe layout; ``layout="standard"`` reads the
-pickled W-TALC release files (``<root>/<Name>-I3D-JOINTFeatures.npy`` + ``<root>/<Name>-Annotations/``),
-which can run code when loaded: use it only on files you trust, from a path you give yourself.
+pickled W-TALC release files (``<root>/<Name>-I3D-JOINTFeatures.npy`` + ``<root>/<Name>-Annotations/``)
+with an unpickler that builds numpy arrays and plain containers only (:mod:`train.data.npy`): a file that
+would run code is refused, naming it.
 :class:`FeatureStandardizer` (:mod:`train.data.standardize`) standardises the features per dimension with
 training-subset statistics.
 """
@@ -30,8 +31,8 @@ def load_dataset(root: str, name: str, *, layout: str = "native", feature_rate: 
     """Load dataset ``name`` from directory ``root``.
 
     layout: ``"native"`` (default; ``<root>/<name>/annotations.json`` + ``features/*.npy``, no pickle) or
-    ``"standard"`` (the W-TALC release: unpickles ``<root>/<name>-I3D-JOINTFeatures.npy`` and
-    ``<root>/<name>-Annotations/*.npy``; only for trusted files).
+    ``"standard"`` (the W-TALC release: ``<root>/<name>-I3D-JOINTFeatures.npy`` and
+    ``<root>/<name>-Annotations/*.npy``, pickles read without running code).
     feature_rate: segments per second (I3D: 25 fps / 16 frames = 25/16; some releases use 10/4);
     rgb_dim: features[:, :rgb_dim] is RGB, the rest flow. Both default to the values stored with the
     dataset when it has them (our files do), else 25/16 and 1024.

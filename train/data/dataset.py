@@ -1,16 +1,24 @@
 """In-memory dataset of pre-extracted features: :class:`VideoRecord` and :class:`FeatureDataset`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = ["VideoRecord", "FeatureDataset", "DatasetError", "DEFAULT_FEATURE_RATE", "DEFAULT_RGB_DIM",
-           "seconds_to_index", "index_to_seconds"]
+           "seconds_to_index", "index_to_seconds", "checked_duration", "check_segment", "check_features",
+           "checked_feature_rate", "checked_rgb_dim"]
 
 
 class DatasetError(ValueError):
-    """Dataset files that cannot be used (damaged, inconsistent); the message names the file."""
+    """Dataset files that cannot be used (damaged, inconsistent); the message names the file.
+    ``argument`` names the reader's argument at fault (``"rgb_dim"``, ``"feature_rate"``) when the value
+    came from the caller rather than from the files."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 DEFAULT_FEATURE_RATE = 25 / 16  # I3D at 25 fps, one feature per 16 frames
 DEFAULT_RGB_DIM = 1024
@@ -24,6 +32,79 @@ def seconds_to_index(t: float, feature_rate: float = DEFAULT_FEATURE_RATE) -> in
 def index_to_seconds(i: float, feature_rate: float = DEFAULT_FEATURE_RATE) -> float:
     """Start time (seconds) of segment ``i``; segment i covers [i / rate, (i + 1) / rate)."""
     return float(i) / feature_rate
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def checked_duration(value, where: str, video: str) -> float:
+    """A video's ``duration``: a finite number of seconds > 0, else :class:`DatasetError` naming the
+    file (``where``), the video and the field."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise DatasetError(f"{where}: video {video!r} field 'duration': expected a number of seconds > 0, "
+                           f"got {value!r}")
+    return float(value)
+
+
+def check_segment(start: float, end: float, duration: float, feature_rate: float, where: str, video: str,
+                  field: str = "segment") -> None:
+    """An annotated instance ``[start, end]`` must lie inside the video: ``0 <= start <= end <= duration``,
+    with one feature segment (``1 / feature_rate`` s) of slack at the end for rounding between the tools
+    that measured the duration and the annotation. :class:`DatasetError` naming file, video and field."""
+    if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < start or \
+            end > duration + 1.0 / feature_rate:
+        raise DatasetError(f"{where}: video {video!r} field '{field}' [{start:g}, {end:g}]: expected "
+                           f"0 <= start <= end <= duration ({duration:g} s), fix the {field} or the duration")
+
+
+def check_features(features: np.ndarray, where: str, video: str, dim: int | None = None) -> None:
+    """A video's features: a numeric ``[T, D]`` array with ``T >= 1``, finite, of width ``dim`` (when
+    given); else :class:`DatasetError` naming the file and the video."""
+    if features.ndim != 2 or features.shape[0] < 1 or not np.issubdtype(features.dtype, np.number):
+        raise DatasetError(f"{where}: video {video!r} has features of shape {features.shape} and dtype "
+                           f"{features.dtype}; expected a numeric [T, D] array with T >= 1")
+    if dim is not None and features.shape[1] != dim:
+        raise DatasetError(f"{where}: video {video!r} has {features.shape[1]}-dimensional features, the videos "
+                           f"before it {dim}-dimensional; expected one width for every video")
+    finite = np.isfinite(features)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.all(1))
+        raise DatasetError(f"{where}: video {video!r} has {int((~finite).sum())} NaN or infinite feature values "
+                           f"(in {len(rows)} of {features.shape[0]} segments, first {int(rows[0])}); expected "
+                           f"finite features, re-extract or repair them")
+
+
+def checked_feature_rate(value, where: str, argument: bool = False) -> float:
+    """``feature_rate`` (segments per second): a finite number > 0. ``argument``: the value came from
+    the caller (the error then carries ``argument="feature_rate"``), else from the file ``where``."""
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        source = "feature_rate" if argument else f"{where}: field 'feature_rate'"
+        raise DatasetError(f"{source}: expected a number of segments per second > 0, got {value!r}",
+                           "feature_rate" if argument else None)
+    return float(value)
+
+
+def checked_rgb_dim(value, feature_dim: int, where: str, argument: bool = False) -> int:
+    """``rgb_dim``: an integer splitting the ``feature_dim`` features into two non-empty halves (as
+    :func:`checked_feature_rate` for ``argument``; None: the file has none, the default 1024 is used)."""
+    if value is None:
+        if 0 < DEFAULT_RGB_DIM < feature_dim:
+            return DEFAULT_RGB_DIM
+        raise DatasetError(f"rgb_dim: neither given nor in {where}, and the default {DEFAULT_RGB_DIM} does not "
+                           f"split the {feature_dim}-dimensional features into RGB and flow; give it (config key "
+                           f"data.rgb_dim)", "rgb_dim")
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or \
+            not 0 < value < feature_dim:
+        source = "rgb_dim" if argument else f"{where}: field 'rgb_dim'"
+        raise DatasetError(f"{source}: expected an integer in [1, {feature_dim - 1}] (features[:, :rgb_dim] are "
+                           f"RGB, the rest flow, of {feature_dim} dimensions), got {value!r}",
+                           "rgb_dim" if argument else None)
+    return int(value)
 
 
 @dataclass
@@ -49,11 +130,13 @@ class FeatureDataset:
 
     Attributes: ``classes`` (list of names), ``videos`` (list of :class:`VideoRecord`), ``feature_rate``
     (segments per second), ``rgb_dim`` (features[:, :rgb_dim] is RGB, the rest flow), ``ambiguous``
-    (video name -> list of (start, end) seconds), ``name`` and ``source`` (where it was read from).
+    (video name -> list of (start, end) seconds), ``name`` and ``source`` (where it was read from), and
+    ``subset_source`` (the file that holds the videos' subsets, for error messages; default ``source``).
     """
 
     def __init__(self, classes, videos, *, feature_rate: float = DEFAULT_FEATURE_RATE,
-                 rgb_dim: int = DEFAULT_RGB_DIM, ambiguous=None, name: str = "", source: str = ""):
+                 rgb_dim: int = DEFAULT_RGB_DIM, ambiguous=None, name: str = "", source: str = "",
+                 subset_source: str = ""):
         self.classes = [str(c) for c in classes]
         self.videos = list(videos)
         self.feature_rate = float(feature_rate)
@@ -61,33 +144,34 @@ class FeatureDataset:
         self.ambiguous = {k: [tuple(map(float, s)) for s in v] for k, v in (ambiguous or {}).items()}
         self.name = name
         self.source = source
+        self.subset_source = subset_source or source
         self._validate()
 
     def _validate(self) -> None:
         where = f" (from {self.source})" if self.source else ""
         if not self.feature_rate > 0:
-            raise ValueError(f"feature_rate must be > 0 segments per second, got {self.feature_rate}")
+            raise DatasetError(f"feature_rate must be > 0 segments per second, got {self.feature_rate}")
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"duplicate class names{where}: {self.classes}")
+            raise DatasetError(f"duplicate class names{where}: {self.classes}")
         if not self.videos:
-            raise ValueError(f"dataset{where} has no video")
+            raise DatasetError(f"dataset{where} has no video")
         dims = {v.features.shape[1] for v in self.videos}
         if len(dims) != 1:
-            raise ValueError(f"videos{where} have different feature dimensions: {sorted(dims)}")
+            raise DatasetError(f"videos{where} have different feature dimensions: {sorted(dims)}")
         if not 0 < self.rgb_dim < self.feature_dim:
-            raise ValueError(f"rgb_dim={self.rgb_dim} must split the {self.feature_dim}-dim features into two "
+            raise DatasetError(f"rgb_dim={self.rgb_dim} must split the {self.feature_dim}-dim features into two "
                              f"non-empty halves{where}; pass rgb_dim= for features that are not 2 x 1024")
         names = set()
         for v in self.videos:
             if v.name in names:
-                raise ValueError(f"duplicate video name {v.name!r}{where}")
+                raise DatasetError(f"duplicate video name {v.name!r}{where}")
             names.add(v.name)
             if v.labels.shape != (self.num_classes,):
-                raise ValueError(f"video {v.name!r}{where}: labels shape {v.labels.shape}, expected "
+                raise DatasetError(f"video {v.name!r}{where}: labels shape {v.labels.shape}, expected "
                                  f"({self.num_classes},)")
             for s, e, c in v.segments:
                 if not 0 <= c < self.num_classes:
-                    raise ValueError(f"video {v.name!r}{where}: segment class {c} out of range")
+                    raise DatasetError(f"video {v.name!r}{where}: segment class {c} out of range")
 
     @property
     def num_classes(self) -> int:

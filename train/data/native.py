@@ -17,7 +17,8 @@ import os
 import numpy as np
 
 from ..eval.anet_json import read_ground_truth_json, write_ground_truth_json
-from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, DatasetError, FeatureDataset, VideoRecord
+from .dataset import (DEFAULT_FEATURE_RATE, DatasetError, FeatureDataset, VideoRecord, check_features,
+                      check_segment, checked_duration, checked_feature_rate, checked_rgb_dim)
 
 __all__ = ["read_native", "write_native", "native_paths", "LAYOUT_VERSION"]
 
@@ -43,10 +44,19 @@ def _check_name(video: str, where: str) -> None:
         raise DatasetError(f"{where}: video name {video!r} cannot be used as a file name in the native layout")
 
 
+def _checked_count(value, where: str, video: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DatasetError(f"{where}: video {video!r} field 'num_segments': expected an integer >= 1, got {value!r}")
+    return value
+
+
 def read_native(root: str, name: str, *, feature_rate: float | None = None,
                 rgb_dim: int | None = None) -> FeatureDataset:
     """Read the native layout (module docstring). ``feature_rate`` / ``rgb_dim`` override the stored values
-    (default: those in annotations.json, else 25/16 and 1024). Errors name the offending file."""
+    (default: those in annotations.json, else 25/16 and 1024). Errors name the offending file, and the
+    video and field where there is one: a duration that is not a number > 0, an instance outside its
+    video, labels that are not a list of the file's classes, NaN or infinite features, a feature width
+    that differs between videos."""
     ann_path, feat_dir = native_paths(root, name)
     if not os.path.isfile(ann_path):
         raise FileNotFoundError(f"native layout: missing annotation file {ann_path}")
@@ -54,10 +64,12 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
         gt = read_ground_truth_json(ann_path)
     except ValueError as e:
         raise DatasetError(f"{e}; {_restore_advice(root, name)}") from None
+    if not gt.videos:
+        raise DatasetError(f"{ann_path}: field 'database' holds no video; expected one entry per video")
     classes = gt.classes
     cindex = {c: i for i, c in enumerate(classes)}
-    feature_rate = float(feature_rate if feature_rate is not None else gt.meta.get("feature_rate", DEFAULT_FEATURE_RATE))
-    rgb_dim = int(rgb_dim if rgb_dim is not None else gt.meta.get("rgb_dim", DEFAULT_RGB_DIM))
+    feature_rate = (checked_feature_rate(feature_rate, ann_path, argument=True) if feature_rate is not None else
+                    checked_feature_rate(gt.meta.get("feature_rate", DEFAULT_FEATURE_RATE), ann_path))
     by_video: dict[str, list] = {}
     for e in gt.entries:
         if e["label"] not in cindex:
@@ -65,8 +77,21 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
                              f"(not in the file's classes)")
         by_video.setdefault(e["video"], []).append((e["start"], e["end"], cindex[e["label"]]))
     videos = []
+    dim = None
     for vname, info in gt.videos.items():
         _check_name(vname, ann_path)
+        for key in ("subset", "duration"):
+            if key not in info:
+                raise DatasetError(f"{ann_path}: video {vname!r} has no field '{key}'; every video needs "
+                                   f"'subset' and 'duration'")
+        if not isinstance(info["subset"], str) or not info["subset"]:
+            raise DatasetError(f"{ann_path}: video {vname!r} field 'subset': expected a subset name such as "
+                               f"'validation' or 'test', got {info['subset']!r}")
+        duration = checked_duration(info["duration"], ann_path, vname)
+        video_labels = info.get("labels", [])
+        if not isinstance(video_labels, list) or not all(isinstance(lab, str) for lab in video_labels):
+            raise DatasetError(f"{ann_path}: video {vname!r} field 'labels': expected a list of class names, "
+                               f"got {video_labels!r}")
         fpath = os.path.join(feat_dir, vname + ".npy")
         if not os.path.isfile(fpath):
             raise FileNotFoundError(f"native layout: missing feature file {fpath} (video listed in {ann_path})")
@@ -76,25 +101,26 @@ def read_native(root: str, name: str, *, feature_rate: float | None = None,
             reason = str(e).split("\n")[0] or type(e).__name__
             raise DatasetError(f"feature file {fpath} is damaged (cannot read it: {reason}), "
                                f"{_restore_advice(root, name)}") from None
-        if feats.ndim != 2 or feats.shape[0] < 1 or not np.issubdtype(feats.dtype, np.number):
-            raise DatasetError(f"{fpath}: features of shape {feats.shape} and dtype {feats.dtype}; "
-                             f"expected a numeric [T, D] array with T >= 1")
-        if "num_segments" in info and int(info["num_segments"]) != feats.shape[0]:
+        check_features(feats, fpath, vname, dim)
+        dim = feats.shape[1]
+        if "num_segments" in info and _checked_count(info["num_segments"], ann_path, vname) != feats.shape[0]:
             raise DatasetError(f"{fpath} has {feats.shape[0]} segments but {ann_path} says num_segments="
                              f"{info['num_segments']} for video {vname!r}")
         labels = np.zeros(len(classes), dtype=np.float32)
         segs = by_video.get(vname, [])
-        for _, _, c in segs:
+        for s, e, c in segs:
+            check_segment(s, e, duration, feature_rate, ann_path, vname, "annotations")
             labels[c] = 1.0
-        for lab in info.get("labels", []):
+        for lab in video_labels:
             if lab not in cindex:
-                raise DatasetError(f"{ann_path}: video {vname!r} has unknown video label {lab!r}")
+                raise DatasetError(f"{ann_path}: video {vname!r} field 'labels' has {lab!r}, which is not one of "
+                                   f"the file's classes")
             labels[cindex[lab]] = 1.0
-        if "subset" not in info or "duration" not in info:
-            raise DatasetError(f"{ann_path}: video {vname!r} needs 'subset' and 'duration'")
-        videos.append(VideoRecord(name=vname, subset=str(info["subset"]), duration=float(info["duration"]),
+        videos.append(VideoRecord(name=vname, subset=info["subset"], duration=duration,
                                   labels=labels, segments=segs,
                                   features=np.ascontiguousarray(feats, dtype=np.float32)))
+    rgb_dim = (checked_rgb_dim(rgb_dim, dim, ann_path, argument=True) if rgb_dim is not None else
+               checked_rgb_dim(gt.meta.get("rgb_dim"), dim, ann_path))
     return FeatureDataset(classes, videos, feature_rate=feature_rate, rgb_dim=rgb_dim, ambiguous=gt.ambiguous,
                           name=name, source=ann_path)
 

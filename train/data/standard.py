@@ -14,9 +14,10 @@ Files, for a dataset ``<Name>`` under ``<root>``::
         Ambiguous_test.txt   optional, lines "name  start end" (THUMOS14)
         ccluster_meta.json   optional, written by us: feature_rate, rgb_dim
 
-SECURITY: these are pickled numpy object arrays; reading them needs ``allow_pickle=True``, and unpickling
-can run arbitrary code embedded in the file. Only read files you obtained from a source you trust, from a
-path you name yourself. The native layout (:mod:`train.data.native`) holds no pickle and is preferred.
+These are pickled numpy object arrays. They are read with :func:`train.data.npy.read_npy`, whose
+unpickler builds numpy arrays, dtypes and plain containers only: a file whose pickle names anything else
+(a crafted file that would run code) is refused with :class:`DatasetError` naming it, and nothing in it
+is called. The native layout (:mod:`train.data.native`) holds no pickle at all.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ import os
 
 import numpy as np
 
-from .dataset import DEFAULT_FEATURE_RATE, DEFAULT_RGB_DIM, DatasetError, FeatureDataset, VideoRecord
+from .dataset import (DEFAULT_FEATURE_RATE, DatasetError, FeatureDataset, VideoRecord, check_features, check_segment,
+                      checked_duration, checked_feature_rate, checked_rgb_dim)
+from .npy import RefusedPickle, read_npy
 
 __all__ = ["read_standard", "write_standard", "standard_paths"]
 
@@ -50,16 +53,25 @@ def _text(x, path: str) -> str:
     raise DatasetError(f"{path}: expected a name (bytes or str), got {type(x).__name__} {x!r}")
 
 
-def _load_pickled(path: str) -> np.ndarray:
+def _load_pickled(path: str, what: str = "array") -> np.ndarray:
+    """The array in ``path``, read without running code (:func:`train.data.npy.read_npy`): a 1-d array
+    (one entry per video or class) unless ``what`` says otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"standard layout: missing file {path}")
     try:
-        # allow_pickle: see the SECURITY note in the module docstring. latin1 reads Python 2 pickles.
-        return np.load(path, allow_pickle=True, encoding="latin1")
-    except Exception as e:  # numpy raises many types for a corrupt file
+        array = read_npy(path)
+    except RefusedPickle as e:
+        raise DatasetError(f"file {path} refused: its pickle calls {e.qualname}, which could run code (a W-TALC "
+                           f"file holds numpy arrays and lists only); nothing in it was run, replace it with "
+                           f"the file of the release") from None
+    except Exception as e:  # numpy and pickle raise many types for a corrupt file
         reason = str(e).split("\n")[0] or type(e).__name__
         raise DatasetError(f"file {path} is damaged (cannot read it: {reason}), restore it from the "
                            f"release you downloaded") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 1:
+        shape = array.shape if isinstance(array, np.ndarray) else type(array).__name__
+        raise DatasetError(f"{path}: expected a 1-d array with one entry per {what}, got {shape}")
+    return array
 
 
 def _read_ambiguous(path: str) -> dict[str, list]:
@@ -79,14 +91,24 @@ def _read_ambiguous(path: str) -> dict[str, list]:
     return out
 
 
+def _list_entry(value, path: str, video: str) -> list:
+    """A per-video list entry (segments, labels): a list or 1-d array; None is an empty list."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+        return list(value)
+    raise DatasetError(f"{path}: video {video!r} has {value!r}; expected a list (one entry per instance)")
+
+
 def read_standard(root: str, name: str, *, feature_rate: float | None = None,
                   rgb_dim: int | None = None) -> FeatureDataset:
     """Read the W-TALC layout (module docstring) into a :class:`FeatureDataset`.
 
     ``feature_rate`` / ``rgb_dim`` default to the values in ``ccluster_meta.json`` when the folder has one,
-    else to 25/16 segments per second and 1024. Unpickles the files: only use on trusted files.
-    Errors name the offending file (and video): missing file, lengths that disagree, unknown class,
-    malformed segments or features.
+    else to 25/16 segments per second and 1024. The pickles are read without running code (a file that
+    names anything but numpy arrays and plain containers is refused). Errors name the offending file (and
+    video): missing file, lengths that disagree, unknown class, malformed segments or features, a duration
+    that is not a number > 0, an instance outside its video, NaN or infinite features.
     """
     feat_path, ann = standard_paths(root, name)
     if not os.path.isdir(ann):
@@ -95,21 +117,28 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
     meta = {}
     if os.path.isfile(meta_path):
         with open(meta_path, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-    feature_rate = float(feature_rate if feature_rate is not None else meta.get("feature_rate", DEFAULT_FEATURE_RATE))
-    rgb_dim = int(rgb_dim if rgb_dim is not None else meta.get("rgb_dim", DEFAULT_RGB_DIM))
+            try:
+                meta = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{meta_path} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise DatasetError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    feature_rate = (checked_feature_rate(feature_rate, meta_path, argument=True) if feature_rate is not None else
+                    checked_feature_rate(meta.get("feature_rate", DEFAULT_FEATURE_RATE), meta_path))
 
     paths = {k: os.path.join(ann, f"{k}.npy") for k in _REQUIRED}
     for k in _REQUIRED:  # report a missing file before spending time on the (large) features
         if not os.path.isfile(paths[k]):
             raise FileNotFoundError(f"standard layout: missing annotation file {paths[k]}")
-    arr = {k: _load_pickled(paths[k]) for k in _REQUIRED}
+    arr = {k: _load_pickled(paths[k], "class" if k == "classlist" else "video") for k in _REQUIRED}
     names = [_text(x, paths["videoname"]) for x in arr["videoname"]]
     classes = [_text(x, paths["classlist"]) for x in arr["classlist"]]
     n = len(names)
     for k in ("subset", "duration", "segments", "labels", "labels_all"):
         if len(arr[k]) != n:
             raise DatasetError(f"{paths[k]} has {len(arr[k])} entries but {paths['videoname']} has {n} videos")
+    if n == 0:
+        raise DatasetError(f"{paths['videoname']} lists no video; expected one entry per video")
     features = _load_pickled(feat_path)
     if len(features) != n:
         raise DatasetError(f"{feat_path} has {len(features)} videos but {paths['videoname']} has {n}")
@@ -120,13 +149,14 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
         ambiguous = _read_ambiguous(amb_path)
 
     videos = []
+    dim = None
     for i, vname in enumerate(names):
         feats = np.asarray(features[i])
-        if feats.ndim != 2 or feats.shape[0] < 1 or not np.issubdtype(feats.dtype, np.number):
-            raise DatasetError(f"{feat_path}: video {i} ({vname!r}) has features of shape {feats.shape} and dtype "
-                             f"{feats.dtype}; expected a numeric [T, D] array with T >= 1")
-        segs = list(arr["segments"][i]) if arr["segments"][i] is not None else []
-        labs = list(arr["labels"][i]) if arr["labels"][i] is not None else []
+        check_features(feats, feat_path, vname, dim)
+        dim = feats.shape[1]
+        duration = checked_duration(arr["duration"][i], paths["duration"], vname)
+        segs = _list_entry(arr["segments"][i], paths["segments"], vname)
+        labs = _list_entry(arr["labels"][i], paths["labels"], vname)
         if len(segs) != len(labs):
             raise DatasetError(f"{paths['labels']}: video {vname!r} has {len(labs)} segment labels but "
                              f"{paths['segments']} has {len(segs)} segments")
@@ -139,6 +169,7 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
             except (TypeError, ValueError, IndexError):
                 raise DatasetError(f"{paths['segments']}: video {vname!r} has segment {seg!r}; expected "
                                  f"[start_s, end_s]") from None
+            check_segment(s, e, duration, feature_rate, paths["segments"], vname, "segment")
             if lab not in cindex:
                 if lab == "Ambiguous":
                     ambiguous.setdefault(vname, []).append((s, e))
@@ -147,21 +178,22 @@ def read_standard(root: str, name: str, *, feature_rate: float | None = None,
                                  f"(not in {paths['classlist']})")
             segments.append((s, e, cindex[lab]))
             labels[cindex[lab]] = 1.0
-        for lab in (arr["labels_all"][i] if arr["labels_all"][i] is not None else []):
+        for lab in _list_entry(arr["labels_all"][i], paths["labels_all"], vname):
             lab = _text(lab, paths["labels_all"])
             if lab not in cindex:
                 raise DatasetError(f"{paths['labels_all']}: video {vname!r} has unknown class {lab!r} "
                                  f"(not in {paths['classlist']})")
             labels[cindex[lab]] = 1.0
-        try:
-            duration = float(np.asarray(arr["duration"][i], dtype=np.float64).ravel()[0])
-        except (TypeError, ValueError, IndexError):
-            raise DatasetError(f"{paths['duration']}: video {vname!r} has duration {arr['duration'][i]!r}") from None
-        videos.append(VideoRecord(name=vname, subset=_text(arr["subset"][i], paths["subset"]), duration=duration,
+        subset = _text(arr["subset"][i], paths["subset"])
+        if not subset:
+            raise DatasetError(f"{paths['subset']}: video {vname!r} has an empty subset name")
+        videos.append(VideoRecord(name=vname, subset=subset, duration=duration,
                                   labels=labels, segments=segments,
                                   features=np.ascontiguousarray(feats, dtype=np.float32)))
+    rgb_dim = (checked_rgb_dim(rgb_dim, dim, meta_path, argument=True) if rgb_dim is not None else
+               checked_rgb_dim(meta.get("rgb_dim"), dim, meta_path))
     return FeatureDataset(classes, videos, feature_rate=feature_rate, rgb_dim=rgb_dim, ambiguous=ambiguous,
-                          name=name, source=feat_path)
+                          name=name, source=feat_path, subset_source=paths["subset"])
 
 
 def _objects(items) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Evaluation: classification mAP, temporal localization mAP (official ActivityNet protocol),
 proposals from a T-CAM, ActivityNet JSON, and a per-video plot.
 
-Command line: ``python -m train.eval --ground-truth gt.json --predictions results.json`` (see ``__main__``)
+Command line: ``python -m train.eval --ground-truth gt.json --predictions predictions.json`` (see ``__main__``)
 and ``python -m train.eval.plot`` (see :mod:`train.eval.plot`).
 """
 from .anet_json import (GroundTruthFile, read_ground_truth_json, read_predictions_json,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["GroundTruthFile", "read_ground_truth_json", "write_ground_truth_json",
-           "read_predictions_json", "write_predictions_json"]
+           "read_predictions_json", "read_predictions_file", "write_predictions_json"]
 
 
 @dataclass
@@ -65,6 +65,22 @@ def _segment(value, path: str, video: str) -> tuple[float, float]:
     return s, e
 
 
+def _kind(value) -> str:
+    """A short description of a JSON value for an error message."""
+    if value is None:
+        return "null"
+    text = json.dumps(value)
+    return f"{type(value).__name__} {text[:40] + '...' if len(text) > 43 else text}"
+
+
+def _list_field(info: dict, key: str, path: str, video: str) -> list:
+    """``info[key]`` (a list; absent: empty), or a ValueError naming the file, the video and the field."""
+    value = info.get(key, [])
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: video {video!r} field '{key}' must be a list, got {_kind(value)}")
+    return value
+
+
 def read_ground_truth_json(path: str, subset: str | None = None) -> GroundTruthFile:
     """Read an ActivityNet ground-truth JSON, keeping only videos of ``subset`` (all videos if None)."""
     data = _load_json(path, "ground-truth")
@@ -81,8 +97,8 @@ def read_ground_truth_json(path: str, subset: str | None = None) -> GroundTruthF
         if subset is not None and vsub != subset:
             continue
         out.videos[video] = {k: v for k, v in info.items() if k not in ("annotations", "ambiguous")}
-        amb = [_segment(s, path, video) for s in info.get("ambiguous", [])]
-        for a in info.get("annotations", []):
+        amb = [_segment(s, path, video) for s in _list_field(info, "ambiguous", path, video)]
+        for a in _list_field(info, "annotations", path, video):
             if not isinstance(a, dict) or "segment" not in a or "label" not in a:
                 raise ValueError(f"{path}: video {video!r} has an annotation {a!r}; expected "
                                  f"{{'segment': [start, end], 'label': name}}")
@@ -97,8 +113,11 @@ def read_ground_truth_json(path: str, subset: str | None = None) -> GroundTruthF
         raise ValueError(f"ground-truth file {path} has no video in subset {subset!r}; "
                          f"subsets present: {sorted(map(str, seen_subsets))}")
     out.meta = {k: v for k, v in data.items() if k not in ("database", "taxonomy", "classes")}
-    if isinstance(data.get("classes"), list):
-        out.classes = [str(c) for c in data["classes"]]
+    if "classes" in data:
+        classes = data["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{path}: field 'classes' must be a list of class names, got {_kind(classes)}")
+        out.classes = list(classes)
     elif isinstance(data.get("taxonomy"), list) and data["taxonomy"]:
         parents = {t.get("parentName") for t in data["taxonomy"]}
         out.classes = sorted({t["nodeName"] for t in data["taxonomy"] if t.get("nodeName") not in parents})
@@ -125,6 +144,12 @@ def write_ground_truth_json(path: str, database: Mapping[str, Mapping], classes:
 
 def read_predictions_json(path: str) -> list[dict]:
     """Read ActivityNet detection results: list of dict(video, label (name), start, end, score)."""
+    return read_predictions_file(path)[0]
+
+
+def read_predictions_file(path: str) -> tuple[list[dict], list[str]]:
+    """As :func:`read_predictions_json`, and the videos the file lists (with or without detections).
+    A score must be a finite number; errors name the file and the video."""
     data = _load_json(path, "predictions")
     res = data.get("results")
     if not isinstance(res, dict):
@@ -138,11 +163,15 @@ def read_predictions_json(path: str) -> list[dict]:
                 raise ValueError(f"{path}: video {video!r} has a result {it!r}; expected "
                                  f"{{'label': name, 'score': x, 'segment': [start, end]}}")
             s, e = _segment(it["segment"], path, video)
-            score = float(it["score"])
-            if math.isnan(score):
-                raise ValueError(f"{path}: video {video!r} has a result with a NaN score")
+            try:
+                score = float(it["score"]) if not isinstance(it["score"], bool) else math.nan
+            except (TypeError, ValueError):
+                score = math.nan
+            if not math.isfinite(score):
+                raise ValueError(f"{path}: video {video!r} has a result with score {it['score']!r}; expected a "
+                                 f"finite number")
             out.append({"video": video, "label": str(it["label"]), "start": s, "end": e, "score": score})
-    return out
+    return out, list(res)
 
 
 def write_predictions_json(path: str, predictions: Iterable[Mapping], class_names: Sequence[str] | None = None,
