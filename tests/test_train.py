@@ -173,3 +173,19 @@ def test_the_database_line_counts_the_background_slots(cache, tmp_path, caplog):
     slots = cfg["cc"]["size"] * (trainer.dataset.num_classes + 1)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("db1: "))
     assert line.startswith(f"db1: {info['filled']}/{slots} exemplar slots filled") and info["filled"] <= slots
+
+
+def test_cosine_schedule_restarts_in_every_stage(cache, tmp_path):
+    """train.lr_schedule cosine: step t of an S-step stage uses lr (1 + cos(pi t / S)) / 2."""
+    import math
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=5", "train.cc_steps=3",
+                                                       "train.lr_schedule=cosine", "eval.figures=0"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen = []
+    step = trainer.steps.train_step
+    trainer.steps.train_step = lambda opt, *a: (seen.append(opt.param_groups[0]["lr"]), step(opt, *a))[1]
+    trainer.run()
+    lr = cfg["train"]["lr"]
+    want = [lr * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(5)] + \
+           [lr * (1 + math.cos(math.pi * t / 3)) / 2 for t in range(3)]
+    assert seen == pytest.approx(want, rel=1e-12)

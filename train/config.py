@@ -130,6 +130,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "lr": 1.0e-4,
+        "lr_schedule": "constant",  # "constant" | "cosine": in every training stage of S steps, step t uses
+                                   # lr x (1 + cos(pi t / S)) / 2 (from lr down to 0; each stage starts again)
         "weight_decay": 5.0e-4,
         "baseline_steps": 1000,    # stage 1 (no L_cc)
         "cc_steps": 500,           # stage 4 steps per round
@@ -193,6 +195,7 @@ CHOICES = {
     "model.attention": ("untrimmednet", "stpn", "none"),
     "model.init": ("torch", "xavier"),
     "eval.proposals": ("multi", "wtalc"),
+    "train.lr_schedule": ("constant", "cosine"),
     "loss.classification": ("softmax", "bce"),
     "cc.on": ("embedding", "input"),
     "cc.metric": ("sqeuclidean", "euclidean"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -260,6 +261,9 @@ class Trainer:
         while self.step < steps:
             interrupt.check()
             t0 = time.perf_counter()
+            if t["lr_schedule"] == "cosine":  # from the stage's step: the same after a resume
+                for group in self.optimizer.param_groups:
+                    group["lr"] = t["lr"] * 0.5 * (1 + math.cos(math.pi * self.step / steps))
             terms = self.train_step(self.stage, self.step, use_cc)
             dt = time.perf_counter() - t0
             self.step += 1
