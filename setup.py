@@ -66,6 +66,21 @@ NO_NINJA = (
 )
 
 
+# The checkout's folders train/ and features/ install under names of their own, so that nothing generic
+# lands at the top of site-packages (another `train` module would shadow it, or be shadowed by it):
+# ccluster_train and ccluster_features, with the console scripts below. In a checkout, `python -m train`
+# and `python -m features` keep working from the repository root.
+PACKAGE_DIR = {"ccluster_train": "train", "ccluster_features": "features"}
+
+
+def packages() -> list:
+    """ccluster and its subpackages, and the folders of PACKAGE_DIR under their installed names."""
+    found = find_packages(include=["ccluster", "ccluster.*"])
+    for name, folder in PACKAGE_DIR.items():
+        found += [name + sub[len(folder):] for sub in find_packages(include=[folder, folder + ".*"])]
+    return found
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's build_ext, which refuses to start without ninja (see the module docstring)."""
 
@@ -80,7 +95,13 @@ setup(
     version="0.1.0",
     description="Weakly supervised video action recognition and localization with convex clustering: "
                 "fused C++/CUDA exemplar log-sum-exp, convex clustering loss and representativeness fit.",
-    packages=find_packages(include=["ccluster", "ccluster.*", "train", "train.*"]),
+    packages=packages(),
+    package_dir=PACKAGE_DIR,
+    entry_points={"console_scripts": [
+        "ccluster-train = ccluster_train.cli:main",            # python -m train in a checkout
+        "ccluster-eval = ccluster_train.eval.__main__:main",   # python -m train.eval
+        "ccluster-features = ccluster_features.__main__:main",  # python -m features
+    ]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "pyyaml", "matplotlib"],
     # Only for extracting I3D features from raw videos: PyAV decodes (FFmpeg in its wheels), OpenCV

@@ -64,7 +64,7 @@ def budget_iterations(cfg: dict, batch_size: int) -> int:
 def export_data(cfg: dict, out: Path) -> dict:
     """Write the config's dataset, standardised, in the W-TALC layout under ``out`` (see step 1);
     returns a description (videos, classes, feature size, the statistics' digest)."""
-    from train.context import open_dataset
+    from train.run.context import open_dataset
     from train.config import resolve_subsets
     from train.data import FeatureDataset
     from train.data.standard import write_standard

@@ -8,24 +8,24 @@ import numpy as np
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.checkpoint import CheckpointError
+from train.run import checkpoint as ckpt
+from train.run.checkpoint import CheckpointError
 from train.config import load_config
-from train.procedure import Trainer
+from train.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    """A tiny run's trainer with a database (so that every kind of state is present)."""
+    """A tiny trained run with a database (so that every kind of state is present)."""
     cache = tmp_path_factory.mktemp("cache")
     old = os.environ.get("CCLUSTER_CACHE")
     os.environ["CCLUSTER_CACHE"] = str(cache)
     try:
         cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=2", "train.cc_steps=1"])
-        t = Trainer(cfg, tmp_path_factory.mktemp("run"))
-        t.run()
+        with Run(cfg, tmp_path_factory.mktemp("run")) as t:
+            t.train()
     finally:
         if old is None:
             del os.environ["CCLUSTER_CACHE"]
@@ -44,7 +44,7 @@ def _plain(obj) -> bool:
 
 
 def test_checkpoint_loads_with_weights_only(trainer):
-    path = trainer.run_dir / "latest.pt"
+    path = trainer.path / "latest.pt"
     raw = torch.load(path, weights_only=True)  # raises if anything in it is a pickled object
     assert raw["format"] == ckpt.FORMAT and isinstance(raw["config"], str)
     assert _plain(raw)
@@ -52,7 +52,7 @@ def test_checkpoint_loads_with_weights_only(trainer):
     assert state["config"] == trainer.cfg  # the YAML text comes back as the same config
     assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
     for name in ("stage-baseline.pt", "stage-db1.pt", "stage-cc1.pt"):
-        torch.load(trainer.run_dir / name, weights_only=True)
+        torch.load(trainer.path / name, weights_only=True)
 
 
 def test_a_pickled_object_is_refused_and_not_run(tmp_path):
@@ -74,7 +74,7 @@ class _Payload:
 
 
 def test_damaged_and_foreign_files(trainer, tmp_path):
-    whole = (trainer.run_dir / "latest.pt").read_bytes()
+    whole = (trainer.path / "latest.pt").read_bytes()
     for size in (0, 100, len(whole) // 2, len(whole) - 10):
         cut = tmp_path / f"cut{size}.pt"
         cut.write_bytes(whole[:size])
@@ -119,7 +119,7 @@ def test_upgrade_converts_an_older_checkpoint(trainer, tmp_path):
                            "python": random.getstate()})  # the former layout: pickled numpy and tuples
     path = tmp_path / "old.pt"
     torch.save(old, path)
-    with pytest.raises(CheckpointError, match=r"pickled Python object.*python -m train\.checkpoint upgrade"):
+    with pytest.raises(CheckpointError, match=r"pickled Python object.*python -m train\.run\.checkpoint upgrade"):
         ckpt.load(path)
     assert ckpt.main(["upgrade", str(path), "--out", str(tmp_path / "new.pt")]) == 0
     new = ckpt.load(tmp_path / "new.pt")
@@ -152,21 +152,21 @@ def test_a_file_that_is_not_a_checkpoint_is_not_called_damaged(tmp_path):
 
 
 def _state_of(trainer):
-    return ckpt.load(trainer.run_dir / "latest.pt")
+    return ckpt.load(trainer.path / "latest.pt")
 
 
 def test_a_checkpoint_without_an_entry_or_of_another_shape_names_the_file(trainer, tmp_path):
     state = _state_of(trainer)
     state.pop("model")
-    fresh = Trainer(trainer.cfg, tmp_path / "a")
-    with pytest.raises(CheckpointError, match=r"checkpoint x\.pt has no 'model' entry: not a complete ccluster"):
-        fresh.load_state_dict(state, source="x.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*x\.pt has no 'model' entry: not a complete ccluster"):
+        Run.load(tmp_path / "x.pt", state=state)
     state = _state_of(trainer)
     weight = next(k for k in state["model"] if k.endswith("weight"))
     state["model"][weight] = torch.zeros(3, 3)
-    with pytest.raises(CheckpointError, match=rf"checkpoint y\.pt does not fit the model and data its config "
+    with pytest.raises(CheckpointError, match=rf"checkpoint .*y\.pt does not fit the model and data its config "
                                               rf"describes \(size mismatch for {weight}"):
-        fresh.load_state_dict(state, source="y.pt")
+        Run.load(tmp_path / "y.pt", state=state)
+    assert not list(tmp_path.glob(".lock"))  # a run that failed to open let go of its folder
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail a write with ENOSPC")

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import checkpoint as ckpt
+from train.run import checkpoint as ckpt
 from conftest import private_cache
-from train.cli import main
+from train.cli.entry import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -157,7 +157,7 @@ def test_every_command_prints_its_help(argv, flag, capsys):
             assert command in out.out.split("\n\n")[1]
 
 
-@pytest.mark.parametrize("module", ["train", "train.eval", "train.eval.plot", "train.checkpoint"])
+@pytest.mark.parametrize("module", ["train", "train.eval", "train.eval.plot", "train.run.checkpoint"])
 def test_every_module_command_prints_its_help_in_a_real_process(module, tmp_path):
     out = subprocess.run([sys.executable, "-m", module, "--help"], env=ENV, cwd=tmp_path, capture_output=True,
                          text=True)
@@ -177,7 +177,7 @@ def test_counts_out_of_range_are_refused_by_the_parser(argv, needle, capsys):
 
 
 def test_debug_brings_the_traceback_back(tmp_path, monkeypatch):
-    from train.checkpoint import CheckpointError
+    from train.run.checkpoint import CheckpointError
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is not a checkpoint"):
@@ -290,7 +290,7 @@ def test_eval_command_writes_the_outputs_too(run, tmp_path, capsys):
 def test_curves_get_a_test_map_panel(run, tmp_path):
     import matplotlib.image
     import matplotlib.pyplot as plt
-    from train.procedure import CURVE_COLUMNS, curves_figure, plot_curves
+    from train.run.curves import CURVE_COLUMNS, curves_figure, plot_curves
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert any(r["kind"] == "eval" for r in rows)
     losses_only = tmp_path / "train-only.jsonl"
@@ -365,7 +365,7 @@ def test_the_lock_of_a_killed_writer_is_taken_over(cache, tmp_path, caplog):
 
 @pytest.mark.parametrize("flock", [True, False])
 def test_every_writer_command_holds_the_lock(run, cache, tmp_path, capsys, monkeypatch, flock):
-    from train import runlock
+    from train.run import lock as runlock
     if not flock:  # where the system has no flock: the lock file alone, created exclusively
         monkeypatch.setattr(runlock, "_flock", lambda: None)
     folder = tmp_path / "copy"
@@ -400,7 +400,7 @@ TINY_DEMO = ["data.synthetic=tiny", "model.embed_dim=16", "train.baseline_steps=
 
 def test_a_ctrl_c_dropped_inside_a_weakref_callback_still_stops():
     import weakref
-    from train import interrupt
+    from train.common import interrupt
 
     class Thing:
         pass
@@ -421,18 +421,19 @@ def test_a_ctrl_c_dropped_inside_a_weakref_callback_still_stops():
 
 
 def test_the_loops_stop_at_their_next_step_after_a_dropped_ctrl_c(cache, tmp_path, monkeypatch):
-    from train import interrupt
+    from train.common import interrupt
     from train.compare import Comparison
     from train.config import load_config
-    from train.procedure import Trainer
+    from train.run import Run
     cfg = load_config(TINY)
-    trainer = Trainer(cfg, tmp_path / "r")
+    run = Run(cfg, tmp_path / "r")
     monkeypatch.setattr(interrupt, "_requested", True)  # as after a KeyboardInterrupt Python dropped
-    for unit in (trainer.run, lambda: trainer.build_database("db1"), lambda: trainer.evaluate(outputs=False),
+    for unit in (run.train, lambda: run.build_database("db1"), lambda: run.evaluate(outputs=False),
                  lambda: Comparison(cfg, {}, [0], tmp_path / "cmp").run()):
         with pytest.raises(KeyboardInterrupt):
             unit()
-    assert trainer.global_step == 0
+    assert run.global_step == 0
+    run.close()
 
 
 def test_ctrl_c_stops_compare_every_time(cache, tmp_path):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.compare import CONTROL, Comparison, load_variants, parse_variants, summarize, variant_config
+from train.run import checkpoint as ckpt
+from train.compare import CONTROL, Comparison, load_variants, parse_variants, quiet, summarize, variant_config
 from train.config import ConfigError, load_config
-from train.procedure import Trainer
+from train.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.baseline_steps=10", "train.cc_steps=6", "cc.rounds=1", "eval.figures=0"]
@@ -92,8 +92,9 @@ def test_variants_share_stage1_and_equal_a_standalone_run(compared, tmp_path):
         assert base[0] == base[1] == base[2]
     # a variant is exactly the run `fit` makes with the same config
     cfg = variant_config(_base(), parse_variants(VARIANTS)["lam01"], 1)
-    Comparison._quiet(cfg)
-    alone = Trainer(cfg, tmp_path / "alone").run()
+    quiet(cfg)
+    with Run(cfg, tmp_path / "alone") as run:
+        alone = run.train()
     assert alone["cc1"] == res["results"]["lam01"][1]
     a = ckpt.load(tmp_path / "alone" / "latest.pt")["model"]
     b = ckpt.load(out / "seed-1" / "lam01" / "latest.pt")["model"]

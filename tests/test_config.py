@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from train import cli
+from train.cli import entry as cli
 from train.config import (DEFAULTS, PRESETS, ConfigError, check_against_data, from_dict, load_config, load_yaml,
                           parse_override, save_config)
 
@@ -229,16 +229,3 @@ def test_keys_yaml_would_read_as_booleans(tmp_path):
     path.write_text("data:\n  synthetic: tiny\ncc:\n  on: input\n  normalize: yes\n")  # YAML 1.1: on/yes are True
     cfg = load_config(path)
     assert cfg["cc"]["on"] == "input" and cfg["cc"]["normalize"] is True
-
-
-def test_the_readme_sections_the_configs_name_exist():
-    import re
-    readme = (ROOT / "README.md").read_text()
-    headings = {line.lstrip("#").strip() for line in readme.splitlines() if line.startswith("#")}
-    named = []
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        comments = " ".join(line.split("#", 1)[1].strip() for line in path.read_text().splitlines() if "#" in line)
-        named += [(path.name, title) for title in re.findall(r'README: "([^"]+)"', comments)]
-    assert named  # configs/compare.yaml names two
-    for name, title in named:
-        assert title in headings, f"{name} names the README section {title!r}, which does not exist"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.features.i3d import I3D, WeightLoadError, build_i3d, load_i3d_weights, output_size, same_padding
+from features.i3d import I3D, WeightLoadError, build_i3d, load_i3d_weights, output_size, same_padding
 
 SMALL = dict(short_side=40, crop=32)
 
@@ -175,7 +175,7 @@ def test_weight_loading_errors(tmp_path):
 # ------------------------------------------------------------------------------------- preprocessing
 
 def test_rgb_and_flow_scaling_ranges():
-    from train.features.flow import normalize_flow, rgb_to_unit
+    from features.flow import normalize_flow, rgb_to_unit
     px = np.array([0, 127, 255], np.uint8)
     np.testing.assert_allclose(rgb_to_unit(px), [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-6)
     flow = np.array([-100.0, -20.0, -10.0, 0.0, 5.0, 20.0, 31.0], np.float32)
@@ -189,7 +189,7 @@ def test_rgb_and_flow_scaling_ranges():
 @needs_cv2
 def test_tvl1_flow_direction_and_range():
     import cv2
-    from train.features.flow import TVL1
+    from features.flow import TVL1
     rng = np.random.default_rng(0)
     tex = cv2.GaussianBlur(rng.integers(0, 255, (48, 72), dtype=np.uint8), (0, 0), 2)
     a, b = np.ascontiguousarray(tex[:, 6:70]), np.ascontiguousarray(tex[:, 3:67])  # content moves 3 px right
@@ -208,7 +208,7 @@ def test_tvl1_flow_direction_and_range():
 
 
 def test_missing_optional_packages_say_what_to_install(monkeypatch):
-    from train.features import flow, video
+    from features import flow, video
     monkeypatch.setitem(sys.modules, "av", None)
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(ImportError, match=r"pip install 'ccluster\[features\]'"):
@@ -221,7 +221,7 @@ def test_missing_optional_packages_say_what_to_install(monkeypatch):
 
 @needs_av
 def test_decode_resamples_to_25fps_resizes_and_crops(tmp_path):
-    from train.features.video import iter_frames, probe, resized_shape
+    from features.video import iter_frames, probe, resized_shape
     path = write_video(tmp_path / "moving.mp4", n=60, fps=30)
     info = probe(path)
     assert (info.width, info.height) == (64, 48) and info.fps == pytest.approx(30)
@@ -244,7 +244,7 @@ def test_decode_resamples_to_25fps_resizes_and_crops(tmp_path):
 
 @needs_av
 def test_unreadable_video_raises_decode_error(tmp_path):
-    from train.features.video import VideoDecodeError, iter_frames
+    from features.video import VideoDecodeError, iter_frames
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
     with pytest.raises(VideoDecodeError, match="broken.mp4"):
@@ -259,7 +259,7 @@ def test_unreadable_video_raises_decode_error(tmp_path):
 def extractor():
     if not (_have("av") and _have_tvl1()):
         pytest.skip("needs PyAV and OpenCV contrib (pip install av opencv-contrib-python-headless)")
-    from train.features.extract import ExtractConfig, FeatureExtractor
+    from features.extract import ExtractConfig, FeatureExtractor
     ex = FeatureExtractor.from_weights(None, None, ExtractConfig(device="cpu", batch_size=2, flow_threads=2,
                                                                  **SMALL), allow_random=True)
     yield ex
@@ -299,7 +299,7 @@ def test_snippets_tail_padding_and_ranges(extractor, tmp_path):
 def test_cli_extract_resume_corrupt_and_joint(tmp_path, capsys):
     if not (_have("av") and _have_tvl1()):
         pytest.skip("needs PyAV and OpenCV contrib (pip install av opencv-contrib-python-headless)")
-    from train.features.__main__ import main
+    from features.__main__ import main
     vids = tmp_path / "videos"
     vids.mkdir()
     write_video(vids / "clip_a.mp4", n=40, fps=30)
@@ -370,7 +370,7 @@ def test_cli_extract_resume_corrupt_and_joint(tmp_path, capsys):
 
 
 def test_cli_reports_missing_weights_and_bad_input(tmp_path, capsys):
-    from train.features.__main__ import main
+    from features.__main__ import main
     assert main(["extract", "--videos", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--rgb-weights and --flow-weights required" in capsys.readouterr().err
     assert main(["extract", "--videos", str(tmp_path / "none"), "--out", str(tmp_path / "o"),

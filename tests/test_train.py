@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train.cli import format_table, main
+from train.run import checkpoint as ckpt
+from train.cli.entry import format_table, main
 from train.config import load_config
-from train.procedure import Trainer, open_dataset, stage_plan
+from train.run import Run, stage_plan
+from train.run.context import open_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # Long enough that a kill lands inside a training stage; small enough for a few seconds per run.
@@ -27,7 +28,8 @@ def reference(cache, tmp_path_factory):
     """One uninterrupted run of the tiny preset: (config, run folder, results)."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
     run = tmp_path_factory.mktemp("reference")
-    results = Trainer(cfg, run).run()
+    with Run(cfg, run) as r:
+        results = r.train()
     return cfg, run, results
 
 
@@ -68,7 +70,8 @@ def test_end_to_end_tiny(reference):
 
 def test_deterministic(reference, tmp_path):
     cfg, run, results = reference
-    again = Trainer(cfg, tmp_path / "again").run()
+    with Run(cfg, tmp_path / "again") as r:
+        again = r.train()
     assert again == results
     ref, new = _params(run), _params(tmp_path / "again")
     assert all(torch.equal(ref[k], new[k]) for k in ref)
@@ -156,21 +159,22 @@ def test_test_time_selection_is_opt_in(cache, tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=4", "train.cc_steps=2",
                                                        "eval.figures=0"])
     assert cfg["cc"]["select"] is False
-    trainer = Trainer(cfg, tmp_path / "run")
-    results = trainer.run()
+    with Run(cfg, tmp_path / "run") as run:
+        results = run.train()
     assert "cls_map_select" not in results["cc1"]
-    trainer.cfg["cc"]["select"] = True
-    again = trainer.evaluate(progress=False)
+    with Run.load(tmp_path / "run", cfg=load_config(ROOT / "configs" / "tiny.yaml", [
+            "train.baseline_steps=4", "train.cc_steps=2", "eval.figures=0", "cc.select=true"]),
+            folder=tmp_path / "again") as run:
+        again = run.evaluate(progress=False)
     assert 0 <= again["cls_map_select"] <= 1
     assert again["cls_map"] == results["cc1"]["cls_map"] and again["det_map_avg"] == results["cc1"]["det_map_avg"]
 
 
 def test_the_database_line_counts_the_background_slots(cache, tmp_path, caplog):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.loss=contrastive", "cc.background=true"])
-    trainer = Trainer(cfg, tmp_path)
-    with caplog.at_level("INFO", logger="train"):
-        info = trainer.build_database("db1")
-    slots = cfg["cc"]["size"] * (trainer.dataset.num_classes + 1)
+    with Run(cfg, tmp_path) as run, caplog.at_level("INFO", logger="train"):
+        info = run.build_database("db1")
+    slots = cfg["cc"]["size"] * (run.dataset.num_classes + 1)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("db1: "))
     assert line.startswith(f"db1: {info['filled']}/{slots} exemplar slots filled") and info["filled"] <= slots
 
@@ -180,11 +184,15 @@ def test_cosine_schedule_restarts_in_every_stage(cache, tmp_path):
     import math
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=5", "train.cc_steps=3",
                                                        "train.lr_schedule=cosine", "eval.figures=0"])
-    trainer = Trainer(cfg, tmp_path / "run")
     seen = []
-    step = trainer.steps.train_step
-    trainer.steps.train_step = lambda opt, *a: (seen.append(opt.param_groups[0]["lr"]), step(opt, *a))[1]
-    trainer.run()
+
+    class Recording(Run):
+        def train_step(self, stage, step, use_cc):
+            seen.append(self.optimizer.param_groups[0]["lr"])
+            return super().train_step(stage, step, use_cc)
+
+    with Recording(cfg, tmp_path / "run") as run:
+        run.train()
     lr = cfg["train"]["lr"]
     want = [lr * (1 + math.cos(math.pi * t / 5)) / 2 for t in range(5)] + \
            [lr * (1 + math.cos(math.pi * t / 3)) / 2 for t in range(3)]

@@ -30,10 +30,11 @@ import torch.multiprocessing as mp
 
 import ccluster
 from conftest import private_cache
-from train import checkpoint as ckpt
-from train import distributed
+from train.run import checkpoint as ckpt
+from train.common import distributed
 from train.config import load_config, resolve_subsets
-from train.procedure import Trainer, open_dataset
+from train.run import Run
+from train.run.context import open_dataset
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
@@ -66,7 +67,8 @@ def reference(cache, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = Trainer(cfg, run).run()
+        with Run(cfg, run) as r:
+            results = r.train()
     finally:
         torch.set_num_threads(threads)
     return cfg, run, results
@@ -145,11 +147,10 @@ def _rank_main(rank, world, init_file, run_dir, out_dir):
     fit = ccluster.fit_representativeness(feats[part], db.features, w[part], 0.7, tol=1e-8, max_iter=40,
                                           group=dist.group.WORLD)
     # The procedure: resume the single-process run after its baseline stage, with 2 processes.
-    trainer = Trainer.resume(run_dir)
-    results = trainer.run()
+    with Run.resume(run_dir) as trainer:
+        results = trainer.train()
     torch.save({"db": db.state_dict(), "fit": fit.log_q, "results": results,
-                "model": trainer.model.state_dict(), "database": trainer.db.state_dict(),
-                "log_q": trainer.log_q, "alpha": trainer.alpha},
+                "model": trainer.model.state_dict(), **trainer.exemplars.state_dict()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.cleanup()
 
@@ -232,7 +233,8 @@ def test_torchrun_fit_and_resume_across_world_sizes(reference, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        resumed = Trainer.resume(again).run()
+        with Run.resume(again) as r:
+            resumed = r.train()
     finally:
         torch.set_num_threads(threads)
     _assert_close_results(resumed, results)
@@ -291,7 +293,7 @@ def test_peer_failures_are_recognised():
     """A rank blocked in a collective whose peer died must not be reported as the root cause: its
     error is recognised (and held back a little over a second, see train.cli), other errors are not."""
     import torch.distributed as dist
-    from train.cli import _is_peer_failure
+    from train.cli.entry import _is_peer_failure
     assert _is_peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
                                          "[127.0.0.1]:38542"))
     assert _is_peer_failure(dist.DistBackendError("NCCL communicator was aborted"))

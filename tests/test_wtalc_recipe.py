@@ -12,7 +12,7 @@ import torch
 
 import ccluster
 from train.config import ConfigError, load_config
-from train.procedure import Trainer
+from train.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/wtalc.yaml's recipe on the tiny preset, a few steps
@@ -41,8 +41,8 @@ def test_tcam_prior_is_the_attention_prior_per_labelled_class(cache, tmp_path):
     """The exemplar term of cc.loss tcam_prior: for every labelled (video, class) pair, the prior loss
     of that class alone on the T-CAM column's softmax over time, summed and divided by the videos."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", RECIPE + ["train.baseline_steps=4", "train.cc_steps=2"])
-    trainer = Trainer(cfg, tmp_path / "run")
-    trainer.run()
+    with Run(cfg, tmp_path / "run") as trainer:
+        trainer.train()
     runner, ex = trainer.steps, trainer.exemplars
     batch = runner.batch(2, 0)
     trainer.model.eval()
@@ -54,7 +54,8 @@ def test_tcam_prior_is_the_attention_prior_per_labelled_class(cache, tmp_path):
         onehot[0, c] = 1
         want = want + ccluster.attention_prior_loss(
             out["emb_joint"][b:b + 1], out["seg_joint"][b:b + 1, :, c], onehot, batch["mask"][b:b + 1],
-            ex.streams["joint"], ex.log_q["joint"], ex.alpha["joint"], temperature=1.0, standardize=True,
+            ex.stream("joint").features, ex.stream("joint").log_q, ex.stream("joint").alpha, temperature=1.0,
+            standardize=True,
             log_attention=True, reduction="sum")
     torch.testing.assert_close(got, want / B)
     # it trains the segment logits, not the features' database
@@ -114,7 +115,7 @@ def test_peer_benchmark_plumbing_and_compare_row(cache, tmp_path):
     from train.data.standard import read_standard
     ds = read_standard(str(out / "data"), "Peer")
     from train.config import resolve_subsets
-    from train.context import open_dataset
+    from train.run.context import open_dataset
     from train.data.standardize import fit_standardizer
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     raw = open_dataset(cfg)

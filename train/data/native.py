@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..eval.anet_json import read_ground_truth_json, write_ground_truth_json
+from .activitynet import read_ground_truth_json, write_ground_truth_json
 from .dataset import (DEFAULT_FEATURE_RATE, DatasetError, FeatureDataset, VideoRecord, check_features,
                       check_segment, checked_duration, checked_feature_rate, checked_rgb_dim)
 

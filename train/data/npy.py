@@ -53,7 +53,7 @@ _ALLOWED = {
 }
 
 # The same, as objects: what torch.load(weights_only=True) must additionally allow for numpy arrays of
-# numbers, bytes and strings (see train.checkpoint.upgrade); it also checks the dtype's class.
+# numbers, bytes and strings (see train.run.checkpoint.upgrade); it also checks the dtype's class.
 NUMPY_GLOBALS = [_RECONSTRUCT, _SCALAR, _FROMBUFFER, np.ndarray, np.dtype] + sorted(
     {type(np.dtype(code)) for code in np.typecodes["All"] if code != "O"}, key=lambda t: t.__name__)
 

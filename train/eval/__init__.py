@@ -4,7 +4,7 @@ proposals from a T-CAM, ActivityNet JSON, and a per-video plot.
 Command line: ``python -m train.eval --ground-truth gt.json --predictions predictions.json`` (see ``__main__``)
 and ``python -m train.eval.plot`` (see :mod:`train.eval.plot`).
 """
-from .anet_json import (GroundTruthFile, read_ground_truth_json, read_predictions_json,
+from ..data.activitynet import (GroundTruthFile, read_ground_truth_json, read_predictions_json,
                         write_ground_truth_json, write_predictions_json)
 from .ap import (ACTIVITYNET_TIOU, THUMOS14_TIOU, average_precision, classification_map,
                  detection_ap_per_class, detection_map, drop_ambiguous, segment_iou)

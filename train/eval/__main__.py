@@ -22,8 +22,9 @@ import os
 import sys
 from typing import Sequence
 
-from ..argparsing import OneLineParser
-from .anet_json import read_ground_truth_json, read_predictions_file
+from ..common import names
+from ..common.parsing import OneLineParser
+from ..data.activitynet import read_ground_truth_json, read_predictions_file
 from .ap import ACTIVITYNET_TIOU, THUMOS14_TIOU, detection_map
 
 ALL = "all"
@@ -62,7 +63,7 @@ def _covered_subset(gt_path: str, listed: list[str]) -> tuple[str | None, dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    ap = OneLineParser(prog="python -m train.eval", description=__doc__,
+    ap = OneLineParser(prog=names.EVAL, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ground-truth", required=True, help="ActivityNet ground-truth JSON (with 'database')")
     ap.add_argument("--predictions", required=True,

@@ -186,8 +186,9 @@ def plot_video(path_png: str, tcam: np.ndarray, attention: np.ndarray | None, gt
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (see the module docstring)."""
-    from ..argparsing import OneLineParser, non_negative_int
-    ap = OneLineParser(prog="python -m train.eval.plot", description=__doc__,
+    from ..common import names
+    from ..common.parsing import OneLineParser, non_negative_int
+    ap = OneLineParser(prog=names.module("eval.plot"), description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cam", required=True,
                     help="npz with tcam [T, C] (or tcam/<video>, as a run's cams.npz), optional attention, "
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _plot(ap, args) -> int:
-    from .anet_json import read_ground_truth_json, read_predictions_json
+    from ..data.activitynet import read_ground_truth_json, read_predictions_json
     if not os.path.isfile(args.cam):
         ap.error(f"--cam: file not found: {args.cam}")
     try:

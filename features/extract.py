@@ -3,7 +3,7 @@
 Pipeline for one video (see the package docstring for the output layout):
 
 1. decode with PyAV at ``fps`` (25), resize the short side to ``short_side`` (256), centre-crop ``crop``
-   (224) -- :func:`train.features.video.iter_frames`;
+   (224) -- :func:`features.video.iter_frames`;
 2. RGB stream input: the crop scaled to [-1, 1];
 3. flow stream input: TV-L1 flow from each frame to the next, computed on the grey resized frame and
    then centre-cropped (``flow_on_crop`` computes it on the crop instead: about 1.6x faster, slightly
@@ -40,6 +40,9 @@ __all__ = ["ExtractConfig", "FeatureExtractor", "find_videos", "extract_videos",
 
 JOINT_DIM = 2 * FEATURE_DIM
 ANNOTATIONS_FILE = "annotations.json"
+# The training package, whose dataset readers and writers ``joint`` uses: the folder train/ of a checkout,
+# installed as ccluster_train (setup.py); this package is features/ there, ccluster_features here.
+TRAINING_PACKAGE = "ccluster_train" if __name__.startswith("ccluster_") else "train"
 MANIFEST_FILE = "extraction.json"
 FAILED_FILE = "failed.txt"
 FEATURES_DIR = "features"
@@ -132,8 +135,8 @@ class FeatureExtractor:
     """Two-stream I3D extractor: video file -> float32 [T, 2048] (1024 RGB then 1024 flow per snippet).
 
     Args:
-        rgb_model: a 3-channel :class:`~train.features.i3d.I3D` (weights loaded).
-        flow_model: a 2-channel :class:`~train.features.i3d.I3D`.
+        rgb_model: a 3-channel :class:`~features.i3d.I3D` (weights loaded).
+        flow_model: a 2-channel :class:`~features.i3d.I3D`.
         config: :class:`ExtractConfig`.
 
     Use :meth:`from_weights` to build both streams from checkpoint files.
@@ -548,8 +551,9 @@ def write_joint(out_dir: str, name: str = "Custom") -> Dict[str, str]:
     ``labels`` per segment, ``labels_all`` per video, ``ccluster_meta.json``). Labels come from the
     annotation file, so fill it first (or the label files are empty). Returns the paths by role.
     """
-    from ..data.native import read_native
-    from ..data.standard import write_standard
+    import importlib
+    data = importlib.import_module(f"{TRAINING_PACKAGE}.data")
+    read_native, write_standard = data.read_native, data.write_standard
 
     out_dir = os.path.abspath(out_dir)
     ann = os.path.join(out_dir, ANNOTATIONS_FILE)

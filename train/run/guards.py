@@ -20,27 +20,23 @@ from __future__ import annotations
 
 import math
 
-
-
-# cc.guard_fit_gap "auto", per cc.loss. Measured against fits converged to cc.fit_tol (README, "Collapse
-# guards"): with "prior", which standardises log z per video, gaps up to 0.17 nats moved the final mAPs
-# by less than 0.1 points; with "contrastive", which uses log z as it is, 0.021 moved them by 0.17 and
-# 0.07 by 0.6 points (the seeds' spread is 0.5-1.1). "literal" uses log z as it is too.
-AUTO_FIT_GAP = {"prior": 0.1}
-AUTO_FIT_GAP_OTHERWISE = 0.01
+from ..objectives import objective_class
 
 
 def fit_gap_threshold(cfg: dict) -> float:
     """The gap (nats) above which an unconverged Q fit is reported: ``cc.guard_fit_gap``, or for
-    ``"auto"`` the measured value for ``cc.loss`` (see :data:`AUTO_FIT_GAP`)."""
+    ``"auto"`` the value measured for the objective (:attr:`train.objectives.ExemplarObjective.auto_fit_gap`:
+    with "prior", which standardises log z per video, gaps up to 0.17 nats moved the final mAPs by less
+    than 0.1 points; with "contrastive", which uses log z as it is, 0.021 moved them by 0.17 and 0.07 by
+    0.6 points, the seeds' spread being 0.5-1.1; "literal" uses log z as it is too)."""
     c = cfg["cc"]
     if c["guard_fit_gap"] != "auto":
         return float(c["guard_fit_gap"])
-    return AUTO_FIT_GAP.get(c["loss"], AUTO_FIT_GAP_OTHERWISE)
+    return objective_class(cfg).auto_fit_gap
 
 
 def collection_warnings(info: dict, previous: dict | None, cfg: dict) -> list[tuple[str, str]]:
-    """Warnings about one collection's summary ``info`` (:meth:`train.exemplars.ExemplarState.build`),
+    """Warnings about one collection's summary ``info`` (:meth:`train.run.exemplars.ExemplarState.build`),
     given the previous collection's summary (None at the first)."""
     c = cfg["cc"]
     out = []

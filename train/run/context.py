@@ -1,7 +1,7 @@
 """What every part of a run shares: the config, the dataset and its subsets, the device and the process
 group, and the model. :class:`RunContext` is built once per run and handed to the training steps
-(:mod:`train.steps`), the exemplar database (:mod:`train.exemplars`) and the evaluation
-(:mod:`train.evaluation`), so that each of them can be used alone (``python -m train compare`` reuses
+(:mod:`train.run.steps`), the exemplar database (:mod:`train.run.exemplars`) and the evaluation
+(:mod:`train.run.evaluation`), so that each of them can be used alone (``python -m train compare`` reuses
 them stage by stage).
 """
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .config import ConfigError, check_against_data, resolve_subsets
-from .data.standardize import FeatureStandardizer, fit_standardizer
-from .models import TwoStreamAttention
+from ..common import distributed
+from ..config import ConfigError, check_against_data, resolve_subsets
+from ..data.standardize import FeatureStandardizer, fit_standardizer
+from ..models import TwoStreamAttention
+from ..objectives import build_objective
+from ..objectives.base import ExemplarObjective
 
 STREAMS = ("rgb", "flow")  # the streams of the two-stream model; a joint model has one, "joint"
 
@@ -36,11 +38,11 @@ def default_cache() -> Path:
 
 def open_dataset(cfg: dict):
     """Load (and, for a synthetic preset, first generate) the dataset named by the config."""
-    from . import data as tdata
+    from .. import data as tdata
     d = cfg["data"]
     root, name = d["root"], d["name"]
     if d["synthetic"]:  # generated once into the cache (generate() skips an identical earlier run)
-        from .data import synthetic
+        from ..data import synthetic
         root = root or str(default_cache() / f"synthetic-{d['synthetic']}")
         gen = None
         for turn in range(3 if distributed.world_size() > 1 else 1):  # one writer at a time
@@ -92,6 +94,7 @@ class RunContext:
     net: torch.nn.Module
     feature_stats: FeatureStandardizer      # raw statistics of the training subset (for the checks)
     standardizer: FeatureStandardizer | None  # what every forward applies (data.standardize), or None
+    objective: ExemplarObjective            # the exemplar objective (cc.loss)
 
     def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Features as the model sees them: standardised with ``data.standardize: zscore`` (padding,
@@ -128,9 +131,18 @@ class RunContext:
         return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=self.device)
 
 
+def apply_threads(cfg: dict) -> None:
+    """``run.threads`` > 0: torch's intra-op thread count (0 leaves torch's default). The one place that
+    sets it: every run applies it as its context is built (:func:`build_context`)."""
+    if cfg["run"]["threads"] > 0:
+        torch.set_num_threads(cfg["run"]["threads"])
+
+
 def build_context(cfg: dict, dataset=None) -> RunContext:
-    """Open the dataset (unless given), check the config against it, seed and build the model (wrapped
-    in DistributedDataParallel when several processes run)."""
+    """Apply ``run.threads``, open the dataset (unless given), check the config against it, seed and
+    build the model (wrapped in DistributedDataParallel when several processes run) and the exemplar
+    objective."""
+    apply_threads(cfg)
     dataset = dataset if dataset is not None else open_dataset(cfg)
     train_idx, test_idx = resolve_subsets(cfg, dataset)
     check_against_data(cfg, dataset, train_idx, test_idx)
@@ -145,8 +157,6 @@ def build_context(cfg: dict, dataset=None) -> RunContext:
     device = torch.device(cfg["device"])
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    if cfg["run"]["threads"] > 0:
-        torch.set_num_threads(cfg["run"]["threads"])
     torch.manual_seed(cfg["seed"])
     m = cfg["model"]
     model = TwoStreamAttention(
@@ -159,4 +169,4 @@ def build_context(cfg: dict, dataset=None) -> RunContext:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return RunContext(cfg, dataset, train_idx, test_idx, device, rank, world, model, net, stats,
-                      stats if cfg["data"]["standardize"] == "zscore" else None)
+                      stats if cfg["data"]["standardize"] == "zscore" else None, build_objective(cfg))

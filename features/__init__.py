@@ -1,6 +1,6 @@
 """Two-stream I3D features from raw videos, in ccluster's native format.
 
-    python -m train.features extract --videos DIR --rgb-weights rgb_imagenet.pt \
+    python -m features extract --videos DIR --rgb-weights rgb_imagenet.pt \
         --flow-weights flow_imagenet.pt --out OUT [--joint NAME]
 
 Output (``OUT``):
@@ -10,7 +10,7 @@ Output (``OUT``):
 - ``annotations.json``: an ActivityNet-style template, ``{"version", "taxonomy": [], "database": {video:
   {"subset", "duration", "annotations": []}}}``, for the user to fill with ``{"label", "segment": [s, e]}``;
 - ``extraction.json``: the settings used and per-video frame counts; ``failed.txt``: this run's failures;
-- with ``--joint NAME`` (or ``python -m train.features joint``): the standard joint layout
+- with ``--joint NAME`` (or ``python -m features joint``): the standard joint layout
   ``NAME-I3D-JOINTFeatures.npy`` + ``NAME-Annotations/*.npy``.
 
 Modules: :mod:`.i3d` (the network and weight loading, needs only torch), :mod:`.video` (PyAV decoding),

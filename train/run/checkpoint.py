@@ -4,14 +4,14 @@
 the config is stored as YAML text and the RNG states as tensors and lists, so :func:`load` reads it
 with ``torch.load(weights_only=True)``, which cannot run code. A file that carries a pickled Python
 object (a checkpoint from elsewhere, or from an older ccluster) is refused with :class:`CheckpointError`;
-``python -m train.checkpoint upgrade FILE`` converts an older ccluster checkpoint (reading only numpy
+``python -m train.run.checkpoint upgrade FILE`` converts an older ccluster checkpoint (reading only numpy
 arrays besides, so that cannot run code either).
 
 **Atomic.** A checkpoint is written to a temporary file in the same folder, flushed, then renamed over
 the old one. A reader (or a resumed run) sees either the previous complete file or the new complete
 file, whatever moment the writer is killed at (``os.replace`` is atomic on POSIX and Windows).
 
-See :meth:`train.procedure.Trainer.state_dict` for the keys (model, optimizer, database, Q, stage,
+See :meth:`train.run.Run.state_dict` for the keys (model, optimizer, database, Q, stage,
 step, RNG states, config).
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+from ..common import names
 
 LATEST = "latest.pt"
 # How a torch.save file begins: a zip archive (the default format) or a pickle (the legacy format).
@@ -69,7 +71,7 @@ def encode(state: dict) -> dict:
 
 
 def save(state: dict, path: str | os.PathLike) -> None:
-    """Write a training state (:meth:`train.procedure.Trainer.state_dict`) atomically."""
+    """Write a training state (:meth:`train.run.Run.state_dict`) atomically."""
     save_atomic(encode(state), path)
 
 
@@ -102,8 +104,8 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         head = f.read(4)
     if head and not head.startswith(_TORCH_SAVE_STARTS):  # another kind of file, not a damaged checkpoint
         raise CheckpointError(f"{path} is not a checkpoint (not a file written by torch.save: it starts with "
-                              f"{head!r}), pass a checkpoint file ({LATEST} or stage-<name>.pt written by python -m "
-                              f"train fit) or a run folder that holds {LATEST}")
+                              f"{head!r}), pass a checkpoint file ({LATEST} or stage-<name>.pt written by "
+                              f"{names.TRAIN} fit) or a run folder that holds {LATEST}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -115,7 +117,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(
             f"checkpoint {path} carries a pickled Python object ({what}), which could run code when "
             f"loaded: refused (ccluster checkpoints hold tensors and plain values only), if it is an older "
-            f"ccluster checkpoint, convert it with: python -m train.checkpoint upgrade {path}") from None
+            f"ccluster checkpoint, convert it with: {names.module('run.checkpoint')} upgrade {path}") from None
     except Exception as exc:  # a truncated or overwritten file: zip, pickle or I/O errors of any kind
         raise CheckpointError(f"checkpoint {path} is damaged (truncated or overwritten: {_reason(exc)}), "
                               f"{_copies(path)}") from None
@@ -132,7 +134,7 @@ def decode(state, path: str | os.PathLike = "checkpoint") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("config"), str):
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a ccluster training checkpoint (format {found!r}, expected "
-                              f"{FORMAT!r}); pass a latest.pt or stage-<name>.pt written by python -m train fit")
+                              f"{FORMAT!r}); pass a latest.pt or stage-<name>.pt written by {names.TRAIN} fit")
     state = dict(state)
     try:
         state["config"] = yaml.safe_load(state["config"])
@@ -167,7 +169,7 @@ def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     """Convert a checkpoint written by an older ccluster (numpy arrays and tuples in its RNG states) to
     the current format. It is read with ``weights_only=True`` allowing numpy's array reconstruction as
     well, so it cannot run code either: a file that names anything else is refused."""
-    from .data.npy import NUMPY_GLOBALS
+    from ..data.npy import NUMPY_GLOBALS
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -201,9 +203,9 @@ def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
 
 
 def main(argv=None) -> int:
-    """``python -m train.checkpoint upgrade FILE [--out NEW]``: convert an older ccluster checkpoint."""
-    from .argparsing import OneLineParser
-    p = OneLineParser(prog="python -m train.checkpoint", description=main.__doc__)
+    """``python -m train.run.checkpoint upgrade FILE [--out NEW]``: convert an older ccluster checkpoint."""
+    from ..common.parsing import OneLineParser
+    p = OneLineParser(prog=names.module("run.checkpoint"), description=main.__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     u = sub.add_parser("upgrade", help="convert an older ccluster checkpoint")
     u.add_argument("file")
