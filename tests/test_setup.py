@@ -1,5 +1,6 @@
 """Installing: a build without ninja stops at once and says what to do (pip hides a slow build's output,
 so a serial compile would look like a hang)."""
+import pytest
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ def _copy(tmp_path) -> Path:
     return src
 
 
+@pytest.mark.slow
 def test_a_build_without_ninja_stops_and_says_what_to_do(tmp_path):
     src = _copy(tmp_path)
     empty = tmp_path / "no-tools"  # a PATH on which there is no ninja

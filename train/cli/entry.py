@@ -76,7 +76,8 @@ def _debug_env() -> bool:
 _PEER_GONE = ("closed by peer", "reset by peer", "connection refused", "broken pipe", "nccl")
 
 
-def _is_peer_failure(exc: BaseException) -> bool:
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away (gloo, NCCL)."""
     import torch.distributed as dist
     text = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(m in text for m in _PEER_GONE)
@@ -91,7 +92,7 @@ def _after_peer_failures_wait(func):
         try:
             return func(argv)
         except Exception as exc:
-            if _is_peer_failure(exc):
+            if is_peer_failure(exc):
                 time.sleep(1.5)
             raise
     return wrapped

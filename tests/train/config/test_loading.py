@@ -12,7 +12,7 @@ from train.cli import entry as cli
 from train.config import (DEFAULTS, PRESETS, ConfigError, check_against_data, from_dict, load_config, load_yaml,
                           parse_override, save_config)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_defaults_validate():
@@ -115,6 +115,7 @@ def test_k_larger_than_a_test_video():
         check_against_data(cfg, ds, [0], [1, 2])
 
 
+@pytest.mark.slow
 def test_cli_stops_before_training(tmp_path, capsys):
     """Bad configs stop with exit code 2 and a message naming the key or file; nothing is trained."""
     run = tmp_path / "run"
@@ -229,3 +230,19 @@ def test_keys_yaml_would_read_as_booleans(tmp_path):
     path.write_text("data:\n  synthetic: tiny\ncc:\n  on: input\n  normalize: yes\n")  # YAML 1.1: on/yes are True
     cfg = load_config(path)
     assert cfg["cc"]["on"] == "input" and cfg["cc"]["normalize"] is True
+
+
+def test_wtalc_config_is_the_recipe():
+    cfg = load_config(ROOT / "configs" / "wtalc.yaml")
+    assert cfg["model"] == {**cfg["model"], "streams": "joint", "embed_dim": 2048, "dropout": 0.7,
+                            "attention": "none", "init": "xavier"}
+    assert cfg["data"]["sampler"] == "similar_pairs" and cfg["data"]["batch_size"] == 10
+    assert cfg["eval"]["proposals"] == "wtalc" and cfg["eval"]["smooth"] == 0
+    # the same number of training videos as configs/calibrated.yaml
+    cal = load_config(ROOT / "configs" / "calibrated.yaml")
+    steps = lambda c: c["train"]["baseline_steps"] + c["cc"]["rounds"] * c["train"]["cc_steps"]  # noqa: E731
+    assert steps(cfg) * cfg["data"]["batch_size"] == steps(cal) * cal["data"]["batch_size"]
+    with pytest.raises(ConfigError, match="'prior' trains the attention"):
+        load_config(ROOT / "configs" / "wtalc.yaml", ["cc.loss=prior"])
+    with pytest.raises(ConfigError, match="data.similar_pairs"):
+        load_config(ROOT / "configs" / "wtalc.yaml", ["data.similar_pairs=6"])

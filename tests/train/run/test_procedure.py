@@ -1,5 +1,6 @@
-"""The training procedure end to end on the tiny synthetic preset: results, files, determinism, and
-resuming after SIGKILL (real subprocesses)."""
+"""The training procedure (train/run/procedure.py, Run) end to end on the tiny synthetic preset: what the
+results mean, the files, determinism, resuming after SIGKILL (real subprocesses), the stage plan, the
+learning-rate schedule."""
 import json
 import os
 import signal
@@ -8,43 +9,38 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from train.run import checkpoint as ckpt
+from tinyrun import STEPS, copy_of, tiny_run  # noqa: F401 (a fixture)
 from train.cli.entry import format_table, main
 from train.config import load_config
+from train.data.activitynet import read_ground_truth_json, read_predictions_json
+from train.eval import classification_map, detection_map
+from train.run import checkpoint as ckpt
 from train.run import Run, stage_plan
 from train.run.context import open_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-# Long enough that a kill lands inside a training stage; small enough for a few seconds per run.
-TINY = ["train.baseline_steps=12", "train.cc_steps=8", "train.log_every=1", "cc.rounds=2", "cc.select=true"]
-STEPS = 12 + 2 * 8
-
-
-@pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory):
-    """One uninterrupted run of the tiny preset: (config, run folder, results)."""
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY)
-    run = tmp_path_factory.mktemp("reference")
-    with Run(cfg, run) as r:
-        results = r.train()
-    return cfg, run, results
+ROOT = Path(__file__).resolve().parents[3]
+TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _params(run_dir):
     return ckpt.load(Path(run_dir) / "latest.pt")["model"]
 
 
-def test_end_to_end_tiny(reference):
-    cfg, run, results = reference
+@pytest.mark.slow
+def test_end_to_end_tiny(tiny_run):
+    cfg, run, results = tiny_run.cfg, tiny_run.folder, tiny_run.results
     assert list(results) == ["baseline", "cc1", "cc2"]
     assert [name for name, _ in stage_plan(cfg)] == ["baseline", "db1", "cc1", "db2", "cc2"]
+    tiou = cfg["eval"]["tiou"]
     for res in results.values():
-        assert 0 <= res["cls_map"] <= 1 and 0 <= res["det_map_avg"] <= 1
-        assert len([k for k in res if k.startswith("det_map@")]) == 7
-    assert "cls_map_select" not in results["baseline"] and 0 <= results["cc2"]["cls_map_select"] <= 1
+        assert [k for k in res if k.startswith("det_map@")] == [f"det_map@{t:g}" for t in tiou]
+        assert res["det_map_avg"] == pytest.approx(np.mean([res[f"det_map@{t:g}"] for t in tiou]), rel=1e-12)
+        assert 0 < res["gt_share"] < 1 and 0 <= res["att_in_gt"] <= 1
+    assert "cls_map_select" not in results["baseline"] and "selected_segments" in results["cc2"]
     for name in ("config.yaml", "metrics.jsonl", "results.json", "curves.png", "latest.pt",
                  "stage-baseline.pt", "stage-db1.pt", "stage-cc2.pt"):
         assert (run / name).is_file(), name
@@ -68,8 +64,30 @@ def test_end_to_end_tiny(reference):
     assert "cc2" in table and "0.7" in table
 
 
-def test_deterministic(reference, tmp_path):
-    cfg, run, results = reference
+@pytest.mark.slow
+def test_the_results_are_the_metrics_of_the_final_model_and_its_detections(tiny_run, tmp_path):
+    """The final stage's cls and cls* are the classification mAP of the model's video scores (plain and
+    with test-time selection) on the test videos, and its detection mAPs are those of the detections it
+    wrote (predictions.json) against the dataset's ground truth."""
+    final = tiny_run.results["cc2"]
+    with Run.load(tiny_run.folder, folder=tmp_path / "outputs") as run:
+        test = run.ctx.test_idx
+        labels = np.stack([np.asarray(run.dataset.videos[i].labels) for i in test])
+        plain, select = zip(*((p["video"].numpy(), p["video_select"].numpy())
+                              for p in (run.evaluator.predict(i, selection=True) for i in test)))
+    assert final["cls_map"] == pytest.approx(float(classification_map(np.stack(plain), labels)[0]), rel=1e-12)
+    assert final["cls_map_select"] == pytest.approx(float(classification_map(np.stack(select), labels)[0]),
+                                                    rel=1e-12)
+    truth = read_ground_truth_json(str(tiny_run.data_root / "SynthTiny" / "annotations.json"), subset="test")
+    per_tiou, avg = detection_map(read_predictions_json(str(tiny_run.folder / "predictions.json")), truth.entries,
+                                  tiny_run.cfg["eval"]["tiou"], ambiguous=truth.ambiguous)
+    assert [final[f"det_map@{t:g}"] for t in tiny_run.cfg["eval"]["tiou"]] == pytest.approx(list(per_tiou), abs=1e-9)
+    assert final["det_map_avg"] == pytest.approx(avg, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_deterministic(tiny_run, tmp_path):
+    cfg, run, results = tiny_run.cfg, tiny_run.folder, tiny_run.results
     with Run(cfg, tmp_path / "again") as r:
         again = r.train()
     assert again == results
@@ -90,14 +108,14 @@ def _wait_for(path, predicate, proc, timeout=120):
     raise AssertionError("timed out waiting for the run")
 
 
-def test_resume_after_sigkill(reference, tmp_path):
+@pytest.mark.slow
+def test_resume_after_sigkill(tiny_run, tmp_path):
     """SIGKILL in the baseline stage and again in an L_cc stage: each resume loses no completed step
     and the final model equals the uninterrupted run's, bit for bit."""
-    cfg, ref_run, ref_results = reference
+    ref_run = tiny_run.folder
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "train", "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *TINY,
-           f"run.dir={run}"]
+    cmd = [sys.executable, "-m", "train", "fit", "--config", TINY, *tiny_run.overrides(), f"run.dir={run}"]
     kill_at = [lambda rows: sum(r["kind"] == "train" for r in rows) >= 5,
                lambda rows: any(r.get("stage") == "cc1" and r.get("stage_step", 0) >= 3 for r in rows)]
     for i, predicate in enumerate(kill_at):
@@ -126,17 +144,18 @@ def test_resume_after_sigkill(reference, tmp_path):
     assert steps == list(range(1, STEPS + 1))
 
 
-def test_eval_command(reference, capsys):
-    cfg, run, results = reference
+@pytest.mark.slow
+def test_eval_command(tiny_run, tmp_path, capsys):
+    run = copy_of(tiny_run, tmp_path / "run")
     assert main(["eval", "--checkpoint", str(run / "latest.pt"), "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[:out.index("}") + 1]) == results["cc2"]
+    assert json.loads(out[:out.index("}") + 1]) == tiny_run.results["cc2"]
 
 
-def test_resume_refuses_a_different_config(reference, tmp_path, capsys):
-    cfg, run, _ = reference
-    code = main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *TINY, "cc.size=3",
-                 f"run.dir={run}", "--resume"])
+@pytest.mark.slow
+def test_resume_refuses_a_different_config(tiny_run, tmp_path, capsys):
+    code = main(["fit", "--config", TINY, *tiny_run.overrides(), "cc.size=3", f"run.dir={tiny_run.folder}",
+                 "--resume"])
     assert code == 2 and "cc.size" in capsys.readouterr().err
 
 
@@ -154,6 +173,7 @@ def test_open_dataset_missing_files(tmp_path):
         open_dataset(cfg)
 
 
+@pytest.mark.slow
 def test_test_time_selection_is_opt_in(cache, tmp_path):
     """cc.select (default off): without it no cls* is computed; with it the same run reports cls*."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=4", "train.cc_steps=2",
@@ -166,7 +186,7 @@ def test_test_time_selection_is_opt_in(cache, tmp_path):
             "train.baseline_steps=4", "train.cc_steps=2", "eval.figures=0", "cc.select=true"]),
             folder=tmp_path / "again") as run:
         again = run.evaluate(progress=False)
-    assert 0 <= again["cls_map_select"] <= 1
+    assert "cls_map_select" in again and 0 < again["selected_segments"]
     assert again["cls_map"] == results["cc1"]["cls_map"] and again["det_map_avg"] == results["cc1"]["det_map_avg"]
 
 
@@ -179,6 +199,7 @@ def test_the_database_line_counts_the_background_slots(cache, tmp_path, caplog):
     assert line.startswith(f"db1: {info['filled']}/{slots} exemplar slots filled") and info["filled"] <= slots
 
 
+@pytest.mark.slow
 def test_cosine_schedule_restarts_in_every_stage(cache, tmp_path):
     """train.lr_schedule cosine: step t of an S-step stage uses lr (1 + cos(pi t / S)) / 2."""
     import math

@@ -1,5 +1,6 @@
-"""Checkpoints open with ``torch.load(weights_only=True)``; a file carrying a pickled object is refused;
-the RNG states survive the trip exactly; an older checkpoint you trust can be converted."""
+"""Checkpoints (train/run/checkpoint.py) open with ``torch.load(weights_only=True)``; a file carrying a
+pickled object is refused; the RNG states survive the trip exactly; an older checkpoint you trust can be
+converted; one without the input statistics evaluates unstandardised."""
 import os
 import random
 from pathlib import Path
@@ -8,30 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from train.run import checkpoint as ckpt
-from train.run.checkpoint import CheckpointError
+from tinyrun import tiny_run  # noqa: F401 (a fixture)
 from train.config import load_config
+from train.run import checkpoint as ckpt
 from train.run import Run
+from train.run.checkpoint import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    """A tiny trained run with a database (so that every kind of state is present)."""
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CCLUSTER_CACHE")
-    os.environ["CCLUSTER_CACHE"] = str(cache)
-    try:
-        cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=2", "train.cc_steps=1"])
-        with Run(cfg, tmp_path_factory.mktemp("run")) as t:
-            t.train()
-    finally:
-        if old is None:
-            del os.environ["CCLUSTER_CACHE"]
-        else:
-            os.environ["CCLUSTER_CACHE"] = old
-    return t
+def trainer(tiny_run):
+    """The session's tiny run: every kind of state is in its checkpoints (a database, Q, alpha, ...)."""
+    return tiny_run
 
 
 def _plain(obj) -> bool:
@@ -43,8 +33,9 @@ def _plain(obj) -> bool:
     return obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str))
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_with_weights_only(trainer):
-    path = trainer.path / "latest.pt"
+    path = trainer.folder / "latest.pt"
     raw = torch.load(path, weights_only=True)  # raises if anything in it is a pickled object
     assert raw["format"] == ckpt.FORMAT and isinstance(raw["config"], str)
     assert _plain(raw)
@@ -52,7 +43,7 @@ def test_checkpoint_loads_with_weights_only(trainer):
     assert state["config"] == trainer.cfg  # the YAML text comes back as the same config
     assert isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
     for name in ("stage-baseline.pt", "stage-db1.pt", "stage-cc1.pt"):
-        torch.load(trainer.path / name, weights_only=True)
+        torch.load(trainer.folder / name, weights_only=True)
 
 
 def test_a_pickled_object_is_refused_and_not_run(tmp_path):
@@ -73,8 +64,9 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.slow
 def test_damaged_and_foreign_files(trainer, tmp_path):
-    whole = (trainer.path / "latest.pt").read_bytes()
+    whole = (trainer.folder / "latest.pt").read_bytes()
     for size in (0, 100, len(whole) // 2, len(whole) - 10):
         cut = tmp_path / f"cut{size}.pt"
         cut.write_bytes(whole[:size])
@@ -113,8 +105,9 @@ def test_rng_states_survive_a_checkpoint_exactly(tmp_path):
     assert got[3] == expected[3] and got[4] == expected[4]
 
 
+@pytest.mark.slow
 def test_upgrade_converts_an_older_checkpoint(trainer, tmp_path):
-    state = trainer.state_dict()
+    state = _state_of(trainer)
     old = dict(state, rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                            "python": random.getstate()})  # the former layout: pickled numpy and tuples
     path = tmp_path / "old.pt"
@@ -152,9 +145,11 @@ def test_a_file_that_is_not_a_checkpoint_is_not_called_damaged(tmp_path):
 
 
 def _state_of(trainer):
-    return ckpt.load(trainer.path / "latest.pt")
+    """The run's latest checkpoint, as a state in memory (the config a dict)."""
+    return ckpt.load(trainer.folder / "latest.pt")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_an_entry_or_of_another_shape_names_the_file(trainer, tmp_path):
     state = _state_of(trainer)
     state.pop("model")
@@ -169,10 +164,11 @@ def test_a_checkpoint_without_an_entry_or_of_another_shape_names_the_file(traine
     assert not list(tmp_path.glob(".lock"))  # a run that failed to open let go of its folder
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to fail a write with ENOSPC")
 def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(trainer, tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
-    ckpt.save(trainer.state_dict(), path)
+    ckpt.save(_state_of(trainer), path)
     before = path.read_bytes()
     real_save = torch.save
 
@@ -183,7 +179,23 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_names_the_path(trainer, t
 
     monkeypatch.setattr(ckpt.torch, "save", to_a_full_disk)
     with pytest.raises(CheckpointError) as exc:
-        ckpt.save(trainer.state_dict(), path)
+        ckpt.save(_state_of(trainer), path)
     assert str(exc.value).startswith(f"could not write checkpoint {path} (No space left on device): latest.pt "
                                      f"still holds the previous checkpoint; free disk space")
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp*"))
+
+
+@pytest.mark.slow
+def test_old_checkpoint_without_standardizer_evaluates_unstandardised(cache, tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.baseline_steps=6", "train.cc_steps=4",
+                                                       "train.log_every=2", "data.standardize=none"])
+    run = tmp_path / "old"
+    with Run(cfg, run) as r:
+        res = r.train()
+    state = ckpt.load(run / "latest.pt")
+    del state["standardizer"]
+    del state["config"]["data"]["standardize"]  # as written before the key existed
+    ckpt.save(state, run / "latest.pt")
+    with Run.resume(run) as again:
+        assert again.ctx.standardizer is None and again.cfg["data"]["standardize"] == "none"
+        assert again.evaluate(progress=False) == pytest.approx(res["cc1"])

@@ -30,16 +30,16 @@ import torch.multiprocessing as mp
 
 import ccluster
 from conftest import private_cache
-from train.run import checkpoint as ckpt
 from train.common import distributed
 from train.config import load_config, resolve_subsets
+from train.run import checkpoint as ckpt
 from train.run import Run
 from train.run.context import open_dataset
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 # Dropout off: the ranks draw their own masks, which is statistically but not numerically the same.
 # Plain EM for Q: SQUAREM's accept/reject test is a discrete decision that the rounding of a sharded
 # versus a single sum can flip before the fit has converged (tiny preset: 100 passes at most); both
@@ -155,6 +155,7 @@ def _rank_main(rank, world, init_file, run_dir, out_dir):
     distributed.cleanup()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(reference, tmp_path):
     cfg, ref_run, ref_results = reference
     run = _copy_run(ref_run, "stage-baseline.pt", tmp_path / "run")
@@ -206,14 +207,15 @@ def test_two_ranks_equal_one_process(reference, tmp_path):
 # torchrun
 
 
-def _torchrun(args, tmp_path, timeout=DEADLINE_S):
+def _torchrun(args, tmp_path, timeout=DEADLINE_S, dist_timeout=60):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--monitor-interval=0.5", "-m", "train", *args, "--dist-timeout=60"]
+           "--monitor-interval=0.5", "-m", "train", *args, f"--dist-timeout={dist_timeout}"]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_torchrun_fit_and_resume_across_world_sizes(reference, tmp_path):
     """A fresh 2-process run through the CLI; its checkpoint resumed in 1 process; the 1-process
     reference's checkpoint resumed with 2 processes through the CLI (rank 0 reads and broadcasts it)."""
@@ -251,6 +253,7 @@ def test_torchrun_fit_and_resume_across_world_sizes(reference, tmp_path):
     assert _train_steps(ref_again) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_torchrun_failing_rank_fails_the_job(reference, tmp_path):
     """Features of a test video of rank 1's shard so large (finite: NaN or inf would be refused when the
     data is opened, on every rank) that its T-CAM overflows to NaN: rank 1 raises while evaluating, rank 0
@@ -265,36 +268,13 @@ def test_torchrun_failing_rank_fails_the_job(reference, tmp_path):
     shutil.copytree(src / name, root / name)
     feats = np.load(root / name / "features" / f"{bad}.npy")
     np.save(root / name / "features" / f"{bad}.npy", np.full_like(feats, 3e38))
-    start = time.time()
+    # the collectives' timeout is set far beyond _torchrun's deadline: a job that waited for it (rank 0
+    # blocked in a collective) instead of failing at once would not end by then
     out = _torchrun(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), *OVERRIDES,
                      "train.baseline_steps=0", "data.synthetic=", f"data.root={root}", f"data.name={name}",
-                     f"run.dir={tmp_path / 'run'}"], tmp_path)
-    elapsed = time.time() - start
+                     f"run.dir={tmp_path / 'run'}"], tmp_path, dist_timeout=10 * DEADLINE_S)
     text = out.stdout + out.stderr
     assert out.returncode != 0, text
     # torchrun's summary names rank 1 as the root cause, with its exception (recorded by train.cli)
     root_cause = text[text.index("Root Cause"):]
     assert re.search(r"rank\s*:\s*1\b", root_cause) and "contain NaN" in root_cause, text
-    assert elapsed < 60, f"the job took {elapsed:.0f} s to fail"
-
-
-def test_shard_helpers():
-    assert [distributed.shard_bounds(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
-    assert [distributed.shard_bounds(4, r, 3) for r in range(3)] == [(0, 2), (2, 3), (3, 4)]
-    assert distributed.shard([10, 11, 12, 13, 14], 1, 2) == [11, 13]
-    # single process: identities, nothing initialised
-    assert not distributed.is_initialized() and distributed.world_size() == 1 and distributed.is_main()
-    assert distributed.init("cpu") is False
-    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
-    assert distributed.all_gather_objects(3) == [3]
-
-
-def test_peer_failures_are_recognised():
-    """A rank blocked in a collective whose peer died must not be reported as the root cause: its
-    error is recognised (and held back a little over a second, see train.cli), other errors are not."""
-    import torch.distributed as dist
-    from train.cli.entry import _is_peer_failure
-    assert _is_peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
-                                         "[127.0.0.1]:38542"))
-    assert _is_peer_failure(dist.DistBackendError("NCCL communicator was aborted"))
-    assert not _is_peer_failure(ValueError("features of video 'v3' contain NaN"))

@@ -1,14 +1,12 @@
-"""train/models: the two-stream attention model and the weakly supervised losses."""
+"""The two-stream attention model (train/models/two_stream.py): shapes, padding, the fused score, re-scoring,
+the joint W-TALC model."""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ccluster
-from train.models import (TwoStreamAttention, classification_loss, co_activity_loss, masked_softmax,
-                          sparsity_loss, topk_pool)
-from train.run.exemplars import auto_alpha
+from train.models import TwoStreamAttention, masked_softmax
 
 C, D, RGB, E = 5, 12, 7, 6
 
@@ -81,44 +79,6 @@ def test_masked_softmax_empty_row_is_zero():
     torch.testing.assert_close(p[0].sum(), torch.tensor(1.0))
 
 
-def test_classification_losses():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0]])
-    labels = torch.tensor([[1.0, 0, 0], [0, 1, 1]])
-    lsm = F.log_softmax(logits, -1)
-    expect = -(lsm[0, 0] + 0.5 * lsm[1, 1] + 0.5 * lsm[1, 2]) / 2
-    torch.testing.assert_close(classification_loss(logits, labels, "softmax"), expect)
-    torch.testing.assert_close(classification_loss(logits, labels, "bce"),
-                               F.binary_cross_entropy_with_logits(logits, labels))
-    with pytest.raises(ValueError, match="kind must be"):
-        classification_loss(logits, labels, "hinge")
-
-
-def test_topk_pool_and_sparsity():
-    seg = torch.tensor([[[1.0], [5.0], [3.0], [4.0], [100.0]]])
-    mask = torch.tensor([[True, True, True, True, False]])   # the 100 is padding
-    # T=4, ratio=2 -> k=2: mean of 5 and 4
-    torch.testing.assert_close(topk_pool(seg, mask, ratio=2), torch.tensor([[4.5]]))
-    torch.testing.assert_close(topk_pool(seg, mask, ratio=8), torch.tensor([[5.0]]))
-    a = torch.tensor([[0.5, 0.25, 1.0, 7.0]])
-    assert float(sparsity_loss(a, mask[:, :4] & torch.tensor([[True, True, True, False]]))) == 1.75
-
-
-def test_co_activity_loss():
-    torch.manual_seed(0)
-    B, T = 4, 6
-    emb = torch.randn(B, T, E, requires_grad=True)
-    seg = torch.randn(B, T, C, requires_grad=True)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    labels = torch.eye(C)[:B]
-    assert float(co_activity_loss(emb, seg, labels, mask)) == 0.0   # no two videos share a class
-    labels[1, 0] = 1                                                 # videos 0 and 1 share class 0
-    loss = co_activity_loss(emb, seg, labels, mask, margin=0.5)
-    assert loss > 0
-    loss.backward()
-    assert emb.grad[0].abs().sum() > 0 and emb.grad[2].abs().sum() == 0
-    assert seg.grad is not None
-
-
 def test_cc_loss_reaches_phi_and_attention():
     """L_cc on the embedding shapes both phi and the attention (the method's default)."""
     m = model()
@@ -133,17 +93,6 @@ def test_cc_loss_reaches_phi_and_attention():
     assert m.rgb.phi[0].weight.grad.abs().sum() > 0
     assert m.rgb.attention.weight.grad.abs().sum() > 0
     assert m.flow.phi[0].weight.grad is None
-
-
-def test_auto_alpha_rules():
-    # two exemplars at squared distance 4 in each class: lashkari = n^2 log n / sum_ij d = 4 log 2 / 8
-    y = torch.zeros(2, 3, 2)
-    y[:, 1, 0] = 2.0
-    count = torch.tensor([2, 2])
-    assert auto_alpha(y, count, "lashkari") == pytest.approx(4 * math.log(2) / 8)
-    assert auto_alpha(y, count, "median") == pytest.approx(1 / 4)
-    assert auto_alpha(y, count, "median", metric="euclidean") == pytest.approx(1 / 2)
-    assert math.isnan(auto_alpha(y, torch.tensor([1, 0]), "lashkari"))
 
 
 def joint_model(attention="none", init="torch"):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from train.config import load_config
-from train.run.guards import collection_warnings, phi_shrink_warnings
 from train.run import Run
+from train.run.guards import collection_warnings, phi_shrink_warnings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,6 +70,7 @@ def test_an_unconverged_fit_warns_only_above_the_gap_that_matters():
         load_config(ROOT / "configs" / "tiny.yaml", ["cc.guard_fit_gap=0"])
 
 
+@pytest.mark.slow
 def test_default_runs_print_no_fit_warning(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml")  # its rgb Q fit stops at 100 passes, gap 0.033
     run = tmp_path / "run"
@@ -97,6 +98,7 @@ def _warnings(run):
     return [r for r in rows if r["kind"] == "warning"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, guard, text", [
     (["cc.fit_max_iter=1", "cc.fit_tol=0.000000000001"], "fit_unconverged", "cc.fit_max_iter = 1"),
     (["cc.alpha=0.000000001"], "q_uniform", "Q is near uniform")])
@@ -124,6 +126,7 @@ class _Shrinking(Run):
         return out
 
 
+@pytest.mark.slow
 def test_collapsing_embedding_is_reported_during_training_and_at_collection(tmp_path):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["cc.rounds=2", "train.log_every=1"])
     with _Shrinking(cfg, tmp_path / "run") as run:

@@ -1,4 +1,5 @@
-"""The sharded Q fit (fit_representativeness(group=...)) equals the single-process fit: 2 gloo ranks."""
+"""Process groups (train/common/distributed.py): the helpers in one process, and the sharded Q fit
+(fit_representativeness(group=...)) equal to the single-process fit with 2 gloo ranks."""
 from __future__ import annotations
 
 import datetime
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ccluster
+from train.common import distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this torch build")
@@ -42,6 +44,7 @@ def _rank_main(rank, world, init_file, out_dir, cache, accelerate):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache,accelerate", [(False, False), (True, True)], ids=["fused", "cached-squarem"])
 def test_sharded_fit_equals_single_process(tmp_path, cache, accelerate):
     x, db, w = _problem()
@@ -58,3 +61,14 @@ def test_sharded_fit_equals_single_process(tmp_path, cache, accelerate):
     q0, q1 = ranks[0]["log_q"].exp(), single.log_q.exp()
     assert torch.allclose(q0, q1, atol=1e-6, rtol=0)
     assert bool((ranks[0]["gap"][:2] < 1e-7).all())
+
+
+def test_shard_helpers():
+    assert [distributed.shard_bounds(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
+    assert [distributed.shard_bounds(4, r, 3) for r in range(3)] == [(0, 2), (2, 3), (3, 4)]
+    assert distributed.shard([10, 11, 12, 13, 14], 1, 2) == [11, 13]
+    # single process: identities, nothing initialised
+    assert not distributed.is_initialized() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.init("cpu") is False
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.all_gather_objects(3) == [3]

@@ -1,5 +1,5 @@
-"""W-TALC's recipe inside the project (configs/wtalc.yaml): the joint T-CAM-only model, its sampler, the
-exemplar prior on the T-CAM, W-TALC's proposal rule, and the peer benchmark's plumbing."""
+"""The peer benchmark (benchmarks/peer_wtalc.py) with stand-ins for W-TALC's code: its plumbing, and its
+results as a row of compare (--peer, --against, --metrics)."""
 import json
 import math
 import subprocess
@@ -8,61 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import ccluster
 from train.config import ConfigError, load_config
-from train.run import Run
-
-ROOT = Path(__file__).resolve().parents[1]
-# configs/wtalc.yaml's recipe on the tiny preset, a few steps
-RECIPE = ["model.streams=joint", "model.attention=none", "model.init=xavier", "data.sampler=similar_pairs",
-          "data.similar_pairs=1", "loss.casl=0.5", "cc.loss=tcam_prior", "cc.weight=0.3",
-          "eval.proposals=wtalc", "eval.smooth=0", "eval.figures=1", "cc.select=true"]
 
 
-def test_wtalc_config_is_the_recipe():
-    cfg = load_config(ROOT / "configs" / "wtalc.yaml")
-    assert cfg["model"] == {**cfg["model"], "streams": "joint", "embed_dim": 2048, "dropout": 0.7,
-                            "attention": "none", "init": "xavier"}
-    assert cfg["data"]["sampler"] == "similar_pairs" and cfg["data"]["batch_size"] == 10
-    assert cfg["eval"]["proposals"] == "wtalc" and cfg["eval"]["smooth"] == 0
-    # the same number of training videos as configs/calibrated.yaml
-    cal = load_config(ROOT / "configs" / "calibrated.yaml")
-    steps = lambda c: c["train"]["baseline_steps"] + c["cc"]["rounds"] * c["train"]["cc_steps"]  # noqa: E731
-    assert steps(cfg) * cfg["data"]["batch_size"] == steps(cal) * cal["data"]["batch_size"]
-    with pytest.raises(ConfigError, match="'prior' trains the attention"):
-        load_config(ROOT / "configs" / "wtalc.yaml", ["cc.loss=prior"])
-    with pytest.raises(ConfigError, match="data.similar_pairs"):
-        load_config(ROOT / "configs" / "wtalc.yaml", ["data.similar_pairs=6"])
-
-
-def test_tcam_prior_is_the_attention_prior_per_labelled_class(cache, tmp_path):
-    """The exemplar term of cc.loss tcam_prior: for every labelled (video, class) pair, the prior loss
-    of that class alone on the T-CAM column's softmax over time, summed and divided by the videos."""
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", RECIPE + ["train.baseline_steps=4", "train.cc_steps=2"])
-    with Run(cfg, tmp_path / "run") as trainer:
-        trainer.train()
-    runner, ex = trainer.steps, trainer.exemplars
-    batch = runner.batch(2, 0)
-    trainer.model.eval()
-    out = trainer.model(batch["features"], batch["mask"])
-    got = runner.cc_term(out, batch["features"], batch["mask"], batch["labels"], "joint")
-    want, B = 0.0, batch["labels"].shape[0]
-    for b, c in batch["labels"].nonzero().tolist():
-        onehot = torch.zeros(1, batch["labels"].shape[1])
-        onehot[0, c] = 1
-        want = want + ccluster.attention_prior_loss(
-            out["emb_joint"][b:b + 1], out["seg_joint"][b:b + 1, :, c], onehot, batch["mask"][b:b + 1],
-            ex.stream("joint").features, ex.stream("joint").log_q, ex.stream("joint").alpha, temperature=1.0,
-            standardize=True,
-            log_attention=True, reduction="sum")
-    torch.testing.assert_close(got, want / B)
-    # it trains the segment logits, not the features' database
-    grad = torch.autograd.grad(got, out["seg_joint"], retain_graph=True)[0]
-    assert grad.abs().sum() > 0
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert 0 <= res["cc1"]["det_map_avg"] <= 1 and 0 <= res["cc1"]["cls_map_select"] <= 1
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fake_wtalc(folder: Path) -> None:
@@ -96,6 +46,7 @@ def _fake_wtalc(folder: Path) -> None:
         "    print('Iteration: %d, Loss: %.3f' % (itr, float(loss)))\n")
 
 
+@pytest.mark.slow
 def test_peer_benchmark_plumbing_and_compare_row(cache, tmp_path):
     """benchmarks/peer_wtalc.py on the tiny preset with a stand-in for W-TALC: data exported standardised
     in W-TALC's layout, one training subprocess per seed, results per seed that `compare --peer` shows."""

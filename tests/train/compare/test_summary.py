@@ -1,0 +1,50 @@
+"""The summary of a comparison (train/compare/summary.py): the statistics by hand, the table's wording, the
+figure's axes."""
+import math
+
+import pytest
+
+from train.compare import CONTROL, summarize
+
+
+def test_summary_statistics_by_hand():
+    seeds = [0, 1, 2]
+    ctrl = [0.50, 0.60, 0.70]
+    var = [0.55, 0.62, 0.78]
+    results = {CONTROL: {s: {"cls_map": c} for s, c in zip(seeds, ctrl)},
+               "v": {s: {"cls_map": v} for s, v in zip(seeds, var)}}
+    row = summarize(results, seeds)["v"]["cls_map"]
+    diff = [v - c for v, c in zip(var, ctrl)]                      # 0.05, 0.02, 0.08
+    mean = sum(diff) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diff) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)                   # t(0.975, 2)
+    assert row["diff"] == pytest.approx(mean)
+    assert row["ci95"] == pytest.approx([mean - half, mean + half])
+    assert row["mean"] == pytest.approx(sum(var) / 3)
+    assert row["std"] == pytest.approx(math.sqrt(sum((v - sum(var) / 3) ** 2 for v in var) / 2))
+    assert "diff" not in summarize(results, seeds)[CONTROL]["cls_map"]
+
+
+def _axes_span(summary):
+    import matplotlib.pyplot as plt
+    from train.compare import METRICS, summary_figure
+    fig = summary_figure(summary)
+    spans = [ax.get_xlim() for ax in fig.axes[:len(METRICS)]]
+    title = fig._suptitle.get_text()
+    plt.close(fig)
+    return spans, title
+
+
+def test_the_comparison_figure_does_not_zoom_a_small_difference(tmp_path):
+    from train.compare import MIN_SPAN, plot_summary
+    one = {CONTROL: {0: {"cls_map": 0.612, "det_map_avg": 0.2}}, "v": {0: {"cls_map": 0.6145, "det_map_avg": 0.2}}}
+    spans, title = _axes_span(summarize(one, [0]))
+    lo, hi = spans[0]
+    assert hi - lo >= MIN_SPAN and lo <= 61.2 and hi >= 61.45  # cls: a 0.25-point difference in a 5-point axis
+    assert "1 seed" in title and "no spread" in title
+    wide = {CONTROL: {s: {"cls_map": c} for s, c in enumerate([0.40, 0.55, 0.70])},
+            "v": {s: {"cls_map": c} for s, c in enumerate([0.42, 0.56, 0.73])}}
+    (lo, hi), *_ = _axes_span(summarize(wide, [0, 1, 2]))[0]
+    assert lo < 40 and hi > 73 and hi - lo < 40  # the seeds' spread sets the axis
+    plot_summary(summarize(wide, [0, 1, 2]), tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
