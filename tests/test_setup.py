@@ -1,11 +1,12 @@
 """Installing: a build without ninja stops at once and says what to do (pip hides a slow build's output,
 so a serial compile would look like a hang)."""
-import pytest
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

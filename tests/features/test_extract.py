@@ -97,6 +97,7 @@ def test_snippets_tail_padding_and_ranges(extractor, tmp_path):
         extractor.cfg.tail = "pad"
 
 
+@pytest.mark.slow
 def test_cli_extract_resume_corrupt_and_joint(tmp_path, capsys):
     if not (_have("av") and _have_tvl1()):
         pytest.skip("needs PyAV and OpenCV contrib (pip install av opencv-contrib-python-headless)")

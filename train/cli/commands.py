@@ -150,6 +150,7 @@ def _eval(args, path: Path, state: dict, cfg: dict) -> int:
 
 
 def cmd_config(args) -> int:
+    """Print the resolved config (defaults, the YAML file, the overrides) as YAML."""
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -199,6 +200,7 @@ def _reused(comp, out: Path) -> str:
 
 
 def cmd_compare(args) -> int:
+    """Variants against a same-batch control over seeds (:class:`train.compare.Comparison`); print the table."""
     from ..compare import CONTROL, Comparison, load_peer, load_variants, parse_metrics
     need_config(args, "compare")
     cfg = load_config(args.config, args.overrides)

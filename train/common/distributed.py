@@ -29,14 +29,17 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 
 def is_initialized() -> bool:
+    """Whether a process group exists."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank (0 in a single process)."""
     return dist.get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 in a single process)."""
     return dist.get_world_size() if is_initialized() else 1
 
 
@@ -51,6 +54,7 @@ def env_rank() -> int:
 
 
 def local_rank() -> int:
+    """This process's rank on its node, from torchrun's ``LOCAL_RANK`` (0 if none)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -90,11 +94,13 @@ def init(device: str = "cpu", backend: str = "auto", timeout_s: float = DEFAULT_
 
 
 def cleanup() -> None:
+    """Leave the process group, if any."""
     if is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    """Wait for every process (nothing in a single process)."""
     if is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

@@ -114,7 +114,8 @@ PRESETS: dict[str, SyntheticSpec] = {
     # calibrated on the project's STPN baseline to land where published baselines land on THUMOS14 I3D
     # features (classification mAP 80-90 %, detection mAP@0.5 12-20 %, mean over tIoU 0.1-0.5 25-35 %),
     # with the attention inside the actions above their share of time and context still a trap; 20
-    # classes, 200 + 200 labelled videos of ~1 min (~380 MB per layout). See the calibration table of docs/data-and-evaluation.md.
+    # classes, 200 + 200 labelled videos of ~1 min (~380 MB per layout). See the calibration table of
+    # docs/data-and-evaluation.md.
     "calibrated": SyntheticSpec(name="SynthCalibrated", num_classes=20, num_train=200, num_test=200,
                                 num_distractors=4, duration_median=60.0, duration_sigma=0.7,
                                 duration_max=400.0, context_groups=5, context_prob=0.5,

@@ -78,4 +78,5 @@ def co_activity_loss(emb: torch.Tensor, seg_logits: torch.Tensor, labels: torch.
 
 
 def topk_k(length: int, ratio: int) -> int:
+    """W-TALC's k for a video of ``length`` segments: ``ceil(length / ratio)``, at least 1."""
     return max(1, math.ceil(length / ratio))

@@ -59,6 +59,7 @@ class Stream(nn.Module):
             self.attention = nn.Linear(embed_dim, 1)
 
     def forward(self, x: torch.Tensor):
+        """``(emb, segment logits, raw attention)`` of ``x [B, T, D_s]``."""
         emb = self.phi(x)
         return (emb, *self.heads(emb))
 
@@ -142,6 +143,7 @@ class TwoStreamAttention(nn.Module):
         return torch.nn.functional.logsigmoid(raw)
 
     def class_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of logits: softmax over classes, or a sigmoid per class for the BCE loss."""
         return torch.softmax(logits, -1) if self.probabilities == "softmax" else torch.sigmoid(logits)
 
     def pool(self, seg_logits: torch.Tensor, att: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

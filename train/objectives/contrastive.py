@@ -24,6 +24,7 @@ class Contrastive(ExemplarObjective):
         self.background = cc["background"]
 
     def candidates(self, out, labels):
+        """The video's classes and the T-CAM, plus the background column (minus the fused attention)."""
         labels, score = super().candidates(out, labels)
         if self.background:  # every labelled video offers its least-attended segments
             labels = torch.cat([labels, labels.any()[None]])
@@ -31,6 +32,7 @@ class Contrastive(ExemplarObjective):
         return labels, score
 
     def collection_weights(self, attention, labels):
+        """p(s|x) on the labelled classes; the background column weighs the unattended segments."""
         w = super().collection_weights(attention, labels)
         if self.background:  # as ccluster.ClassContrastiveLoss weighs its background term
             comp = 1 - attention / attention.max().clamp_min(1e-12)
@@ -38,8 +40,10 @@ class Contrastive(ExemplarObjective):
         return w
 
     def stream_loss(self, alpha: float):
+        """:class:`ccluster.ClassContrastiveLoss` at the stream's bandwidth."""
         return ccluster.ClassContrastiveLoss(alpha, metric=self.metric, temperature=self.temperature,
                                              background=self.background, reduction=self.reduction)
 
     def loss(self, x, out, labels, mask, stream, exemplars):
+        """The contrastive loss weighted by the stream's attention (held fixed with cc.detach_attention)."""
         return exemplars.criterion(x, self.attention(out, stream), labels, mask, exemplars.features, exemplars.log_q)

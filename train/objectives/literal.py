@@ -21,9 +21,11 @@ class Literal(ExemplarObjective):
         self.relative = cc["scale"] == "relative"
 
     def stream_loss(self, alpha: float):
+        """:class:`ccluster.ConvexClusteringLoss` at the stream's bandwidth."""
         return ccluster.ConvexClusteringLoss(alpha, metric=self.metric, reduction=self.reduction)
 
     def loss(self, x, out, labels, mask, stream, exemplars):
+        """L_cc weighted by the stream's attention, divided by its value at collection with cc.scale: relative."""
         loss = exemplars.criterion(x, self.attention(out, stream), labels, mask, exemplars.features, exemplars.log_q)
         if self.relative:  # in units of the loss at collection
             loss = loss / max(exemplars.loss_scale, 1e-12)

@@ -21,15 +21,18 @@ class Prior(ExemplarObjective):
 
     @classmethod
     def check(cls, cfg):
+        """As the base, and the prior needs an attention branch to train (with an exemplar loss at all)."""
         super().check(cfg)
         if cfg["model"]["attention"] == "none" and cfg["cc"]["weight"] > 0 and cfg["cc"]["rounds"] > 0:
             raise ConfigError("config key 'cc.loss': 'prior' trains the attention, and model.attention is "
                               "'none'; use 'tcam_prior' (it trains the T-CAM)")
 
     def stream_loss(self, alpha: float):
+        """:class:`ccluster.AttentionPriorLoss` on standardised log z and log-attention, at the stream's bandwidth."""
         return ccluster.AttentionPriorLoss(alpha, metric=self.metric, temperature=self.temperature,
                                            standardize=True, log_attention=True, reduction=self.reduction)
 
     def loss(self, x, out, labels, mask, stream, exemplars):
+        """KL from the exemplar target to the stream's attention (as log-weights)."""
         # the attention as log-weights: exact where a sigmoid saturates
         return exemplars.criterion(x, out[f"logatt_{stream}"], labels, mask, exemplars.features, exemplars.log_q)

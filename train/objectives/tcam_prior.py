@@ -20,11 +20,14 @@ class TcamPrior(ExemplarObjective):
     name = "tcam_prior"
 
     def stream_loss(self, alpha: float):
+        """:class:`ccluster.AttentionPriorLoss` summed over rows (one per labelled video and class)."""
         # one row per labelled (video, class) pair; loss() reduces per video
         return ccluster.AttentionPriorLoss(alpha, metric=self.metric, temperature=self.temperature,
                                            standardize=True, log_attention=True, reduction="sum")
 
     def loss(self, x, out, labels, mask, stream, exemplars):
+        """The prior on the T-CAM column of each labelled (video, class) pair, averaged over the videos with
+        cc.reduction: mean."""
         video, cls = labels.nonzero(as_tuple=True)
         onehot = torch.nn.functional.one_hot(cls, labels.shape[1]).to(labels.dtype)
         loss = exemplars.criterion(x[video], out[f"seg_{stream}"][video, :, cls], onehot, mask[video],

@@ -103,6 +103,7 @@ class RunContext:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process writes files (rank 0)."""
         return self.rank == 0
 
     @property

@@ -130,12 +130,14 @@ class ExemplarState:
         return self._per_stream("phi_norm")
 
     def state_dict(self) -> dict:
+        """The database and the per-stream Q, alpha, loss scale and phi norm, as a checkpoint stores them."""
         return {"database": self.database.state_dict() if self.database is not None else None,
                 "log_q": self._per_stream("log_q"), "alpha": self._per_stream("alpha"),
                 "loss_scale": self._per_stream("loss_scale"), "phi_norm": self._per_stream("phi_norm"),
                 "collection": self.info}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (each stream's loss module is built again with its alpha)."""
         self.database, self._streams = None, {}
         if state["database"] is not None:
             first = state["database"]["features"]

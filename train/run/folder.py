@@ -95,6 +95,7 @@ class RunFolder:
         return self.path / ckpt.LATEST
 
     def has_checkpoint(self) -> bool:
+        """Whether the folder holds a run (its ``latest.pt``)."""
         return self.latest.exists()
 
     def recorded_config(self) -> dict | None:
@@ -107,6 +108,7 @@ class RunFolder:
             return None
 
     def write_config(self, cfg: dict) -> None:
+        """Record the run's config in ``config.yaml`` (atomically)."""
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.path / CONFIG)
@@ -172,6 +174,7 @@ class RunFolder:
         return self._metrics_offset
 
     def close_log(self) -> None:
+        """Close TensorBoard's writer, if one is open."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None

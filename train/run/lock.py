@@ -66,6 +66,7 @@ class RunFolderLock:
         self.release()
 
     def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunFolderBusy` (see the class docstring)."""
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         fcntl = _flock()
@@ -131,6 +132,7 @@ class RunFolderLock:
         return removed
 
     def release(self) -> None:
+        """Let go of the lock (and remove the folder if taking the lock created it and it stayed empty)."""
         if self._fd is None:
             return
         # remove the file while still holding the lock (a waiter that opened it notices, see acquire)

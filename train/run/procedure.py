@@ -248,6 +248,7 @@ class Run:
 
     @property
     def stage_name(self) -> str:
+        """The name of the current stage (of the last one, once every stage is done)."""
         return self.plan[min(self.stage, len(self.plan) - 1)][0]
 
     @property

@@ -3,7 +3,8 @@ of the official protocol."""
 import numpy as np
 import pytest
 
-from train.eval import ACTIVITYNET_TIOU, THUMOS14_TIOU, average_precision, classification_map, detection_ap_per_class, detection_map
+from train.eval import (ACTIVITYNET_TIOU, THUMOS14_TIOU, average_precision, classification_map,
+                        detection_ap_per_class, detection_map)
 
 
 def P(video, label, start, end, score):
