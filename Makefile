@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.ccluster-installed
 FEATURES_STAMP := $(VENV)/.ccluster-features
 # setuptools announces every editable install with a multi-line warning; nothing to act on
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/library/*.cpp csrc/library/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/library/*.cpp csrc/library/*.h csrc/ops/*.cpp csrc/ops/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: setup features demo test bench cuda-check clean
 

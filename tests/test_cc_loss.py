@@ -502,3 +502,48 @@ def test_module_bad_forward(case):
     _, args, exc, match = _bad_forward_cases()[case]
     with pytest.raises(exc, match=match):
         ccluster.ConvexClusteringLoss(ALPHA)(*args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Double backward: not supported, and says so
+
+
+@pytest.mark.parametrize("wrt", ["x", "attention", "db"])
+def test_double_backward_raises_a_clear_error(metric, wrt):
+    x, att, pairs, db, log_q = _problem(9, 3, 5, 3, "multi_label", False, seed=15)
+    x, att, db, log_q = (t.requires_grad_() for t in (x, att, db, log_q))
+    loss = cc_loss(x, att, pairs, db, log_q, ALPHA, metric)
+    target = {"x": x, "attention": att, "db": db}[wrt]
+    (g,) = torch.autograd.grad(loss, target, create_graph=True)
+    assert g.grad_fn is not None, "a gradient built with create_graph must depend on its inputs"
+    with pytest.raises(RuntimeError, match="convex_clustering_loss: double backward is not supported"):
+        torch.autograd.grad(g.pow(2).sum(), (x, att, db, log_q))
+    (want,) = torch.autograd.grad(cc_loss(x, att, pairs, db, log_q, ALPHA, metric), target)
+    assert_close64(g.detach(), want)
+
+
+def test_module_double_backward_raises_a_clear_error():
+    feats, att, labels, mask, db, log_q = _batch()
+    feats.requires_grad_()
+    loss = ccluster.ConvexClusteringLoss(ALPHA)(feats, att, labels, mask, db, log_q)
+    (g,) = torch.autograd.grad(loss, feats, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.norm().backward()
+
+
+def test_no_grad_computes_no_gradient_of_x():
+    # under torch.no_grad the op is asked for the loss only (grad_x=False), even when x requires grad
+    x, att, pairs, db, log_q = _problem(30, 3, 6, 2, "sparse", False, seed=16)
+    x.requires_grad_()
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "ccluster.cc_loss" in str(func):
+                seen.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        loss = cc_loss(x, att, pairs, db, log_q, ALPHA)
+    assert seen == [False]
+    assert_close64(loss, cc_loss(x.detach(), att, pairs, db, log_q, ALPHA))

@@ -569,3 +569,29 @@ def test_reference_handles_no_slots():
     x, db, log_q = make_inputs(3, 2, 0, 2, seed=18)
     assert torch.equal(reference.exemplar_logsumexp(x, db, log_q, ALPHA),
                        torch.full((3, 2), -math.inf, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Double backward: not supported, and says so (never a gradient that silently ignores its input)
+
+
+@pytest.mark.parametrize("wrt", ["x", "db", "log_q"])
+def test_double_backward_raises_a_clear_error(metric, wrt, device):
+    x, db, log_q = make_inputs(6, 2, 5, 3, seed=19, device=device, requires_grad=True)
+    pairs = random_mask(6, 2, 0.7, seed=2, device=device)
+    inputs = {"x": x, "db": db, "log_q": log_q}
+    out = lse(x, db, log_q, ALPHA, metric, pairs)
+    (g,) = torch.autograd.grad((out * out).sum(), inputs[wrt], create_graph=True)
+    assert g.grad_fn is not None, "a gradient built with create_graph must depend on its inputs"
+    with pytest.raises(RuntimeError, match="exemplar_logsumexp: double backward is not supported"):
+        torch.autograd.grad(g.pow(2).sum(), (x, db, log_q))
+    # the first-order gradient itself is the usual one
+    (want,) = torch.autograd.grad((out * out).sum(), inputs[wrt])
+    assert torch.equal(g.detach(), want)
+
+
+def test_double_backward_of_the_reference_works(metric):
+    # the documented way to a gradient penalty: the materialised reference is twice differentiable
+    x, db, log_q = make_inputs(4, 2, 3, 2, seed=20, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: reference.exemplar_logsumexp(a, b, c, ALPHA, metric),
+                                        (x, db, log_q))

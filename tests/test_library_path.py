@@ -60,8 +60,15 @@ def _with_empty(x, db, log_q):
 def test_settings_roundtrip_and_context_restores():
     before = ccluster.get_kernel_settings()
     assert before["backend"] == "auto" and before["workspace_bytes"] == 256 << 20
-    with ccluster.kernel_settings(backend="library", workspace_bytes=4096, centring="on", gather=False) as s:
-        assert s == {"backend": "library", "workspace_bytes": 4096, "centring": "on", "gather": False}
+    with ccluster.kernel_settings(backend="library", workspace_bytes=4096, centring="on", plan="packed",
+                                  check_values="deferred") as s:
+        assert s == {"backend": "library", "workspace_bytes": 4096, "centring": "on", "plan": "packed",
+                     "check_values": "deferred"}
+    assert ccluster.get_kernel_settings() == before
+    with ccluster.kernel_settings(gather=False) as s:  # the earlier name of plan
+        assert s["plan"] == "dense"
+    with ccluster.kernel_settings(gather=True) as s:
+        assert s["plan"] == "auto"
     assert ccluster.get_kernel_settings() == before
 
 
@@ -71,6 +78,9 @@ def test_settings_roundtrip_and_context_restores():
     ({"workspace_bytes": 0}, "set_kernel_settings: workspace_bytes must be an int > 0, got 0"),
     ({"workspace_bytes": 1.5}, "set_kernel_settings: workspace_bytes must be an int > 0"),
     ({"gather": 1}, "set_kernel_settings: gather must be a bool, got 1"),
+    ({"plan": "sparse"}, r"set_kernel_settings: plan must be one of \('auto', 'dense', 'packed'\), got 'sparse'"),
+    ({"check_values": False}, r"set_kernel_settings: check_values must be one of \('auto', 'eager', 'deferred'\)"),
+    ({"plan": "dense", "gather": True}, "set_kernel_settings: give plan or its earlier name gather, not both"),
 ])
 def test_settings_errors(kw, match):
     before = ccluster.get_kernel_settings()
@@ -80,10 +90,12 @@ def test_settings_errors(kw, match):
 
 
 def test_settings_from_environment():
-    code = "import ccluster; s = ccluster.get_kernel_settings(); print(s['backend'], s['workspace_bytes'])"
-    env = {"CCLUSTER_BACKEND": "library", "CCLUSTER_WORKSPACE_BYTES": "12345", "PATH": "/usr/bin:/bin"}
+    code = ("import ccluster; s = ccluster.get_kernel_settings(); "
+            "print(s['backend'], s['workspace_bytes'], s['plan'], s['check_values'])")
+    env = {"CCLUSTER_BACKEND": "library", "CCLUSTER_WORKSPACE_BYTES": "12345", "CCLUSTER_PLAN": "packed",
+           "CCLUSTER_CHECK_VALUES": "eager", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["library", "12345"]
+    assert out.stdout.split() == ["library", "12345", "packed", "eager"]
 
 
 def test_auto_backend_on_cpu_is_the_fused_kernels():
@@ -111,7 +123,7 @@ def test_lse_forward_backward_float64(shape, metric, ws, mode):
     args = [t.clone().requires_grad_() for t in (x, db, log_q)]
     w = random_like(torch.empty(N, C, dtype=torch.float64), seed=3)
     start = _pieces()
-    with library(workspace_bytes=WORKSPACES[ws], gather=mode != "pairs_masked"):
+    with library(workspace_bytes=WORKSPACES[ws], plan="dense" if mode == "pairs_masked" else "packed"):
         out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
         (torch.where(torch.isfinite(out), out, torch.zeros_like(out)) * w).sum().backward()
     pieces = _pieces() - start
@@ -189,7 +201,7 @@ def test_cc_loss_float64(shape, metric, ws, gather, attention_dim):
     att = torch.rand((N,) if attention_dim == 1 else (N, C), generator=g, dtype=torch.float64)
     keep = _nonempty(log_q)
     args = [t.clone().requires_grad_() for t in (x, att, db, log_q)]
-    with library(workspace_bytes=WORKSPACES[ws], gather=gather):
+    with library(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense"):
         loss = ccluster.convex_clustering_loss(args[0], args[1], pairs, args[2], args[3], ALPHA, metric)
         loss.backward()
     ratt = att if attention_dim == 1 else att[:, keep]
@@ -225,7 +237,7 @@ def test_fit_step_float64(shape, metric, ws, gather):
     x, db, log_q = _with_empty(*make_inputs(N, C, n, m, seed=sum(shape) + 1))
     g = torch.Generator().manual_seed(4)
     weight = torch.rand(N, C, generator=g, dtype=torch.float64) * (torch.rand(N, C, generator=g) < 0.6)
-    with library(workspace_bytes=WORKSPACES[ws], gather=gather):
+    with library(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense"):
         logz, log_eta = ccluster.fit_step(x, db, log_q, weight, ALPHA, metric)
     rz, re = reference.fit_step(x, db, log_q, weight, ALPHA, metric)
     assert_close64(logz, rz, msg="logz")
@@ -313,7 +325,7 @@ def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gathe
     pairs = random_mask(N, C, 0.5, seed=2)
     pairs[UNPAIRED] = False
     grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=7)
-    kw = dict(workspace_bytes=WORKSPACES[ws], gather=gather, centring=centring)
+    kw = dict(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense", centring=centring)
     clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
     xb = x.clone()
     xb[1, 0] = bad
@@ -341,7 +353,7 @@ def test_nan_in_a_paired_row_reaches_its_gradient(metric, gather):
     pairs = random_mask(N, C, 0.5, seed=3)
     pairs[4] = torch.tensor([False, True, False])
     grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=5)
-    kw = dict(workspace_bytes=WORKSPACES["slots"], gather=gather)
+    kw = dict(workspace_bytes=WORKSPACES["slots"], plan="packed" if gather else "dense")
     clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
     xb = x.clone()
     xb[4, 2] = math.nan
@@ -369,7 +381,7 @@ def test_cc_loss_rows_outside_the_pairs_get_exactly_zero_gradient(metric, gather
     grads = []
     for xv in (x, xb):
         args = [t.clone().requires_grad_() for t in (xv, db, log_q)]
-        with library(workspace_bytes=WORKSPACES["slots"], gather=gather):
+        with library(workspace_bytes=WORKSPACES["slots"], plan="packed" if gather else "dense"):
             loss = ccluster.convex_clustering_loss(args[0], att, pairs, args[1], args[2], ALPHA, metric)
             grads.append((loss.detach(), *torch.autograd.grad(loss, args)))
     assert torch.equal(grads[1][1][UNPAIRED], torch.zeros(len(UNPAIRED), 5, dtype=torch.float64))
@@ -586,3 +598,131 @@ def test_library_and_fused_agree_float32():
         with library(workspace_bytes=20000):
             lib = ccluster.exemplar_logsumexp(x, db, log_q, ALPHA, metric, p)
         torch.testing.assert_close(lib, fused, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The device path needs no host synchronisation: the Python wrappers, the modules and the backward
+# formulas, run as they run on a GPU (checks of values deferred), under a dispatch mode that fails on
+# every operation that reads device data on the host
+
+
+class _FailOnHostRead(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on nonzero, item / _local_scalar_dense (Python bool(), float(), .item() of a tensor) and on
+    copies to the CPU: each of these synchronises a GPU with the host."""
+
+    aten = torch.ops.aten
+    FORBIDDEN = {aten.nonzero.default, aten._local_scalar_dense.default, aten.item.default,
+                 aten.nonzero_static.default, aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append(str(func))
+        if func in self.FORBIDDEN:
+            raise AssertionError(f"host synchronisation on the device path: {func}")
+        if func is self.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            raise AssertionError(f"copy to the CPU on the device path: {func} {kwargs}")
+        if func is self.aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            raise AssertionError(f"copy to the CPU on the device path: {func}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("plan", ["auto", "dense", "packed"])
+def test_device_path_makes_no_host_synchronisation(plan):
+    from ccluster import _C
+    N, C, n, m = 30, 4, 11, 5
+    x, db, log_q = make_inputs(N, C, n, m, seed=31)
+    x = x.float().requires_grad_()
+    db, log_q = db.float().requires_grad_(), log_q.float().requires_grad_()
+    pairs = random_mask(N, C, 0.4, seed=3)
+    att = torch.rand(N, requires_grad=True)
+    B, T = 5, 6
+    labels = random_mask(B, C, 0.4, seed=4)
+    mask = random_mask(B, T, 0.8, seed=5)
+    weight = torch.rand(N, C) * pairs
+    syncs = _C._get_setting("host_syncs")
+    with library(plan=plan, check_values="deferred"), _FailOnHostRead() as mode:
+        out = ccluster.exemplar_logsumexp(x, db, log_q, ALPHA, "euclidean", pairs)
+        out.sum().backward()
+        loss = ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA)
+        loss.backward()
+        mod = ccluster.ConvexClusteringLoss(ALPHA)
+        mod(x.reshape(B, T, m), att.reshape(B, T), labels, mask, db, log_q).backward()
+        ccluster.fit_step(x.detach(), db.detach(), log_q.detach(), weight, ALPHA, pairs=pairs)
+        with torch.no_grad():
+            ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA)
+    assert any("ccluster.cc_loss" in op for op in mode.ops), "the mode must have seen the ops"
+    assert _C._get_setting("host_syncs") == syncs, "the compiled ops read device data on the host"
+    assert torch.isfinite(x.grad).all() and torch.isfinite(db.grad).all()
+
+
+def test_deferred_checks_of_values_give_nan_instead_of_reading():
+    x, db, log_q = make_inputs(12, 3, 5, 4, seed=32)
+    pairs = torch.ones(12, 3, dtype=torch.bool)
+    att = torch.rand(12, dtype=torch.float64)
+    bad_att = att.clone()
+    bad_att[4] = -0.5
+    for backend in ("fused", "library"):
+        with ccluster.kernel_settings(backend=backend, check_values="deferred"):
+            xs = x.clone().requires_grad_()
+            loss = ccluster.convex_clustering_loss(xs, bad_att, pairs, db, log_q, ALPHA)
+            loss.backward()
+            assert loss.isnan() and xs.grad.isnan().all(), backend
+            assert ccluster.convex_clustering_loss(x, att, pairs, db, log_q.exp(), ALPHA).isnan(), backend
+            w = torch.rand(12, 3, dtype=torch.float64)
+            w[2, 1] = -1.0
+            logz, log_eta = ccluster.fit_step(x, db, log_q, w, ALPHA)
+            assert logz.isnan().all() and log_eta.isnan().all(), backend
+            good = ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA)
+        with ccluster.kernel_settings(backend=backend):  # the default on the CPU: eager, the same value
+            assert torch.equal(good, ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA))
+            with pytest.raises(ValueError, match="convex_clustering_loss: attention must be >= 0 on the pairs"):
+                ccluster.convex_clustering_loss(x, bad_att, pairs, db, log_q, ALPHA)
+            with pytest.raises(ValueError, match="fit_step: weight must be finite and >= 0, got -1"):
+                ccluster.fit_step(x, db, log_q, w, ALPHA)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plans and the cost model
+
+
+def test_plans_agree_and_the_cost_model_is_reported():
+    x, db, log_q, pairs = _loss_problem(60, 5, 23, 7, seed=33)
+    att = torch.rand(60, dtype=torch.float64)
+    got = {}
+    for plan in ("dense", "packed"):
+        args = [t.clone().requires_grad_() for t in (x, att, db, log_q)]
+        with library(plan=plan, workspace_bytes=5000):
+            loss = ccluster.convex_clustering_loss(args[0], args[1], pairs, args[2], args[3], ALPHA)
+            got[plan] = (loss, *torch.autograd.grad(loss, args))
+            assert ccluster.settings.kernel_statistics()["last_plan"] == plan
+    for a, b in zip(got["dense"], got["packed"]):
+        assert_close64(a, b)
+    est = ccluster.settings.estimate_plans(60, 5, 23, 7, device="cpu", dtype="float64", pairs=pairs)
+    assert est["plan"] in ("dense", "packed") and est["reason"] == "cost model"
+    for key in ("gflop", "gbyte", "pieces", "launches", "syncs", "seconds"):
+        assert est["dense"][key] >= 0 and est["packed"][key] >= 0
+    assert est["packed"]["gflop"] < est["dense"]["gflop"], "the packed plan computes only the pairs"
+
+
+def test_cost_model_on_a_gpu_never_synchronises_in_auto():
+    # training sizes of THUMOS14: N = 7500 segments, C = 20, n = 256, m = 1024, one label per video
+    N, C, n, m, T = 7500, 20, 256, 1024, 750
+    labels = torch.zeros(N // T, C, dtype=torch.bool)
+    labels[torch.arange(N // T), torch.arange(N // T) * 2 % C] = True
+    pairs = labels.repeat_interleave(T, 0)
+    for dtype, tf32 in (("float32", False), ("float32", True), ("bfloat16", False)):
+        on_host = ccluster.settings.estimate_plans(N, C, n, m, dtype=dtype, tf32=tf32, pairs=pairs)
+        assert on_host["packed"]["syncs"] == 0 and on_host["dense"]["syncs"] == 0
+        assert on_host["packed"]["gflop"] < on_host["dense"]["gflop"] / 10
+        # the mask on the device: counts unknown, the packed plan would need a synchronisation
+        on_device = ccluster.settings.estimate_plans(N, C, n, m, dtype=dtype, tf32=tf32, mask_on_device=True)
+        assert on_device["plan"] == "dense" and on_device["packed"]["syncs"] == 1
+        assert "synchronisation" in on_device["reason"]
+    # forced, the packed plan is taken and its synchronisation is in the estimate
+    forced = ccluster.settings.estimate_plans(N, C, n, m, mask_on_device=True, plan="packed")
+    assert forced["plan"] == "packed" and forced["packed"]["syncs"] == 1
+    assert ccluster.settings.estimate_plans(N, C, n, m)["plan"] == "dense", "no pairs: both plans are the same"
