@@ -25,8 +25,11 @@ namespace ccluster {
 namespace cuda {
 namespace {
 
+// One block per SM at least (minBlocksPerMultiprocessor = 1): the register budget is then the full
+// 255 per thread. The kernel keeps two 4 x 4 accumulators (W Y and W^T X), the tile's scores and the
+// column sums live; at the default budget ptxas spilled 150-500 bytes per thread.
 template <typename scalar_t, typename T, int BK>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     lse_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ db, const T* __restrict__ lq,
                         const T* __restrict__ xx, const T* __restrict__ yy, const T* __restrict__ grad,
                         const T* __restrict__ logz, RowsView rv, int C, int n, int m, T alpha, bool euclid,
