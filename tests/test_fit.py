@@ -25,14 +25,14 @@ def _weights(N, C, p, seed):
 # fit_step
 
 
-def _step_problem(N, C, n, m, seed):
+def _step_problem(N, C, n, m, seed, device="cpu"):
     x, db, log_q = make_inputs(N, C, n, m, seed=seed)
     w = _weights(N, C, 0.4, seed)
     if C >= 4:
         log_q[0, ::3] = -math.inf        # some empty slots
         log_q[1] = -math.inf             # an empty class that has weight
         w[:, 2] = 0.0                    # a class without weight
-    return x, db, log_q, w
+    return tuple(t.to(device) for t in (x, db, log_q, w))
 
 
 @pytest.mark.parametrize("shape", [(37, 4, 9, 3), (ROW_BLOCK + 3, 4, COL_BLOCK + 1, 2),
@@ -51,8 +51,22 @@ def test_fit_step_matches_reference(metric, shape):
     assert torch.equal(torch.isinf(log_eta), ~torch.isfinite(log_q) | (w.sum(0) == 0)[:, None])
 
 
-def test_fit_step_non_contiguous_weight_and_features(metric):
-    x, db, log_q, w = _step_problem(20, 4, 6, 3, seed=3)
+@pytest.mark.parametrize("shape", [(37, 4, 9, 3), (5, 1, 1, 1)], ids=["small", "ones"])
+def test_fit_step_matches_reference_on_every_device(metric, shape, device):
+    x, db, log_q, w = _step_problem(*shape, seed=sum(shape) + 2, device=device)
+    logz, log_eta = ccluster.fit_step(x, db, log_q, w, 0.8, metric)
+    ref_logz, ref_eta = reference.fit_step(x, db, log_q, w, 0.8, metric)
+    assert_close64(logz, ref_logz, msg="logz")
+    assert_close64(log_eta, ref_eta, msg="log_eta")
+    # a host mask of the pairs (what fit_representativeness passes on a GPU) gives the same
+    pairs = (w > 0).cpu() | (torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.2)
+    with ccluster.kernel_settings(backend="library", plan="packed"):
+        for a, b in zip(ccluster.fit_step(x, db, log_q, w, 0.8, metric, pairs=pairs), (ref_logz, ref_eta)):
+            assert_close64(a, b)
+
+
+def test_fit_step_non_contiguous_weight_and_features(metric, device):
+    x, db, log_q, w = _step_problem(20, 4, 6, 3, seed=3, device=device)
     xt = x.t().contiguous().t()
     wt = w.t().contiguous().t()
     assert not (xt.is_contiguous() or wt.is_contiguous())
@@ -62,8 +76,8 @@ def test_fit_step_non_contiguous_weight_and_features(metric):
         assert_close64(a, b)
 
 
-def test_fit_step_float32_against_oracle(metric):
-    x, db, log_q, w = _step_problem(ROW_BLOCK + 3, 4, 40, 3, seed=4)
+def test_fit_step_float32_against_oracle(metric, device):
+    x, db, log_q, w = _step_problem(ROW_BLOCK + 3, 4, 40, 3, seed=4, device=device)
     f32 = [t.float() for t in (x, db, log_q, w)]
     fused = ccluster.fit_step(*f32, 0.8, metric)
     plain = reference.fit_step(*f32, 0.8, metric)
@@ -73,9 +87,10 @@ def test_fit_step_float32_against_oracle(metric):
         assert_low_precision(a, b, c, torch.float32, name)
 
 
-def test_fit_step_opcheck(metric):
-    x, db, log_q, w = _step_problem(9, 4, 5, 2, seed=5)
+def test_fit_step_opcheck(metric, device):
+    x, db, log_q, w = _step_problem(9, 4, 5, 2, seed=5, device=device)
     torch.library.opcheck(torch.ops.ccluster.fit_step, (x, db, log_q, w, 0.8, metric))
+    torch.library.opcheck(torch.ops.ccluster.fit_step, (x, db, log_q, w, 0.8, metric, (w > 0).cpu()))
 
 
 @pytest.mark.parametrize("over,match", [
@@ -88,11 +103,14 @@ def test_fit_step_opcheck(metric):
     (dict(w=-torch.ones(6, 3, dtype=torch.float64)), r"fit_step: weight must be finite and >= 0, got -1"),
     (dict(w=torch.full((6, 3), math.nan, dtype=torch.float64)), r"fit_step: weight must be finite and >= 0, got nan"),
 ], ids=["weight_dtype", "weight_shape", "alpha", "metric", "log_q_shape", "weight_negative", "weight_nan"])
-def test_fit_step_bad_input(over, match):
+def test_fit_step_bad_input(over, match, device):
     x, db, log_q = make_inputs(6, 3, 4, 2, seed=6)
     args = dict(x=x, db=db, log_q=log_q, w=torch.ones(6, 3, dtype=torch.float64), alpha=0.8, metric="sqeuclidean")
     args.update(over)
-    with pytest.raises(TypeError if "dtype" in match else ValueError, match=match):
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    # on a GPU the check of the weights is deferred by default (NaN results, no synchronisation)
+    with ccluster.kernel_settings(check_values="eager"), \
+            pytest.raises(TypeError if "dtype" in match else ValueError, match=match):
         ccluster.fit_step(*args.values())
 
 
@@ -224,8 +242,8 @@ def test_gap_is_a_certificate(problem, long_runs, metric, iters):
     assert bool((best - f <= r.gap + 1e-12).all()), f"suboptimality {best - f} exceeds gap {r.gap}"
 
 
-def test_cached_and_fused_paths_agree(problem, metric):
-    x, db, w, log_q = problem
+def test_cached_and_fused_paths_agree(problem, metric, device):
+    x, db, w, log_q = (t.to(device) for t in problem)
     a = fit(x, db, w, ALPHA, metric=metric, tol=1e-6, max_iter=1000, log_q=log_q, cache=True)
     b = fit(x, db, w, ALPHA, metric=metric, tol=1e-6, max_iter=1000, log_q=log_q, cache=False)
     assert a.cached and not b.cached

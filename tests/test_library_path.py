@@ -43,6 +43,10 @@ def _nonempty(log_q):
     return torch.isfinite(log_q).any(-1).nonzero().squeeze(1)
 
 
+def _on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
 def _with_empty(x, db, log_q):
     """An empty slot in every class and, with 3+ classes, one class without any."""
     log_q = log_q.clone()
@@ -115,13 +119,13 @@ def test_auto_backend_on_cpu_is_the_fused_kernels():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("ws", list(WORKSPACES), ids=str)
 @pytest.mark.parametrize("mode", ["dense", "pairs", "pairs_masked"])
-def test_lse_forward_backward_float64(shape, metric, ws, mode):
+def test_lse_forward_backward_float64(shape, metric, ws, mode, device):
     N, C, n, m = shape
-    x, db, log_q = _with_empty(*make_inputs(N, C, n, m, seed=sum(shape)))
-    pairs = random_mask(N, C, 0.6, seed=N) if mode != "dense" else None
+    x, db, log_q = _on(device, *_with_empty(*make_inputs(N, C, n, m, seed=sum(shape))))
+    pairs = random_mask(N, C, 0.6, seed=N, device=device) if mode != "dense" else None
     keep = _nonempty(log_q)
     args = [t.clone().requires_grad_() for t in (x, db, log_q)]
-    w = random_like(torch.empty(N, C, dtype=torch.float64), seed=3)
+    w = random_like(torch.empty(N, C, dtype=torch.float64, device=device), seed=3)
     start = _pieces()
     with library(workspace_bytes=WORKSPACES[ws], plan="dense" if mode == "pairs_masked" else "packed"):
         out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
@@ -136,7 +140,7 @@ def test_lse_forward_backward_float64(shape, metric, ws, mode):
     assert_close64(out[:, keep], ref, msg="value")
     empty = [c for c in range(C) if c not in keep.tolist()]
     if empty:
-        want = torch.full((N, len(empty)), NEG_INF, dtype=out.dtype)
+        want = torch.full((N, len(empty)), NEG_INF, dtype=out.dtype, device=device)
         if pairs is not None:
             want = torch.where(pairs[:, empty], want, torch.zeros_like(want))
         assert torch.equal(out[:, empty], want), "an empty class must give -inf (0 outside the pairs), never NaN"
@@ -194,11 +198,11 @@ def _loss_problem(N, C, n, m, seed):
 @pytest.mark.parametrize("ws", list(WORKSPACES), ids=str)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
 @pytest.mark.parametrize("attention_dim", [1, 2])
-def test_cc_loss_float64(shape, metric, ws, gather, attention_dim):
+def test_cc_loss_float64(shape, metric, ws, gather, attention_dim, device):
     N, C, n, m = shape
-    x, db, log_q, pairs = _loss_problem(N, C, n, m, seed=sum(shape))
+    x, db, log_q, pairs = _on(device, *_loss_problem(N, C, n, m, seed=sum(shape)))
     g = torch.Generator().manual_seed(3)
-    att = torch.rand((N,) if attention_dim == 1 else (N, C), generator=g, dtype=torch.float64)
+    att = torch.rand((N,) if attention_dim == 1 else (N, C), generator=g, dtype=torch.float64).to(device)
     keep = _nonempty(log_q)
     args = [t.clone().requires_grad_() for t in (x, att, db, log_q)]
     with library(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense"):
@@ -232,11 +236,11 @@ def test_cc_loss_op_matches_fused_cpu_kernel(metric):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("ws", list(WORKSPACES), ids=str)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
-def test_fit_step_float64(shape, metric, ws, gather):
+def test_fit_step_float64(shape, metric, ws, gather, device):
     N, C, n, m = shape
-    x, db, log_q = _with_empty(*make_inputs(N, C, n, m, seed=sum(shape) + 1))
+    x, db, log_q = _on(device, *_with_empty(*make_inputs(N, C, n, m, seed=sum(shape) + 1)))
     g = torch.Generator().manual_seed(4)
-    weight = torch.rand(N, C, generator=g, dtype=torch.float64) * (torch.rand(N, C, generator=g) < 0.6)
+    weight = (torch.rand(N, C, generator=g, dtype=torch.float64) * (torch.rand(N, C, generator=g) < 0.6)).to(device)
     with library(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense"):
         logz, log_eta = ccluster.fit_step(x, db, log_q, weight, ALPHA, metric)
     rz, re = reference.fit_step(x, db, log_q, weight, ALPHA, metric)
@@ -262,22 +266,24 @@ def test_fit_representativeness_library_matches_fused():
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (4, 0, 4, 5), (4, 3, 0, 5), (4, 3, 5, 0), (0, 0, 0, 0)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_empty_dimensions_match_fused(shape):
+def test_empty_dimensions_match_fused(shape, device):
     N, C, n, m = shape
-    x, db, log_q = make_inputs(N, C, n, m)
-    pairs = random_mask(N, C, 0.5, seed=1)
-    w = torch.rand(N, C, dtype=torch.float64) * pairs
-    grad = torch.ones(N, C, dtype=torch.float64)
+    x, db, log_q = make_inputs(N, C, n, m, device=device)
+    pairs = random_mask(N, C, 0.5, seed=1, device=device)
+    w = torch.rand(N, C, dtype=torch.float64, device=device) * pairs
+    grad = torch.ones(N, C, dtype=torch.float64, device=device)
     calls = [
         lambda: (torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, 1.0, "sqeuclidean", None),),
         lambda: (torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, 1.0, "sqeuclidean", pairs),),
         lambda: torch.ops.ccluster.exemplar_logsumexp_backward(
-            grad, x, db, log_q, torch.zeros(N, C, dtype=torch.float64), 1.0, "sqeuclidean", None, [True] * 3),
+            grad, x, db, log_q, torch.zeros(N, C, dtype=torch.float64, device=device), 1.0, "sqeuclidean", None,
+            [True] * 3),
         lambda: torch.ops.ccluster.cc_loss(x, w, pairs, db, log_q, 1.0, "sqeuclidean", True),
         lambda: torch.ops.ccluster.fit_step(x, db, log_q, w, 1.0, "sqeuclidean"),
     ]
     for call in calls:
-        fused = call()
+        with ccluster.kernel_settings(backend="fused" if device.type == "cpu" else "library"):
+            fused = call()  # on a GPU: the library path with its default workspace
         with library(workspace_bytes=300):
             lib = call()
         for a, b in zip(lib, fused):
@@ -315,16 +321,16 @@ def _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw):
 @pytest.mark.parametrize("ws", ["large", "slots"], ids=str)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
 @pytest.mark.parametrize("centring", ["off", "on"])
-def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gather, centring):
+def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gather, centring, device):
     # README: with pairs, the other entries are 0 and get no gradient. NaN or inf in a row with no pair
     # gives that row exactly 0 gradient and reaches neither grad_db nor grad_log_q: the row term
     # rowsum(W) x is applied only where rowsum(W) != 0 (0 * NaN = NaN), and without gathering ("mask")
     # such rows enter the W^T X GEMM as zeros.
     N, C, n, m = 37, 3, 23, 5
-    x, db, log_q = make_inputs(N, C, n, m, seed=12)
-    pairs = random_mask(N, C, 0.5, seed=2)
+    x, db, log_q = make_inputs(N, C, n, m, seed=12, device=device)
+    pairs = random_mask(N, C, 0.5, seed=2, device=device)
     pairs[UNPAIRED] = False
-    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=7)
+    grad = random_like(torch.empty(N, C, dtype=torch.float64, device=device), seed=7)
     kw = dict(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense", centring=centring)
     clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
     xb = x.clone()
@@ -332,13 +338,14 @@ def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gathe
     xb[6] = bad
     xb[20, 4] = -bad
     got = _lse_grads_library(xb, db, log_q, metric, pairs, grad, **kw)
-    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64))
+    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64, device=device))
     for name, a, b in zip(("value", "grad x", "grad db", "grad log_q"), got, clean):
         assert torch.isfinite(a).all(), f"{name}: NaN or inf from a row outside the pairs"
         assert_close64(a, b, rtol=1e-13, msg=name)
-    # and the fused CPU kernels give the same
+    # and the fused kernels give the same
     args = [t.clone().requires_grad_() for t in (xb, db, log_q)]
-    out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
+    with ccluster.kernel_settings(backend="fused"):
+        out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
     for name, a, b in zip(("grad x", "grad db", "grad log_q"), got[1:], torch.autograd.grad(out, args, grad)):
         assert_close64(a, b, msg=name)
 
@@ -391,10 +398,10 @@ def test_cc_loss_rows_outside_the_pairs_get_exactly_zero_gradient(metric, gather
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_large_alpha_d_is_exact(metric, dtype):
+def test_large_alpha_d_is_exact(metric, dtype, device):
     # alpha * d ~ 1e4: log(sum(q exp(-alpha d))) underflows to -inf (and NaN gradients) in float32 and
     # float64; the op is finite and exact.
-    x, db, log_q = make_inputs(40, 2, 30, 8, seed=7, spread=10.0)
+    x, db, log_q = make_inputs(40, 2, 30, 8, seed=7, spread=10.0, device=device)
     d = ((x[:, None, None, :] - db[None]) ** 2).sum(-1)
     alpha = 1e4 / float(d.mean() if metric == "sqeuclidean" else d.sqrt().mean())
     xd, dbd, lqd = (t.to(dtype) for t in (x, db, log_q))
@@ -416,10 +423,10 @@ def test_large_alpha_d_is_exact(metric, dtype):
         torch.testing.assert_close(out.double(), ref, rtol=4e-6, atol=0.0)
 
 
-def test_noncontiguous_inputs():
-    x, db, log_q = make_inputs(30, 3, 11, 6, seed=9)
-    pairs = random_mask(30, 3, 0.5, seed=9)
-    w = torch.rand(30, 3, dtype=torch.float64) * pairs
+def test_noncontiguous_inputs(device):
+    x, db, log_q = make_inputs(30, 3, 11, 6, seed=9, device=device)
+    pairs = random_mask(30, 3, 0.5, seed=9, device=device)
+    w = torch.rand(30, 3, dtype=torch.float64, device=device) * pairs
     xt = x.t().contiguous().t()
     dbs = torch.stack([db, db], dim=-1)[..., 0]
     lqt = log_q.t().contiguous().t()
@@ -436,13 +443,14 @@ def test_noncontiguous_inputs():
                            reference.convex_clustering_loss(x, w, pairs, db, log_q, ALPHA))
 
 
-def test_deterministic_bitwise():
-    x, db, log_q, pairs = _loss_problem(70, 4, 40, 6, seed=1)
-    w = torch.rand(70, 4, dtype=torch.float32)
+@pytest.mark.parametrize("plan", ["dense", "packed"])
+def test_deterministic_bitwise(plan, device):
+    x, db, log_q, pairs = _on(device, *_loss_problem(70, 4, 40, 6, seed=1))
+    w = torch.rand(70, 4, dtype=torch.float32, device=device)
     args = [t.float() for t in (x, db, log_q)]
 
     def run():
-        with library(workspace_bytes=2000):
+        with library(workspace_bytes=2000, plan=plan):
             logz = torch.ops.ccluster.exemplar_logsumexp(*args, ALPHA, "euclidean", pairs)
             back = torch.ops.ccluster.exemplar_logsumexp_backward(torch.ones_like(logz), *args, logz, ALPHA,
                                                                   "euclidean", pairs, [True] * 3)
@@ -461,13 +469,13 @@ def test_deterministic_bitwise():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("centring", ["off", "on"])
 @pytest.mark.parametrize("ws", ["large", "slots"])
-def test_low_precision_rule(dtype, metric, centring, ws):
+def test_low_precision_rule(dtype, metric, centring, ws, device):
     # features offset from the origin: centring has something to remove
-    x64, db64, lq64 = make_inputs(45, 3, 26, 16, seed=11)
+    x64, db64, lq64 = make_inputs(45, 3, 26, 16, seed=11, device=device)
     x64, db64 = x64 + 3.0, db64 + 3.0
     x, db, log_q = (t.to(dtype) for t in (x64, db64, lq64))
     alpha = 0.05
-    grad = random_like(torch.empty(45, 3, dtype=torch.float64), seed=2)
+    grad = random_like(torch.empty(45, 3, dtype=torch.float64, device=device), seed=2)
     xs = [t.clone().requires_grad_() for t in (x, db, log_q)]
     with library(workspace_bytes=WORKSPACES[ws], centring=centring):
         out = ccluster.exemplar_logsumexp(*xs, alpha, metric)
@@ -486,8 +494,8 @@ def test_low_precision_rule(dtype, metric, centring, ws):
         assert a.grad.dtype == dtype
         assert_low_precision(a.grad, b.grad, c.grad, dtype, f"grad {name}")
     # the fused loss and the fit in the same precision
-    pairs = random_mask(45, 3, 0.5, seed=5)
-    att = torch.rand(45, dtype=torch.float64)
+    pairs = random_mask(45, 3, 0.5, seed=5, device=device)
+    att = torch.rand(45, dtype=torch.float64, device=device)
     with library(workspace_bytes=WORKSPACES[ws], centring=centring):
         l_lib = ccluster.convex_clustering_loss(x, att.to(dtype), pairs, db, log_q, alpha, metric)
         f_lib = ccluster.fit_step(x, db, log_q, (att[:, None] * pairs).to(dtype), alpha, metric)
@@ -552,10 +560,10 @@ def test_bfloat16_backward_uses_float32_logz():
 
 
 @pytest.mark.parametrize("case", ["lse", "lse_backward", "cc_loss", "fit_step"])
-def test_opcheck_library_path(case):
-    x, db, log_q = make_inputs(9, 3, 7, 4, seed=14)
-    pairs = random_mask(9, 3, 0.6, seed=2)
-    w = torch.rand(9, 3, dtype=torch.float64)
+def test_opcheck_library_path(case, device):
+    x, db, log_q = make_inputs(9, 3, 7, 4, seed=14, device=device)
+    pairs = random_mask(9, 3, 0.6, seed=2, device=device)
+    w = torch.rand(9, 3, dtype=torch.float64, device=device)
     xr = x.clone().requires_grad_()
     with library(workspace_bytes=700):
         logz = torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, ALPHA, "sqeuclidean", pairs)
