@@ -181,7 +181,7 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
     if not has_compiled_ops():
         _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
         if pairs is not None:
-            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db)
+            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db, host_ok=True)
         low = x.dtype in (torch.float16, torch.bfloat16)
         args = (x.float(), db.float(), log_q.float()) if low else (x, db, log_q)
         out = reference.exemplar_logsumexp(*args, float(alpha), metric, None if pairs is None else pairs.to(x.device))
