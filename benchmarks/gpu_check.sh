@@ -19,15 +19,16 @@
 #   bench_lse   (40)  exemplar_logsumexp at N = 7500, C = 20, n = 256, m = 1024 / 2048 and a large case,
 #                     float32 (TF32 off), TF32, bfloat16: ours, the best pure PyTorch, one cuBLAS GEMM;
 #                     CUDA-event timing, median of >= 20 calls after a warm-up; peak memory; error vs float64
-#   bench_cc    (60)  the convex clustering loss fwd+bwd at 10 videos x 750 segments (1.1 labels per video),
+#   bench_cc    (55)  the convex clustering loss fwd+bwd at 10 videos x 750 segments (1.1 labels per video),
 #                     C = 20, n = 256, m = 1024 / 2048, and a large case; same precisions and timing; pairs on
 #                     the GPU and on the CPU; both plans; errors of the loss, dL/dx, dL/ddb, dL/dlog_q; the
 #                     cost model's plan and estimates
 #   targets      (5)  benchmarks/gpu_targets.py: asserts the targets on the two JSONs, names every miss
-#   train       (30)  python -m train fit --config configs/tiny.yaml device=cuda, to the end
-#   steptime    (30)  python -m train steptime at THUMOS14 model sizes (embed 1024, C x n = 20 x 256 on the
-#                     synthetic "calibrated" preset, batch 10 x up to 750 segments) on cuda
-#   tests_ops   (40)  the device-parametrised op tests (-m cuda): oracle, gradcheck, opcheck, odd / empty /
+#   train       (25)  python -m train fit --config configs/tiny.yaml device=cuda, to the end
+#   steptime    (45)  python -m train steptime at THUMOS14 model sizes (embed 1024, C x n = 20 x 256 on the
+#                     synthetic "calibrated" preset, batch 10 x up to 750 segments) on cuda; includes writing
+#                     the preset (~380 MB, ~25 s of disk here)
+#   tests_ops   (35)  the device-parametrised op tests (-m cuda): oracle, gradcheck, opcheck, odd / empty /
 #                     non-contiguous shapes, extreme alpha d, NaN, bad input, the library path's plans
 #   memcheck    (25)  compute-sanitizer memcheck on benchmarks/sanitize_kernels.py (every kernel, small shapes)
 #   racecheck   (20)  compute-sanitizer racecheck on the same (--quick), ccluster's kernels only
@@ -61,7 +62,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export FORCE_CUDA=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
-export CCLUSTER_CACHE=${CCLUSTER_CACHE:-$OUT_DIR/cache}
+export CCLUSTER_CACHE=${CCLUSTER_CACHE:-${TMPDIR:-/tmp}/ccluster_gpu_check_cache}  # synthetic sets: not in OUT_DIR
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
   CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
   # a wrapper script in /usr/local/bin (exec /usr/local/cuda-X/bin/nvcc) resolves to /usr/local: look inside
@@ -210,20 +211,20 @@ run_step bench_lse 40 "$PY" benchmarks/bench_exemplar_logsumexp.py --device cuda
   --deadline 28 --dtype bfloat16,tf32,float32 --rounds 4 --reps 5 --cases library_fwd,library_fwd_bwd,ref_fwd,ref_fwd_bwd \
   --sizes "7500,20,256,1024;7500,20,256,2048;16384,20,1024,2048" ${BENCH_ARGS:-}
 # shellcheck disable=SC2086
-run_step bench_cc 60 "$PY" benchmarks/bench_cc_loss.py --device cuda --json "$OUT_DIR/bench_cc_loss.json" \
-  --deadline 42 --dtype bfloat16,tf32,float32 --rounds 4 --reps 5 \
+run_step bench_cc 55 "$PY" benchmarks/bench_cc_loss.py --device cuda --json "$OUT_DIR/bench_cc_loss.json" \
+  --deadline 38 --dtype bfloat16,tf32,float32 --rounds 4 --reps 5 \
   --cases library,library_host,library_dense,library_packed,label_aware,dense \
   --sizes "10,750,20,256,1024;10,750,20,256,2048;16,1024,20,1024,2048" ${BENCH_ARGS:-}
 run_step targets 5 "$PY" benchmarks/gpu_targets.py --cc "$OUT_DIR/bench_cc_loss.json" --lse "$OUT_DIR/bench_lse.json" \
   --json "$OUT_DIR/targets.json"
 
 # 8-9. the training code on the GPU
-run_step train 30 "$PY" -m train fit --config configs/tiny.yaml device=cuda --run-dir "$OUT_DIR/tiny_run"
-run_step steptime 30 "$PY" -m train steptime --config configs/synthetic.yaml data.synthetic=calibrated \
+run_step train 25 "$PY" -m train fit --config configs/tiny.yaml device=cuda --run-dir "$OUT_DIR/tiny_run"
+run_step steptime 45 "$PY" -m train steptime --config configs/synthetic.yaml data.synthetic=calibrated \
   data.batch_size=10 data.max_seqlen=750 model.embed_dim=1024 cc.size=256 device=cuda --steps 6
 
 # 10. the op tests on the GPU
-run_step tests_ops 40 "$PY" -m pytest tests/test_exemplar_logsumexp.py tests/test_cc_loss.py tests/test_fit.py \
+run_step tests_ops 35 "$PY" -m pytest tests/test_exemplar_logsumexp.py tests/test_cc_loss.py tests/test_fit.py \
   tests/test_library_path.py tests/test_exemplar_losses.py -m cuda -q -rfEx -p no:cacheprovider \
   --junitxml="$OUT_DIR/tests_ops.xml"
 if [[ ${RESULT[tests_ops]} == 0 ]]; then all_skipped "$OUT_DIR/tests_ops.xml" || { RESULT[tests_ops]=6; write_summary; }; fi
