@@ -11,9 +11,9 @@ STAMP  := $(VENV)/.ccluster-installed
 FEATURES_STAMP := $(VENV)/.ccluster-features
 # setuptools announces every editable install with a multi-line warning; nothing to act on
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/library/*.cpp csrc/library/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/library/*.cpp csrc/library/*.h csrc/ops/*.cpp csrc/ops/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup features demo test bench cuda-check clean
+.PHONY: setup features demo test bench cuda-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ cuda-check:
 	set -e; test -x .venv-cuda-headers/bin/python || $(PYTHON) -m venv .venv-cuda-headers; \
 	.venv-cuda-headers/bin/pip install -q --no-deps "$(CUDA_TORCH)"; \
 	bash .ci/compile_cuda.sh .venv-cuda-headers/bin/python
+
+# On a machine with a GPU: build in place with the CUDA kernels, run the CUDA tests, the benchmarks at
+# training sizes and the GPU targets; exit status 0 only when all pass (benchmarks/gpu_check.sh).
+gpu-check:
+	bash benchmarks/gpu_check.sh $(or $(OUT),gpu_check_out)
 
 clean:
 	rm -rf build *.egg-info ccluster/_C*.so

@@ -38,7 +38,7 @@ def want_cuda():
 
 def extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
-                 + glob.glob(os.path.join("csrc", "library", "*.cpp")))
+                 + glob.glob(os.path.join("csrc", "library", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     # -fopenmp-simd: honour `#pragma omp simd` reductions; -fno-math-errno: lets sqrt vectorise.
     cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp-simd", "-fno-math-errno"]
     kwargs = dict(

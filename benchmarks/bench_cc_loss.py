@@ -1,18 +1,27 @@
 """Benchmark: fused label-sparse convex clustering loss, forward+backward, at a THUMOS-like batch.
 
 Candidates (all forward + backward w.r.t. x and attention, float32 unless --dtype):
-  fused / library  ccluster.convex_clustering_loss (library_ws32m: with a 32 MiB workspace). On CPU the fused CPU kernel (dL/dx accumulated in the
-               forward pass); on CUDA both implementations: "library" (cuBLAS GEMMs + epilogue kernels, the
-               default) and "fused" (the hand-written kernels)
-  label_aware  the best plain-PyTorch formulation we know: per class, gather the rows of videos with
-               that label, addmm-based scores, logsumexp (reference.convex_clustering_loss_by_class)
-  dense        all N x C pairs through the materialised reference, then masked
-  gemm         one GEMM with as many multiply-adds as the pairs need: [P, m] x [m, n], same precision
+  fused          ccluster.convex_clustering_loss with the fused kernels (the CPU default; on CUDA the
+                 hand-written kernels, backend "fused")
+  library        the library-GEMM path as the ops choose its plan (the CUDA default) with the pairs on
+                 x's device: on a GPU that is the dense plan (no synchronisation)
+  library_host   the same with the pair mask on the CPU (the data loader's labels): the cost model may
+                 take the packed plan, laid out on the host without a synchronisation (CUDA only)
+  library_dense, library_packed   the library path with each plan forced (packed: host pairs)
+  library_ws32m  the library path with a 32 MiB workspace instead of 256 MiB (CUDA only)
+  label_aware    the best plain-PyTorch formulation we know: per class, gather the rows of videos with
+                 that label, addmm-based scores, logsumexp (reference.convex_clustering_loss_by_class)
+  dense          all N x C pairs through the materialised reference, then masked
+  gemm           one GEMM with as many multiply-adds as the pairs need: [P, m] x [m, n], same precision;
+                 the fused loss costs two such GEMMs (the two-GEMM floor is 2x its time)
 A batch is `videos` videos of `T` segments, 1-2 labels per video (10 % with two, as THUMOS14).
 Peak memory is also given less the returned gradient of x (an [N, m] tensor every candidate returns).
+Errors: the loss and its gradients (x, db, log_q) against float64 on the first videos, for the default
+implementation and for plain PyTorch in the same precision. Plans: the cost model's choice and estimates
+for this size, on this CPU and on a GPU (ccluster.settings.estimate_plans).
 
     python benchmarks/bench_cc_loss.py [--device cpu|cuda] [--dtype float32,tf32,bfloat16] \\
-        [--sizes "10,750,20,256,1024;..."] [--deadline 60] [--json out.json]
+        [--sizes "10,750,20,256,1024;..."] [--cases fused,label_aware,gemm] [--deadline 60] [--json out.json]
 """
 from __future__ import annotations
 
@@ -29,8 +38,10 @@ import ccluster  # noqa: E402
 from ccluster import reference  # noqa: E402
 
 DEFAULT_SIZES = "10,750,20,256,1024;10,750,20,1024,1024;10,750,20,256,2048;10,750,20,1024,2048"
-CPU_CASES = ("gemm", "fused", "label_aware", "dense")
-CUDA_CASES = ("gemm", "library", "library_ws32m", "fused", "label_aware", "dense")
+CPU_CASES = ("gemm", "fused", "library_packed", "library_dense", "label_aware", "dense")
+CUDA_CASES = ("gemm", "library", "library_host", "library_dense", "library_packed", "library_ws32m", "fused",
+              "label_aware", "dense")
+ERROR_VIDEOS = 4  # videos of the float64 error check
 
 
 def make_inputs(videos, T, C, n, m, dtype, device, seed=0):
@@ -50,6 +61,19 @@ def make_inputs(videos, T, C, n, m, dtype, device, seed=0):
     return x.to(**to), att.to(**to), pairs.to(device), db.to(**to), log_q.to(**to), 1.0 / m
 
 
+SETTINGS = {"fused": dict(backend="fused"), "library": dict(backend="library"),
+            "library_host": dict(backend="library"), "library_dense": dict(backend="library", plan="dense"),
+            "library_packed": dict(backend="library", plan="packed"),
+            "library_ws32m": dict(backend="library", workspace_bytes=32 << 20)}
+
+
+def settings_of(case, device):
+    """(a fresh context manager with the candidate's kernel settings, whether its pairs live on the CPU)."""
+    host = case == "library_host" or (case == "library_packed" and device.startswith("cuda"))
+    kw = SETTINGS.get(case)
+    return (ccluster.kernel_settings(**kw) if kw else contextlib.nullcontext()), host
+
+
 def build_case(case, videos, T, C, n, m, dtype, device):
     x, att, pairs, db, log_q, alpha = make_inputs(videos, T, C, n, m, dtype, device)
     if case == "gemm":
@@ -57,67 +81,93 @@ def build_case(case, videos, T, C, n, m, dtype, device):
         a = torch.randn(P, m, dtype=dtype, device=device)
         y = db[0].t().contiguous()
         return lambda: torch.mm(a, y)
-    fn = {"fused": ccluster.convex_clustering_loss, "library": ccluster.convex_clustering_loss,
-          "library_ws32m": ccluster.convex_clustering_loss,
-          "label_aware": reference.convex_clustering_loss_by_class, "dense": reference.convex_clustering_loss}[case]
-    settings = contextlib.nullcontext
-    if case in ("library", "fused") and device.startswith("cuda"):
-        settings = lambda: common.backend_settings(case)  # noqa: E731
-    elif case == "library_ws32m":  # the library path with a 32 MiB workspace instead of 256 MiB
-        settings = lambda: ccluster.kernel_settings(backend="library", workspace_bytes=32 << 20)  # noqa: E731
+    fn = {"label_aware": reference.convex_clustering_loss_by_class,
+          "dense": reference.convex_clustering_loss}.get(case, ccluster.convex_clustering_loss)
+    if settings_of(case, device)[1]:
+        pairs = pairs.cpu()
     xg = x.clone().requires_grad_()
     ag = att.clone().requires_grad_()
 
     def run():
-        with settings():
+        with settings_of(case, device)[0]:
             loss = fn(xg, ag, pairs, db, log_q, alpha)
             loss.backward()
         xg.grad = ag.grad = None
     return run
 
 
+def errors(size, dtype, device, default_case):
+    """Max |error| against float64 of the loss and of dL/dx, dL/ddb, dL/dlog_q on the first videos: the
+    default implementation and plain PyTorch (label-aware) in the same precision."""
+    videos, T, C, n, m = size
+    x, att, pairs, db, log_q, alpha = make_inputs(min(videos, ERROR_VIDEOS), T, C, n, m, dtype, device)
+
+    def run(fn, cast, ctx):
+        ins = [t.detach().to(cast).requires_grad_() for t in (x, db, log_q)]
+        with ctx:
+            loss = fn(ins[0], att.to(cast), pairs, ins[1], ins[2], alpha)
+            grads = torch.autograd.grad(loss, ins)
+        return [loss.detach().double(), *(g.double() for g in grads)]
+
+    oracle = run(reference.convex_clustering_loss_by_class, torch.float64, contextlib.nullcontext())
+    plain = run(reference.convex_clustering_loss_by_class, dtype, contextlib.nullcontext())
+    ours = run(ccluster.convex_clustering_loss, dtype, settings_of(default_case, device)[0])
+    out = {}
+    for name, o, p, f in zip(("value", "grad_x", "grad_db", "grad_log_q"), oracle, plain, ours):
+        ep, ef = float((p - o).abs().max()), float((f - o).abs().max())
+        out[name] = {"plain": ep, "ours": ef, "ratio": ef / ep if ep > 0 else None, "scale": float(o.abs().max())}
+    return out
+
+
 def main():
-    args = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args()
+    p = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
+    p.add_argument("--cases", default=None, help="comma-separated subset of the candidates (gemm is always timed)")
+    args = p.parse_args()
     common.apply_threads(args)
     cuda = args.device.startswith("cuda")
     if args.memory_case:
         dtype = common.DTYPES[args.dtype]
         size = common.parse_sizes(args.sizes)[0]
-        print(common.measure_in_process(lambda: build_case(args.memory_case, *size, dtype, args.device),
-                                        args.device,
-                                        lambda: build_case(args.memory_case, *(2, 4, size[2], 4, 4), dtype, args.device)))
+        with common.precision(args.dtype):
+            print(common.measure_in_process(lambda: build_case(args.memory_case, *size, dtype, args.device),
+                                            args.device,
+                                            lambda: build_case(args.memory_case, *(2, 4, size[2], 4, 4), dtype,
+                                                               args.device)))
         return
     if not ccluster.has_compiled_ops():
         sys.exit("compiled ops are not loaded: this benchmark would time the reference against itself")
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     cases = CUDA_CASES if cuda else CPU_CASES
-    ops_ = ("library", "fused") if cuda else ("fused",)
-    timed_ops = ("library", "library_ws32m", "fused") if cuda else ("fused",)
+    if args.cases:
+        wanted = set(args.cases.split(",")) | {"gemm"}
+        unknown = wanted - set(cases)
+        if unknown:
+            sys.exit(f"--cases: unknown candidates {sorted(unknown)}; choose from {cases}")
+        cases = tuple(c for c in cases if c in wanted)
+    default_case = "library" if cuda else "fused"
+    ours = [c for c in cases if c in ("fused", "library", "library_host", "library_dense", "library_packed",
+                                      "library_ws32m")]
     deadline = common.Deadline(args.deadline)
     print(f"convex_clustering_loss fwd+bwd  device={args.device} threads={torch.get_num_threads()} "
           f"rounds={args.rounds}")
     rows = []
     payload = {"op": "convex_clustering_loss", "env": common.environment(args.device), "rounds": args.rounds,
                "rows": rows}
-    for prec in common.parse_dtypes(args.dtype):
-        for size in common.parse_sizes(args.sizes):
+    # every precision of a size before the next size: a deadline cuts the largest sizes, not a precision
+    for size in common.parse_sizes(args.sizes):
+        for prec in common.parse_dtypes(args.dtype):
             if deadline.passed():
                 print(f"deadline reached: skipping {prec} {size}")
                 payload["stopped_at_deadline"] = True
                 continue
             with common.precision(prec) as dtype:
-                x, att, pairs, db, log_q, alpha = make_inputs(*size, dtype, args.device)
-                oracle = float(reference.convex_clustering_loss_by_class(
-                    x.double(), att.double(), pairs, db.double(), log_q.double(), alpha))
-                err = {"plain": abs(float(reference.convex_clustering_loss_by_class(x, att, pairs, db, log_q, alpha))
-                                    - oracle)}
-                for b in ops_:
-                    with (common.backend_settings(b) if cuda else contextlib.nullcontext()):
-                        err[b] = abs(float(ccluster.convex_clustering_loss(x, att, pairs, db, log_q, alpha)) - oracle)
+                err = errors(size, dtype, args.device, default_case)
+                _, _, pairs, _, _, _ = make_inputs(*size, dtype, "cpu")
                 npairs = int(pairs.sum())
-                grad_bytes = x.numel() * x.element_size()
-                del x, att, pairs, db, log_q
+                plans = common.plan_estimates(size[0] * size[1], *size[2:], prec, pairs)
+                x_numel = size[0] * size[1] * size[4]
+                grad_bytes = x_numel * dtype.itemsize
                 fns = {c: build_case(c, *size, dtype, args.device) for c in cases}
                 t, mem = common.time_and_measure(__file__, fns, args, ",".join(map(str, size)), prec)
 
@@ -131,27 +181,29 @@ def main():
                     return None
                 return max(f - less, 0) / (o - less)
             row = {"precision": prec, "videos": size[0], "T": size[1], "C": size[2], "n": size[3], "m": size[4],
-                   "pairs": npairs, "oracle_loss": oracle,
-                   **{f"abs_err_{k}": v for k, v in err.items()},
-                   **{f"err_ratio_{b}_vs_plain": (err[b] / err["plain"] if err["plain"] > 0 else None) for b in ops_},
-                   "x_grad_bytes": grad_bytes,
+                   "pairs": npairs, "errors": err, "plans": plans, "x_grad_bytes": grad_bytes,
                    **{f"{c}_s": t[c]["seconds"] for c in cases}, **{f"{c}_ratio": t[c]["ratio"] for c in cases},
+                   **{f"{c}_calls": t[c]["calls"] for c in cases},
                    **{f"{c}_peak_bytes": mem[c] for c in cases}}
-            for b in timed_ops:
-                row[f"speedup_{b}_vs_label_aware"] = speedup(b, "label_aware")
-                row[f"speedup_{b}_vs_dense"] = speedup(b, "dense")
-                row[f"peak_{b}_vs_label_aware"] = peak_ratio(b, "label_aware")
-                row[f"peak_{b}_vs_label_aware_less_x_grad"] = peak_ratio(b, "label_aware", grad_bytes)
+            for b in ours:
+                row[f"{b}_vs_two_gemm_floor"] = (t[b]["ratio"] / 2) if isinstance(t[b]["ratio"], float) else None
+                for base in ("label_aware", "dense"):
+                    if base in cases:
+                        row[f"speedup_{b}_vs_{base}"] = speedup(b, base)
+                        row[f"peak_{b}_vs_{base}"] = peak_ratio(b, base)
+                        row[f"peak_{b}_vs_{base}_less_x_grad"] = peak_ratio(b, base, grad_bytes)
             rows.append(row)
             cells = " | ".join(f"{c} {common.fmt_seconds(t[c]['seconds']).strip()} "
                                f"{common.fmt_ratio(t[c]['ratio']).strip()} {common.fmt_bytes(mem[c]).strip()}"
                                for c in cases)
-            errs = ", ".join(f"{k} {v:.2e}" for k, v in err.items())
-            ups = ", ".join(f"{b} {common.fmt_ratio(row[f'speedup_{b}_vs_label_aware']).strip()}" for b in ops_)
-            print(f"{prec:8s} {','.join(map(str, size))} pairs={npairs}: err [{errs}] | {cells} | "
+            errs = ", ".join(f"{k} {v['ours']:.2e}/{v['plain']:.2e}" for k, v in err.items())
+            ups = ", ".join(f"{b} {common.fmt_ratio(row.get(f'speedup_{b}_vs_label_aware')).strip()}" for b in ours)
+            print(f"{prec:8s} {','.join(map(str, size))} pairs={npairs}: err ours/plain [{errs}] | {cells} | "
                   f"speed-up vs label_aware: {ups}", flush=True)
+            print(f"         plans: {common.fmt_plans(plans)}", flush=True)
             common.write_json(args.json, payload)  # after every case: an interrupted run keeps it
-    print("cells: median time, ratio to the pairs' GEMM (median of per-round ratios), peak extra memory")
+    print("cells: median time, ratio to the pairs' GEMM (median of per-round ratios; the fused loss's floor "
+          "is two such GEMMs), peak extra memory")
     common.write_json(args.json, payload)
 
 

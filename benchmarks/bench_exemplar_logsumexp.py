@@ -80,7 +80,9 @@ def errors(N, C, n, m, dtype, device, backends):
 
 
 def main():
-    args = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES).parse_args()
+    p = common.base_parser(__doc__.splitlines()[0], DEFAULT_SIZES)
+    p.add_argument("--cases", default=None, help="comma-separated subset of the candidates (gemm is always timed)")
+    args = p.parse_args()
     common.apply_threads(args)
     cuda = args.device.startswith("cuda")
     if args.memory_case:
@@ -95,14 +97,21 @@ def main():
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
     cases = CUDA_CASES if cuda else CPU_CASES
-    backends = ("library", "fused") if cuda else ("fused",)
+    if args.cases:
+        wanted = set(args.cases.split(",")) | {"gemm"}
+        unknown = wanted - set(cases)
+        if unknown:
+            sys.exit(f"--cases: unknown candidates {sorted(unknown)}; choose from {cases}")
+        cases = tuple(c for c in cases if c in wanted)
+    backends = tuple(b for b in (("library", "fused") if cuda else ("fused",)) if f"{b}_fwd" in cases)
     deadline = common.Deadline(args.deadline)
     print(f"exemplar_logsumexp  device={args.device} threads={torch.get_num_threads()} rounds={args.rounds}")
     rows = []
     payload = {"op": "exemplar_logsumexp", "env": common.environment(args.device), "rounds": args.rounds,
                "rows": rows}
-    for prec in common.parse_dtypes(args.dtype):
-        for N, C, n, m in common.parse_sizes(args.sizes):
+    # every precision of a size before the next size: a deadline cuts the largest sizes, not a precision
+    for N, C, n, m in common.parse_sizes(args.sizes):
+        for prec in common.parse_dtypes(args.dtype):
             if deadline.passed():
                 print(f"deadline reached: skipping {prec} {N},{C},{n},{m}")
                 payload["stopped_at_deadline"] = True
@@ -117,13 +126,16 @@ def main():
                       for b in backends},
                    **{f"{c}_s": t[c]["seconds"] for c in cases}, **{f"{c}_ratio": t[c]["ratio"] for c in cases},
                    **{f"{c}_peak_bytes": mem[c] for c in cases}}
+            def secs(c):
+                v = t.get(c, {}).get("seconds")
+                return v if isinstance(v, float) else None
             for b in backends:
-                fwd, fb, ref_fb = t[f"{b}_fwd"]["seconds"], t[f"{b}_fwd_bwd"]["seconds"], t["ref_fwd_bwd"]["seconds"]
-                gemm = t["gemm"]["seconds"]
-                if not any(isinstance(v, str) for v in (fwd, fb, ref_fb, gemm)):
+                fwd, fb, ref_fb, gemm = secs(f"{b}_fwd"), secs(f"{b}_fwd_bwd"), secs("ref_fwd_bwd"), secs("gemm")
+                if fwd and gemm:
                     row[f"{b}_fwd_throughput_vs_gemm"] = gemm / fwd
+                if fb and ref_fb:
                     row[f"{b}_fwd_bwd_speedup_vs_ref"] = ref_fb / fb
-                pm, pr = mem[f"{b}_fwd_bwd"], mem["ref_fwd_bwd"]
+                pm, pr = mem.get(f"{b}_fwd_bwd"), mem.get("ref_fwd_bwd")
                 if isinstance(pm, int) and isinstance(pr, int) and pr > 0:
                     row[f"{b}_fwd_bwd_peak_vs_ref"] = pm / pr
             rows.append(row)

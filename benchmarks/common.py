@@ -2,7 +2,9 @@
 
 Timing: the machines we run on are noisy (a VM that flips between a fast and a slow state), so every
 candidate of one configuration is timed *alternately* in the same process, round after round, and we
-report the median time of each and the median of the per-round ratios to the GEMM floor.
+report the median time of each and the median of the per-round ratios to the GEMM floor. On CUDA each
+call is timed with CUDA events after a warm-up call, ``--reps`` calls per candidate and round (the
+median is over all of them: rounds x reps >= 20 by default).
 
 Memory: on CPU, peak extra memory is measured in a fresh subprocess per case: the rise of the
 process's high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident size after
@@ -77,6 +79,8 @@ def base_parser(description: str, default_sizes: str) -> argparse.ArgumentParser
                    help="seconds after which no new case starts (the JSON keeps what was measured)")
     p.add_argument("--sizes", default=default_sizes, help="semicolon-separated comma tuples")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    p.add_argument("--reps", type=int, default=None,
+                   help="CUDA: event-timed calls per candidate and round (default: enough for 20 calls in all)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--json", default=None, help="write the table here")
@@ -98,35 +102,56 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_alternating(cases: dict[str, Callable[[], object]], rounds: int, floor: str,
-                     device: str) -> dict[str, dict]:
-    """Times every case once per round, alternating; returns median seconds and median ratio to `floor`.
+def _time_cuda(fn: Callable[[], object], reps: int) -> list[float]:
+    """Seconds of each of `reps` calls of fn, by CUDA events on the current stream."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
-    A case that runs out of memory is reported as ``"OOM"`` instead of a time.
-    """
+
+def time_alternating(cases: dict[str, Callable[[], object]], rounds: int, floor: str,
+                     device: str, reps: int | None = None) -> dict[str, dict]:
+    """Times every case once per round (CUDA: `reps` event-timed calls after a warm-up call), alternating;
+    returns median seconds, median ratio to `floor` (per round: median of the round's calls) and the
+    number of timed calls. A case that runs out of memory is reported as ``"OOM"`` instead of a time."""
+    cuda = device.startswith("cuda")
+    reps = reps or (max(1, -(-20 // rounds)) if cuda else 1)
     times: dict[str, list[float]] = {k: [] for k in cases}
+    per_round: dict[str, list[float]] = {k: [] for k in cases}
     failed: dict[str, str] = {}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, fn in cases.items():
             if name in failed:
                 continue
             try:
-                t = tbench.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).mean
+                if cuda:
+                    if r == 0:
+                        fn()  # warm-up: cuBLAS handles, allocator pools, lazy initialisation
+                    ts = _time_cuda(fn, reps)
+                else:
+                    ts = [tbench.Timer(stmt="fn()", globals={"fn": fn}).timeit(1).mean]
             except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
                 if "out of memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
                     raise
                 failed[name] = "OOM"
+                if cuda:
+                    torch.cuda.empty_cache()
                 sync(device)
                 continue
-            times[name].append(t)
+            times[name] += ts
+            per_round[name].append(statistics.median(ts))
     out = {}
     for name in cases:
         if name in failed:
-            out[name] = {"seconds": "OOM", "ratio": "OOM"}
+            out[name] = {"seconds": "OOM", "ratio": "OOM", "calls": 0}
             continue
-        ratios = [t / f for t, f in zip(times[name], times[floor])] if floor not in failed else []
+        ratios = [t / f for t, f in zip(per_round[name], per_round[floor])] if floor not in failed else []
         out[name] = {"seconds": statistics.median(times[name]),
-                     "ratio": statistics.median(ratios) if ratios else None}
+                     "ratio": statistics.median(ratios) if ratios else None, "calls": len(times[name])}
     return out
 
 
@@ -196,7 +221,7 @@ def time_and_measure(script: str, fns: dict[str, Callable[[], object]], args, si
     ``script --memory-case`` on the CPU (a process's peak RSS cannot be reset between cases).
     Empties ``fns`` before the CPU measurement so that its tensors are freed. Returns (times, memory)."""
     cuda = args.device.startswith("cuda")
-    times = time_alternating(fns, args.rounds, "gemm", args.device)
+    times = time_alternating(fns, args.rounds, "gemm", args.device, getattr(args, "reps", None))
     mem = {c: None for c in fns}
     if cuda and not args.no_memory:
         mem = {c: measure_cuda(fn) for c, fn in fns.items()}
@@ -207,6 +232,30 @@ def time_and_measure(script: str, fns: dict[str, Callable[[], object]], args, si
                 "--device", args.device]
         mem = {c: measure_subprocess(script, c, argv) for c in cases}
     return times, mem
+
+
+def plan_estimates(N: int, C: int, n: int, m: int, prec: str, pairs=None, gemms: int = 2) -> dict:
+    """The library path's cost model (ccluster.settings.estimate_plans) for this workload, on this machine
+    kind's CPU and on a GPU (CUDA rates: published H100-class figures), with the pair mask on the host
+    (the packed plan needs no synchronisation) and, on the GPU, on the device (only the dense plan is
+    free of one)."""
+    from ccluster import settings
+    dtype = "float32" if prec == "tf32" else prec
+    out = {}
+    for where, kw in (("cpu", dict(device="cpu")), ("cuda_host_pairs", dict(device="cuda")),
+                      ("cuda_device_pairs", dict(device="cuda", mask_on_device=pairs is not None))):
+        p = pairs if where != "cuda_device_pairs" else None
+        est = settings.estimate_plans(N, C, n, m, dtype=dtype, tf32=prec == "tf32", pairs=p, gemms=gemms, **kw)
+        out[where] = est
+    return out
+
+
+def fmt_plans(est: dict) -> str:
+    cells = []
+    for where, e in est.items():
+        cells.append(f"{where}: {e['plan']} (dense {e['dense']['seconds'] * 1e3:.2f} ms est, packed "
+                     f"{e['packed']['seconds'] * 1e3:.2f} ms est)")
+    return "; ".join(cells)
 
 
 def fmt_seconds(v) -> str:

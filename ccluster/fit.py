@@ -22,10 +22,14 @@ class FitResult:
         gap: ``[C]`` final certificate ``max_j log eta_j - sum_j q_j log eta_j``; it bounds how far each
             class's objective is below its optimum. 0 for the classes in ``empty_classes``: their
             objective does not depend on Q (no weight, or no filled slot), so Q is already optimal and
-            is left unchanged. Never NaN for finite input, so ``gap.max()`` is the worst class's bound.
+            is left unchanged. NaN for a class whose objective or eta became non-finite during the fit
+            (the fit stops that class, keeps its last finite Q and reports it not converged); inputs
+            that would make it so are refused up front (see Raises), so for accepted input a NaN gap
+            means an overflow inside the fit.
         n_iter: ``[C]`` passes over the data per class after the first evaluation (each pass evaluates
             one candidate Q; SQUAREM spends one to three per round). Never more than ``max_iter``.
-        converged: ``[C]`` bool, ``gap < tol`` (true for the classes in ``empty_classes``).
+        converged: ``[C]`` bool, ``gap < tol`` (true for the classes in ``empty_classes``; never true for a
+            non-finite objective: a NaN gap is not below tol).
         objective: per iteration, the ``[C]`` objective ``sum_s w_s log z_s`` (non-decreasing; NaN once a
             class has stopped).
         empty_classes: classes left unchanged because they had no weight or no filled slot.
@@ -73,6 +77,24 @@ def _cached_step(kernels, log_q, weight, active):
     return logz, log_eta
 
 
+def _check_finite_inputs(op, x, db, weight, filled, fittable, group):
+    """ValueError naming x or db when a value the objective reads is NaN or inf (one device read per
+    fit; with a process group every rank raises, naming the rank that holds the bad row)."""
+    bad_rows = (weight > 0).any(1) & ~torch.isfinite(x).all(1)
+    bad_slots = fittable[:, None] & ~torch.isfinite(db).all(2)  # empty slots too: the distances read them
+    flags = torch.stack([bad_rows.any(), bad_slots.any()]).to(torch.int32)
+    if group is not None:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    row_bad, slot_bad = (bool(v) for v in flags.tolist())
+    if row_bad:
+        where = (f"row {int(bad_rows.nonzero()[0, 0])}" if bool(bad_rows.any()) else "a row on another rank")
+        raise ValueError(f"{op}: x must be finite on the rows that have a weight, got NaN or inf in {where}")
+    if slot_bad:
+        c, j = (int(v) for v in bad_slots.nonzero()[0])
+        raise ValueError(f"{op}: db must be finite in the classes with weight, got NaN or inf in class {c}, "
+                         f"slot {j}")
+
+
 @torch.no_grad()
 def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tensor, alpha: float, *,
                            metric: str = "sqeuclidean", tol: float = 1e-4, max_iter: int = 1000,
@@ -88,11 +110,13 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
     to its optimum, so it is a certificate and is returned.
 
     Args:
-        x: ``[N, m]`` segment features (e.g. all segments of the training videos).
-        db: ``[C, n, m]`` exemplar database.
+        x: ``[N, m]`` segment features (e.g. all segments of the training videos); finite on every row
+            that has a weight (rows of weight 0 are never read).
+        db: ``[C, n, m]`` exemplar database, C >= 1; finite in every class that has a weight.
         weight: ``[N, C]`` >= 0: the weight of segment s in class c's clustering (p(s|x) for segments of
-            videos labelled c, 0 elsewhere). Normalised here so each class's weights sum to 1; only
-            nonzero pairs are computed.
+            videos labelled c, 0 elsewhere). Normalised here so each class's weights sum to 1 (a
+            class whose plain sum overflows, e.g. weights of 1e308, is first scaled by its largest
+            weight); only nonzero pairs are computed.
         alpha: bandwidth, > 0.
         metric: ``"sqeuclidean"`` or ``"euclidean"``.
         tol: stopping threshold on the gap.
@@ -118,9 +142,11 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         :class:`FitResult`. ``n_iter`` counts the passes over the data after the first evaluation.
 
     Raises:
-        TypeError: an argument of the wrong type or dtype (as the ops: :mod:`ccluster.ops`).
+        TypeError: an argument of the wrong type or dtype (as the ops: :mod:`ccluster.ops`): also a
+            ``log_q`` that is not a Tensor, a ``tol`` or ``max_iter`` that is not a number.
         ValueError: a wrong shape, device or value (negative or non-finite weight, ``alpha <= 0``,
-            NaN or +inf in ``log_q``).
+            NaN or +inf in ``log_q``, C = 0 classes, NaN or inf in a weighted row of ``x`` or in a class
+            of ``db`` that has a weight): a non-finite objective is refused, never certified.
     """
     op = "fit_representativeness"
     for name, t in (("x", x), ("db", db), ("weight", weight)):
@@ -137,6 +163,8 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
     if db.device != x.device:
         raise ValueError(f"{op}: db must be on x's device {x.device}, got {db.device}")
     C, n, _ = db.shape
+    if C == 0:
+        raise ValueError(f"{op}: db must hold at least one class, got C=0 (shape {tuple(db.shape)})")
     if list(weight.shape) != [x.shape[0], C]:
         raise ValueError(f"{op}: weight must be [N, C] = {[x.shape[0], C]}, got {list(weight.shape)}")
     weight = weight.to(x.dtype)
@@ -150,8 +178,18 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         raise TypeError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
     if metric not in METRICS:
         raise ValueError(f"{op}: metric must be one of {METRICS}, got {metric!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"{op}: tol must be a number > 0, got {tol!r} ({type(tol).__name__})")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+        raise TypeError(f"{op}: max_iter must be an int >= 0, got {max_iter!r} ({type(max_iter).__name__})")
     if not (tol > 0 and max_iter >= 0):
         raise ValueError(f"{op}: need tol > 0 and max_iter >= 0, got tol={tol}, max_iter={max_iter}")
+    if isinstance(cache_budget_bytes, bool) or not isinstance(cache_budget_bytes, int):
+        raise TypeError(f"{op}: cache_budget_bytes must be an int, got {cache_budget_bytes!r}")
+    if log_q is not None and not isinstance(log_q, torch.Tensor):
+        raise TypeError(f"{op}: log_q must be a Tensor or None, got {type(log_q).__name__}")
+    if log_q is not None and not log_q.is_floating_point():
+        raise TypeError(f"{op}: log_q must be a floating-point tensor, got {log_q.dtype}")
 
     if log_q is None:
         log_q = torch.full((C, n), -math.log(n) if n else 0.0, dtype=x.dtype, device=x.device)
@@ -160,21 +198,34 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
             raise ValueError(f"{op}: log_q must be [C, n] = {[C, n]}, got {list(log_q.shape)}")
         if bool(torch.isnan(log_q).any()) or bool((log_q == math.inf).any()):
             raise ValueError(f"{op}: log_q must not hold NaN or +inf")
-        log_q = log_q.to(x.dtype)
+        log_q = log_q.to(device=x.device, dtype=x.dtype)
         log_q = log_q - torch.logsumexp(log_q, 1, keepdim=True).nan_to_num(neginf=0.0)
     filled = torch.isfinite(log_q)
 
     total = weight.sum(0)
     if group is not None:
         dist.all_reduce(total, group=group)
+    overflow = ~torch.isfinite(total)  # finite weights whose sum does not fit (e.g. 1e308 each)
+    if bool(overflow.any()):  # those classes: scaled by their largest weight first (only ratios matter)
+        peak = weight.amax(0)
+        if group is not None:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        weight = torch.where(overflow, weight / torch.where(peak > 0, peak, torch.ones_like(peak)), weight)
+        total = weight.sum(0)
+        if group is not None:
+            dist.all_reduce(total, group=group)
     fittable = (total > 0) & filled.any(1)
     empty = (~fittable).nonzero().squeeze(1).tolist()
     weight = torch.where(fittable, weight / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+    _check_finite_inputs(op, x, db, weight, filled, fittable, group)
 
     if cache is None:
         rows = int((weight > 0).sum())
         cache = rows * n * x.element_size() <= cache_budget_bytes
     kernels = _cached_kernels(x, db, weight, float(alpha), metric) if cache else None
+    # the pairs with weight, on the host once per fit: fit_step lays out its label-sparse plan from
+    # them without reading the device in every pass
+    pairs = None if cache or x.device.type == "cpu" else (weight > 0).cpu()
 
     def evaluate(lq, act):
         """One pass at lq for the active classes: objective [C], log eta [C, n], gap [C]."""
@@ -182,7 +233,7 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         if cache:
             logz, log_eta = _cached_step(kernels, lq, w, act)
         else:
-            logz, log_eta = fit_step(x, db, lq, w, float(alpha), metric)
+            logz, log_eta = fit_step(x, db, lq, w, float(alpha), metric, pairs=pairs)
         obj = (w * logz).sum(0)
         if group is not None:  # every rank holds a shard of the segments: combine their sums
             dist.all_reduce(obj, group=group)
@@ -191,7 +242,9 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         mean_log_eta = torch.where(q > 0, q * log_eta, 0.0).sum(1)
         max_log_eta = torch.where(filled, log_eta, _NEG_INF).amax(1) if n else torch.zeros(C, dtype=x.dtype,
                                                                                              device=x.device)
-        return obj, log_eta, max_log_eta - mean_log_eta
+        # a certificate only for a finite objective and eta: otherwise NaN, never below tol
+        finite = torch.isfinite(obj) & ~torch.isnan(log_eta).any(1) & ~torch.isnan(lq).any(1)
+        return obj, log_eta, torch.where(finite, max_log_eta - mean_log_eta, math.nan)
 
     def em(lq, log_eta):
         new = lq + log_eta
@@ -207,12 +260,14 @@ def fit_representativeness(x: torch.Tensor, db: torch.Tensor, weight: torch.Tens
         bar = tqdm(total=max_iter, desc="fit Q", unit="pass")
 
     def record(obj, g, act, lq_new, lq):
-        """Accept lq_new for the active classes; returns (log_q, still active)."""
+        """Accept lq_new for the active classes; returns (log_q, still active). A class whose gap is NaN
+        (a non-finite objective) stops with its last finite Q, not converged."""
         nonlocal gap
         history.append(torch.where(act, obj, math.nan))
         gap = torch.where(act, g, gap)
-        done = act & ((g < tol) | (n_iter >= max_iter).to(g.device))
-        return torch.where(act[:, None] & filled, lq_new, lq), act & ~done
+        bad = torch.isnan(g)
+        done = act & ((g < tol) | bad | (n_iter >= max_iter).to(g.device))
+        return torch.where((act & ~bad)[:, None] & filled, lq_new, lq), act & ~done
 
     if active.any():
         obj, log_eta, g = evaluate(log_q, active)

@@ -7,6 +7,17 @@ import torch
 from torch import nn
 
 from .ops import METRICS, convex_clustering_loss
+from .settings import value_checks_eager
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on device: itself, or (CPU to GPU) one asynchronous copy from pinned memory, without a
+    synchronisation."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class PaddedExemplarLoss(nn.Module):
@@ -69,11 +80,15 @@ class ConvexClusteringLoss(PaddedExemplarLoss):
         db: ``[C, n, m]`` exemplar database; log_q: ``[C, n]`` log representativeness, log-probabilities
             (<= 0, ``-inf`` for an empty slot).
 
+    On a GPU, ``labels`` and ``mask`` may stay on the CPU (as the data loader gives them): the pairs are
+    then formed on the host and the label-sparse plan needs no device synchronisation.
+
     A video whose valid attention sums to 0 contributes nothing (no NaN).
 
     Errors, as in :func:`ccluster.convex_clustering_loss`: TypeError for a wrong type or dtype
     (``mask`` not bool), ValueError for a wrong shape or value (negative attention on a valid segment,
-    ``log_q > 0``, ``alpha <= 0``).
+    ``log_q > 0``, ``alpha <= 0``; on a GPU the checks of values give a NaN loss instead of reading the
+    data, see ``ccluster.kernel_settings(check_values=...)``). Double backward raises a RuntimeError.
     """
 
     def extra_repr(self) -> str:
@@ -95,8 +110,10 @@ class ConvexClusteringLoss(PaddedExemplarLoss):
                 raise ValueError(f"ConvexClusteringLoss: {name} must be {shape}, got {list(t.shape)}")
         if mask.dtype != torch.bool:
             raise TypeError(f"ConvexClusteringLoss: mask must be a bool tensor, got {mask.dtype}")
-        if not torch.compiler.is_compiling() and type(attention).__name__ != "FakeTensor" \
-                and not (attention.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # the pairs on the labels' device: the host when the loader's CPU labels come with GPU features
+        pairs = mask.to(labels.device)[:, :, None] & (labels != 0)[:, None, :]
+        mask = _on_device(mask, attention.device)
+        if value_checks_eager(attention):
             bad = mask & (attention < 0)
             if bool(bad.any()):
                 raise ValueError(f"ConvexClusteringLoss: attention must be >= 0 on valid segments, got "
@@ -104,7 +121,6 @@ class ConvexClusteringLoss(PaddedExemplarLoss):
         a = torch.where(mask, attention, torch.zeros((), dtype=attention.dtype, device=attention.device))
         total = a.sum(1, keepdim=True)
         p = a / torch.where(total > 0, total, torch.ones_like(total))
-        pairs = mask[:, :, None] & (labels != 0)[:, None, :]
         loss = convex_clustering_loss(features.reshape(B * T, m), p.reshape(B * T),
                                       pairs.reshape(B * T, C), db, log_q, self.alpha, self.metric)
         return self._reduce(loss, B)

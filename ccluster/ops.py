@@ -82,7 +82,8 @@ def _check_common(op, x, db, log_q, alpha, metric):
     _check_value(metric in METRICS, f"{op}: metric must be 'sqeuclidean' or 'euclidean', got {metric!r}")
 
 
-def _check_pairs(op, name, pairs, x, db, dtype=torch.bool):
+def _check_pairs(op, name, pairs, x, db, dtype=torch.bool, host_ok=False):
+    """An [N, C] mask (or weight of x's dtype); host_ok: a mask may also be on the CPU (a host layout)."""
     shape = [x.shape[0], db.shape[0]]
     _check_type(isinstance(pairs, torch.Tensor), f"{op}: {name} must be a Tensor, got {type(pairs).__name__}")
     _check_value(list(pairs.shape) == shape, f"{op}: {name} must be [N, C] = {shape}, got {list(pairs.shape)}")
@@ -90,17 +91,22 @@ def _check_pairs(op, name, pairs, x, db, dtype=torch.bool):
         _check_type(pairs.dtype == torch.bool, f"{op}: {name} must be a bool tensor, got {pairs.dtype}")
     else:
         _check_type(pairs.dtype == x.dtype, f"{op}: {name} must have x's dtype {x.dtype}, got {pairs.dtype}")
-    _check_value(pairs.device == x.device, f"{op}: {name} must be on x's device {x.device}, got {pairs.device}")
+    on_host = host_ok and pairs.device.type == "cpu"
+    _check_value(pairs.device == x.device or on_host,
+                 f"{op}: {name} must be on x's device {x.device}{' (or on the CPU)' if host_ok else ''}, "
+                 f"got {pairs.device}")
 
 
-# Checks of values read the data. The compiled CPU kernels run them (csrc/common.h); Python runs them
-# for the fallback and for other devices, in eager mode only: not while torch.compile traces (fake
-# tensors hold no values) nor while a CUDA graph is captured (reading a value needs a device sync).
+# Checks of values read the data. With the compiled library the ops check (csrc/ops/dispatch.h): eagerly
+# on the CPU, where reading is free; on an accelerator they leave a device flag that turns the results
+# into NaN instead of synchronising the device (ccluster.kernel_settings(check_values=...) changes this).
+# Without the compiled library, Python checks eagerly (the fallback is the slow path anyway), but never
+# while torch.compile traces (fake tensors hold no values) nor while a CUDA graph is captured.
 
 
-def _python_reads_values(t: torch.Tensor) -> bool:
-    if has_compiled_ops() and t.device.type == "cpu":
-        return False  # the kernel checks
+def _fallback_reads_values(t: torch.Tensor) -> bool:
+    if has_compiled_ops():
+        return False  # the op checks
     if torch.compiler.is_compiling() or t.device.type == "meta" or type(t).__name__ == "FakeTensor":
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -108,27 +114,24 @@ def _python_reads_values(t: torch.Tensor) -> bool:
 
 def _check_attention(op, weight, pairs):
     """The loss's weights: >= 0 on the pairs (NaN propagates to the loss, as NaN in x does)."""
-    if _python_reads_values(weight):
-        bad = pairs & (weight < 0)
-        if bool(bad.any()):
-            _check_value(False, f"{op}: attention must be >= 0 on the pairs (it weights -log z), got "
-                                f"{float(weight[bad].min()):g}")
+    bad = pairs & (weight < 0)
+    if bool(bad.any()):
+        _check_value(False, f"{op}: attention must be >= 0 on the pairs (it weights -log z), got "
+                            f"{float(weight[bad].min()):g}")
 
 
 def _check_log_probabilities(op, log_q):
     """The loss's log_q: <= 0 (-inf marks an empty slot; NaN propagates)."""
-    if _python_reads_values(log_q):
-        bad = log_q > 0
-        if bool(bad.any()):
-            _check_value(False, f"{op}: log_q must be log-probabilities (<= 0, -inf for an empty slot), got "
-                                f"{float(log_q[bad].max()):g} (pass log q, not q)")
+    bad = log_q > 0
+    if bool(bad.any()):
+        _check_value(False, f"{op}: log_q must be log-probabilities (<= 0, -inf for an empty slot), got "
+                            f"{float(log_q[bad].max()):g} (pass log q, not q)")
 
 
 def _check_fit_weight(op, weight):
-    if _python_reads_values(weight):
-        bad = ~(torch.isfinite(weight) & (weight >= 0))
-        if bool(bad.any()):
-            _check_value(False, f"{op}: weight must be finite and >= 0, got {float(weight[bad][0]):g}")
+    bad = ~(torch.isfinite(weight) & (weight >= 0))
+    if bool(bad.any()):
+        _check_value(False, f"{op}: weight must be finite and >= 0, got {float(weight[bad][0]):g}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,13 +160,16 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
         pairs: optional ``[N, C]`` bool mask. Only these (segment, class) pairs are computed; every
             other entry of the output is 0 and receives no gradient. A row of x with no pair is never
             read: its gradient is exactly 0 and it reaches no other gradient, whatever it holds (NaN,
-            inf), so padding needs no cleaning.
+            inf), so padding needs no cleaning. On x's device, or on the CPU when x is on a GPU: the
+            label-sparse plan is then laid out on the host without a device synchronisation.
 
     Returns:
         ``[N, C]`` tensor of x's dtype. float16/bfloat16 inputs are computed in float32.
 
-    Differentiable with respect to x, db and log_q (each computed only when required; no double
-    backward). NaN in x or log_q propagates: the rows (x) or classes (log_q) it touches come out NaN.
+    Differentiable with respect to x, db and log_q (each computed only when required). Double backward
+    is not supported: the gradient of a gradient raises a RuntimeError that says so (use
+    :func:`ccluster.reference.exemplar_logsumexp`, which materialises the scores, for a gradient penalty).
+    NaN in x or log_q propagates: the rows (x) or classes (log_q) it touches come out NaN.
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -175,10 +181,10 @@ def exemplar_logsumexp(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, a
     if not has_compiled_ops():
         _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
         if pairs is not None:
-            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db)
+            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db, host_ok=True)
         low = x.dtype in (torch.float16, torch.bfloat16)
         args = (x.float(), db.float(), log_q.float()) if low else (x, db, log_q)
-        out = reference.exemplar_logsumexp(*args, float(alpha), metric, pairs)
+        out = reference.exemplar_logsumexp(*args, float(alpha), metric, None if pairs is None else pairs.to(x.device))
         return out.to(x.dtype)
     _check_args("exemplar_logsumexp", x, db, log_q, alpha, metric)
     # the op returns float32 for float16/bfloat16 (autograd saves that logz for the backward)
@@ -203,7 +209,9 @@ def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torc
         attention: ``[N]`` or ``[N, C]`` weights p(s|x), >= 0 on the pairs; differentiable. NaN
             propagates (the loss and that segment's gradient come out NaN), as NaN in x does.
         pairs: ``[N, C]`` bool: which pairs enter the loss (normally the classes of the segment's
-            video). Pairs whose class has no filled slot (all ``log_q = -inf``) are left out.
+            video). Pairs whose class has no filled slot (all ``log_q = -inf``) are left out. On x's
+            device, or on the CPU when x is on a GPU (the labels as the data loader has them): the
+            label-sparse plan is then laid out on the host without a device synchronisation.
         db, alpha, metric: as in :func:`exemplar_logsumexp`.
         log_q: ``[C, n]`` log-probabilities: every entry <= 0, ``-inf`` for an empty slot. Rows need
             not sum to 1 (a class with empty slots), but q > 1 cannot be a probability and is refused:
@@ -212,11 +220,16 @@ def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torc
     Returns:
         A scalar tensor of x's dtype.
 
+    Differentiable with respect to x, attention, db and log_q; double backward raises a RuntimeError
+    that says it is not supported.
+
     Raises:
         TypeError: an argument of the wrong type or dtype.
         ValueError: a wrong shape, device or value: negative attention on a pair, ``log_q > 0``,
-            ``alpha <= 0``, an unknown metric. The value checks read the data; they are skipped while
-            ``torch.compile`` traces and while a CUDA graph is captured.
+            ``alpha <= 0``, an unknown metric. The checks of values (attention, log_q) read the data, so
+            they raise on the CPU only; on a GPU the loss (and dL/dx) come out NaN instead, without a
+            device synchronisation (``ccluster.kernel_settings(check_values="eager")`` raises there too,
+            at the cost of one synchronisation per call).
     """
     op = "convex_clustering_loss"
     _check_args(op, x, db, log_q, alpha, metric, attention=attention, pairs=pairs)
@@ -228,24 +241,26 @@ def convex_clustering_loss(x: torch.Tensor, attention: torch.Tensor, pairs: torc
     weight = attention[:, None].expand(x.shape[0], db.shape[0]) if attention.dim() == 1 else attention
     if not has_compiled_ops():
         _check_common(op, x, db, log_q, alpha, metric)
+        if isinstance(pairs, torch.Tensor) and pairs.device.type == "cpu":
+            pairs = pairs.to(x.device)
         _check_pairs(op, "pairs", pairs, x, db)
         _check_pairs(op, "attention", weight, x, db, dtype=x.dtype)
-    if _python_reads_values(weight):  # (the compiled CPU kernel checks these itself)
-        _check_pairs(op, "pairs", pairs, x, db)
-        _check_attention(op, weight, pairs)
-        _check_log_probabilities(op, log_q)
-    if not has_compiled_ops():
+        if _fallback_reads_values(weight):
+            _check_attention(op, weight, pairs)
+            _check_log_probabilities(op, log_q)
         low = x.dtype in (torch.float16, torch.bfloat16)
         args = (x.float(), weight.float(), pairs, db.float(), log_q.float()) if low else \
             (x, weight, pairs, db, log_q)
         return reference.convex_clustering_loss(*args, float(alpha), metric).to(x.dtype)
-    loss, _, _ = torch.ops.ccluster.cc_loss(x, weight.contiguous(), pairs, db, log_q, float(alpha),
-                                            metric, x.requires_grad)
+    # dL/dx is accumulated in the forward pass only when a backward can ask for it
+    grad_x = x.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = torch.ops.ccluster.cc_loss(x, weight.contiguous(), pairs, db, log_q, float(alpha), metric, grad_x)
     return loss
 
 
 def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: torch.Tensor,
-             alpha: float, metric: str = "sqeuclidean") -> tuple[torch.Tensor, torch.Tensor]:
+             alpha: float, metric: str = "sqeuclidean",
+             pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One fused pass of the convex-clustering update (network fixed, no autograd).
 
     Returns ``(logz, log_eta)``: ``logz [N, C]`` as in :func:`exemplar_logsumexp` on the pairs with
@@ -253,17 +268,23 @@ def fit_step(x: torch.Tensor, db: torch.Tensor, log_q: torch.Tensor, weight: tor
     ``log_eta[c, j] = log sum_s weight[s, c] * exp(-alpha d(x_s, db[c, j]) - logz[s, c])``, computed in
     the log domain from the same distance tiles (``-inf`` on empty slots, ``log_q = -inf``). The
     multiplicative update is then ``log_q += log_eta``. ``weight`` is ``[N, C]``, finite and >= 0,
-    x's dtype (ValueError otherwise: a NaN weight would drop its pair without a trace). Errors as in
+    x's dtype (ValueError on the CPU otherwise: a NaN weight would drop its pair without a trace; on a
+    GPU the results come out NaN instead, see :func:`convex_clustering_loss`). ``pairs``: optional
+    ``[N, C]`` bool CPU mask that contains ``weight > 0``; with it, on a GPU, the label-sparse plan needs
+    no device synchronisation. Not differentiable (a RuntimeError says so). Errors as in
     :func:`exemplar_logsumexp`.
     """
     _check_args("fit_step", x, db, log_q, alpha, metric, weight=weight)
+    if pairs is not None:
+        _check_type(isinstance(pairs, torch.Tensor), f"fit_step: pairs must be a Tensor or None, got "
+                                                     f"{type(pairs).__name__}")
     if not has_compiled_ops():
         _check_common("fit_step", x, db, log_q, alpha, metric)
         _check_pairs("fit_step", "weight", weight, x, db, dtype=x.dtype)
-    _check_fit_weight("fit_step", weight)
-    if not has_compiled_ops():
+        if _fallback_reads_values(weight):
+            _check_fit_weight("fit_step", weight)
         return reference.fit_step(x, db, log_q, weight, float(alpha), metric)
-    return torch.ops.ccluster.fit_step(x, db, log_q, weight, float(alpha), metric)
+    return torch.ops.ccluster.fit_step(x, db, log_q, weight, float(alpha), metric, pairs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,13 +295,44 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the gradients an op's backward returns, attached to the tensors they depend on; its
+    own backward raises. Used only when the backward builds a graph (create_graph=True): the gradient then
+    has a grad_fn, and differentiating it says that double backward is not supported instead of giving a
+    second derivative that silently does not depend on the inputs."""
+
+    @staticmethod
+    def forward(ctx, op, count, *tensors):
+        ctx.op = op
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op}: double backward is not supported (its backward is a fused op without "
+                           "a derivative); for a gradient of a gradient (e.g. a gradient penalty) use the "
+                           "materialised ccluster.reference implementation")
+
+
+def _no_double_backward(op, grads, depends_on):
+    """grads (None entries kept) as they are, or, when the backward is building a graph, wrapped so that
+    differentiating them raises (see _NoDoubleBackward)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    present = [g for g in grads if g is not None]
+    inputs = [t for t in depends_on if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not present or not inputs:
+        return grads
+    wrapped = iter(_NoDoubleBackward.apply(op, len(present), *present, *inputs))
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
 if has_compiled_ops():
 
     @torch.library.register_fake("ccluster::exemplar_logsumexp")
     def _(x, db, log_q, alpha, metric, pairs):
         _check_common("exemplar_logsumexp", x, db, log_q, alpha, metric)
         if pairs is not None:
-            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db)
+            _check_pairs("exemplar_logsumexp", "pairs", pairs, x, db, host_ok=True)
         return x.new_empty((x.shape[0], db.shape[0]), dtype=_acc_dtype(x.dtype))
 
     @torch.library.register_fake("ccluster::exemplar_logsumexp_backward")
@@ -292,15 +344,17 @@ if has_compiled_ops():
     @torch.library.register_fake("ccluster::cc_loss")
     def _(x, weight, pairs, db, log_q, alpha, metric, grad_x):
         _check_common("convex_clustering_loss", x, db, log_q, alpha, metric)
-        _check_pairs("convex_clustering_loss", "pairs", pairs, x, db)
+        _check_pairs("convex_clustering_loss", "pairs", pairs, x, db, host_ok=True)
         _check_pairs("convex_clustering_loss", "attention", weight, x, db, dtype=x.dtype)
         return (x.new_empty(()), x.new_empty((x.shape[0], db.shape[0]), dtype=_acc_dtype(x.dtype)),
                 x.new_empty(x.shape if grad_x else (0,)))
 
     @torch.library.register_fake("ccluster::fit_step")
-    def _(x, db, log_q, weight, alpha, metric):
+    def _(x, db, log_q, weight, alpha, metric, pairs=None):
         _check_common("fit_step", x, db, log_q, alpha, metric)
         _check_pairs("fit_step", "weight", weight, x, db, dtype=x.dtype)
+        if pairs is not None:
+            _check_pairs("fit_step", "pairs", pairs, x, db, host_ok=True)
         return x.new_empty((x.shape[0], db.shape[0])), log_q.new_empty(log_q.shape)
 
     def _lse_setup(ctx, inputs, output):
@@ -313,8 +367,10 @@ if has_compiled_ops():
         mask = list(ctx.needs_input_grad[:3])
         gx, gdb, glq = torch.ops.ccluster.exemplar_logsumexp_backward(
             grad, x, db, log_q, out, ctx.alpha, ctx.metric, pairs, mask)
-        return (gx if mask[0] else None, gdb if mask[1] else None, glq if mask[2] else None,
-                None, None, None)
+        grads = _no_double_backward("exemplar_logsumexp",
+                                    (gx if mask[0] else None, gdb if mask[1] else None, glq if mask[2] else None),
+                                    (x, db, log_q, grad))
+        return (*grads, None, None, None)
 
     torch.library.register_autograd("ccluster::exemplar_logsumexp", _lse_backward,
                                     setup_context=_lse_setup)
@@ -337,8 +393,8 @@ if has_compiled_ops():
             torch._check(dx.numel() == x.numel(),
                          lambda: "convex_clustering_loss: x requires grad but the forward was run "
                                  "without grad_x=True")
-        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-            ctx.dx = dx  # traced (fake or functional tensors): out of place, as any formula
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            ctx.dx = dx  # traced (fake or functional tensors), or building a graph: out of place
             return g_loss * dx
         if dx is None:  # handed out by an earlier backward through a retained graph: recompute
             _, _, dx = torch.ops.ccluster.cc_loss(x, weight, pairs, db, log_q, ctx.alpha, ctx.metric, True)
@@ -356,13 +412,23 @@ if has_compiled_ops():
         if need_w:
             gw = (-g_loss * logz).to(weight.dtype)  # logz is 0 outside the pairs (float32 for 16-bit x)
         if need_db or need_lq:
-            # dL/dlogz = -weight on the pairs; recompute the tiles for db / log_q
-            g = torch.where(pairs, -g_loss * weight, torch.zeros((), dtype=weight.dtype,
-                                                                 device=weight.device))
+            # dL/dlogz = -weight on the pairs (the backward op reads the pairs' entries only)
+            g = -g_loss * weight
             _, gdb, glq = torch.ops.ccluster.exemplar_logsumexp_backward(
                 g, x, db, log_q, logz, ctx.alpha, ctx.metric, pairs, [False, need_db, need_lq])
             gdb = gdb if need_db else None
             glq = glq if need_lq else None
+        gx, gw, gdb, glq = _no_double_backward("convex_clustering_loss", (gx, gw, gdb, glq),
+                                               (x, weight, db, log_q, g_loss))
         return gx, gw, None, gdb, glq, None, None, None
 
     torch.library.register_autograd("ccluster::cc_loss", _loss_backward, setup_context=_loss_setup)
+
+    def _fit_setup(ctx, inputs, output):
+        pass
+
+    def _fit_backward(ctx, g_logz, g_log_eta):
+        raise RuntimeError("fit_step: not differentiable (one pass of the representativeness fit, with the "
+                           "network fixed); call it on detached tensors or under torch.no_grad()")
+
+    torch.library.register_autograd("ccluster::fit_step", _fit_backward, setup_context=_fit_setup)

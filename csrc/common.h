@@ -1,26 +1,24 @@
-// Shared by every backend: argument checks and the numerics of the online log-sum-exp.
+// Argument checks of the op dispatchers (csrc/ops). One exception type per kind of mistake, the same in
+// ccluster/ops.py and the Python wrappers: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong
+// shape, device or value a ValueError (TORCH_CHECK_VALUE). Messages match ccluster/ops.py. Kernels do not
+// include this header: they receive checked arguments (csrc/ops/kernels.h) and share csrc/numerics.h.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
 #include <cmath>
-#include <limits>
 #include <string>
 
-namespace ccluster {
+#include "numerics.h"
 
-enum class Metric { SqEuclidean, Euclidean };
+namespace ccluster {
 
 inline Metric parse_metric(const char* op, c10::string_view metric) {
   if (metric == "sqeuclidean") return Metric::SqEuclidean;
   if (metric == "euclidean") return Metric::Euclidean;
   TORCH_CHECK_VALUE(false, op, ": metric must be 'sqeuclidean' or 'euclidean', got '", std::string(metric), "'");
 }
-
-// Argument checks. One exception type per kind of mistake, the same in ccluster/ops.py and the Python
-// wrappers: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong shape, device or value a ValueError
-// (TORCH_CHECK_VALUE). Messages match ccluster/ops.py.
 
 // Checks shared by every op that reads (x, db, log_q, alpha).
 inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
@@ -46,9 +44,11 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0, op, ": alpha must be a finite number > 0, got ", alpha);
 }
 
-// pairs-like [N, C] arguments: a bool mask, or a weight of x's dtype.
+// pairs-like [N, C] arguments: a bool mask, or a weight of x's dtype. A mask may also live on the CPU when
+// x is on an accelerator (host_ok): the op then plans the label-sparse layout on the host, without a
+// device synchronisation (csrc/ops/dispatch.h).
 inline void check_pairs(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                        const at::Tensor& db, bool is_mask) {
+                        const at::Tensor& db, bool is_mask, bool host_ok = false) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
                     " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
   if (is_mask) {
@@ -58,16 +58,34 @@ inline void check_pairs(const char* op, const char* name, const at::Tensor& t, c
     TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ",
                      x.scalar_type(), ", got ", t.scalar_type());
   }
+  TORCH_CHECK_VALUE(t.device() == x.device() || (host_ok && t.is_cpu()), op, ": ", name,
+                    " must be on x's device ", x.device(), host_ok ? " (or on the CPU)" : "", ", got ",
+                    t.device());
+}
+
+// [N, C] values that may come in x's dtype or in the accumulation type (grad and logz of the backward).
+inline void check_values(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                         const at::Tensor& db) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
+                    " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, op, ": ", name,
+                   " must have x's dtype ", x.scalar_type(), " or ", acc, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
                     t.device());
 }
 
-// Checks of values (one pass over the tensor; on a GPU they would need a device sync, so the CPU kernels
-// call them and ccluster/ops.py runs the same checks in Python for other devices).
+// Checks of values. Each returns a 0-dim bool tensor on the data's device, true when the values are bad,
+// computed without reading anything back to the host; raise_if_bad reads it (a device synchronisation on
+// an accelerator) and raises with the message. The dispatchers decide which of the two happens
+// (csrc/ops/dispatch.h: value_checks_eager).
 
 // The loss's weights p(s|x): >= 0 on the pairs. NaN is not an error: it propagates to the loss, as NaN
 // in x does.
-inline void check_attention(const char* op, const at::Tensor& weight, const at::Tensor& pairs) {
+inline at::Tensor bad_attention(const at::Tensor& weight, const at::Tensor& pairs) {
+  return at::logical_and(pairs, weight.lt(0)).any();
+}
+inline void raise_bad_attention(const char* op, const at::Tensor& weight, const at::Tensor& pairs) {
   const at::Tensor bad = at::logical_and(pairs, weight.lt(0));
   if (bad.any().item<bool>()) {
     TORCH_CHECK_VALUE(false, op, ": attention must be >= 0 on the pairs (it weights -log z), got ",
@@ -77,7 +95,8 @@ inline void check_attention(const char* op, const at::Tensor& weight, const at::
 
 // The loss's log_q: log-probabilities, <= 0 (-inf marks an empty slot; NaN propagates). A positive entry
 // is q > 1, usually q passed where log q was meant.
-inline void check_log_probabilities(const char* op, const at::Tensor& log_q) {
+inline at::Tensor bad_log_probabilities(const at::Tensor& log_q) { return log_q.gt(0).any(); }
+inline void raise_bad_log_probabilities(const char* op, const at::Tensor& log_q) {
   const at::Tensor bad = log_q.gt(0);
   if (bad.any().item<bool>()) {
     TORCH_CHECK_VALUE(false, op, ": log_q must be log-probabilities (<= 0, -inf for an empty slot), got ",
@@ -86,37 +105,15 @@ inline void check_log_probabilities(const char* op, const at::Tensor& log_q) {
 }
 
 // The fit's weights: finite and >= 0 (a NaN weight would otherwise drop its pair without a trace).
-inline void check_fit_weight(const char* op, const at::Tensor& weight) {
+inline at::Tensor bad_fit_weight(const at::Tensor& weight) {
+  return at::logical_not(at::logical_and(at::isfinite(weight), weight.ge(0))).any();
+}
+inline void raise_bad_fit_weight(const char* op, const at::Tensor& weight) {
   const at::Tensor bad = at::logical_not(at::logical_and(at::isfinite(weight), weight.ge(0)));
   if (bad.any().item<bool>()) {
     TORCH_CHECK_VALUE(false, op, ": weight must be finite and >= 0, got ",
                       weight.masked_select(bad).flatten()[0].item<double>());
   }
-}
-
-// [N, C] values that may come in x's dtype or in the accumulation type (grad and logz of the backward).
-inline void check_values(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                         const at::Tensor& db) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == db.size(0), op, ": ", name,
-              " must be [N, C] = [", x.size(0), ", ", db.size(0), "], got ", t.sizes());
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, op, ": ", name,
-              " must have x's dtype ", x.scalar_type(), " or ", acc, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
-              t.device());
-}
-
-// Online log-sum-exp: a running maximum `m` and a sum `l` of exp(s - shift(m)). The shift is 0 while
-// m = -inf (nothing seen yet, or only empty slots), so that -inf inputs give log(0) = -inf and never
-// (-inf) - (-inf) = NaN; NaN inputs propagate through the sum.
-template <typename T>
-inline T lse_shift(T m) {
-  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
-}
-
-template <typename T>
-inline T lse_finish(T m, T l) {
-  return lse_shift(m) + std::log(l);
 }
 
 }  // namespace ccluster

@@ -35,14 +35,28 @@ METRICS = reference.METRICS
 ROW_BLOCK = 256   # csrc/cpu/tile.h kRowBlock
 COL_BLOCK = 512   # csrc/cpu/tile.h kColBlock
 
-_CUDA_REASON = "CUDA is not available (torch.cuda.is_available() is False)"
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                reason=_CUDA_REASON))]
+def _cuda_skip_reason():
+    if not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    if ccluster.has_compiled_ops() and not ccluster.settings.kernel_statistics()["cuda_kernels"]:
+        return ("ccluster was built without its CUDA kernels (csrc/cuda); rebuild with a CUDA toolkit, e.g. "
+                "FORCE_CUDA=1 pip install --no-build-isolation -e .")
+    return None
+
+
+# The one CUDA switch of the suite: op tests take the `device` fixture and run on CUDA wherever a GPU and
+# the compiled CUDA kernels are there (tests/test_cuda.py keeps what only a GPU has: streams, graphs,
+# TF32, tensor cores, the fused CUDA kernels against the library path, synchronisation counts).
+CUDA_SKIP_REASON = _cuda_skip_reason()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                              pytest.mark.skipif(CUDA_SKIP_REASON is not None,
+                                                                 reason=CUDA_SKIP_REASON or "")])]
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """Every device the ops run on; CUDA is skipped (with its reason) where absent."""
+    """Every device the ops run on; CUDA is skipped (with its reason) where absent. On CUDA the ops run
+    their default implementation, the library path."""
     return torch.device(request.param)
 
 

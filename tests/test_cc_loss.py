@@ -35,14 +35,14 @@ def _pairs(pattern, N, C, seed):
     return p
 
 
-def _problem(N, C, n, m, pattern, attention_2d, seed, empty_class=True):
-    x, db, log_q = make_inputs(N, C, n, m, seed=seed)
+def _problem(N, C, n, m, pattern, attention_2d, seed, empty_class=True, device="cpu"):
+    x, db, log_q = make_inputs(N, C, n, m, seed=seed, device=device)
     if empty_class:
         log_q[1] = -math.inf                  # an empty class (left out of the loss)
         log_q[0, 1::3] = -math.inf            # some empty slots
     g = torch.Generator().manual_seed(seed + 1)
-    att = torch.rand((N, C) if attention_2d else (N,), generator=g, dtype=torch.float64)
-    return x, att, _pairs(pattern, N, C, seed + 2), db, log_q
+    att = torch.rand((N, C) if attention_2d else (N,), generator=g, dtype=torch.float64).to(device)
+    return x, att, _pairs(pattern, N, C, seed + 2).to(device), db, log_q
 
 
 def _loss_and_grads(fn, x, att, pairs, db, log_q, metric, **kw):
@@ -76,8 +76,15 @@ def _check_against_reference(x, att, pairs, db, log_q, metric):
 
 @pytest.mark.parametrize("attention_2d", [False, True], ids=["att_N", "att_NC"])
 @pytest.mark.parametrize("pattern", ["dense", "sparse", "one_label", "multi_label"])
-def test_matches_reference_float64(metric, pattern, attention_2d):
-    _check_against_reference(*_problem(23, 4, 9, 3, pattern, attention_2d, seed=1), metric)
+def test_matches_reference_float64(metric, pattern, attention_2d, device):
+    _check_against_reference(*_problem(23, 4, 9, 3, pattern, attention_2d, seed=1, device=device), metric)
+
+
+@pytest.mark.parametrize("plan", ["dense", "packed"])
+def test_library_plans_match_reference_float64(metric, plan, device):
+    # both layouts of the library path (the GPU default; on the CPU with backend="library")
+    with ccluster.kernel_settings(backend="library", plan=plan, workspace_bytes=3000):
+        _check_against_reference(*_problem(37, 4, 19, 5, "multi_label", True, seed=17, device=device), metric)
 
 
 @pytest.mark.parallel
@@ -98,8 +105,8 @@ def test_video_runs_mix_row_views_and_gathered_blocks(metric):
     _check_against_reference(x, att, pairs, db, log_q, metric)
 
 
-def test_all_pairs_of_empty_classes_give_zero(metric):
-    x, att, pairs, db, log_q = _problem(6, 3, 4, 2, "dense", False, seed=3, empty_class=False)
+def test_all_pairs_of_empty_classes_give_zero(metric, device):
+    x, att, pairs, db, log_q = _problem(6, 3, 4, 2, "dense", False, seed=3, empty_class=False, device=device)
     log_q[:] = -math.inf
     loss, gx, gatt, gdb, glq = _loss_and_grads(cc_loss, x, att, pairs, db, log_q, metric)
     assert loss.item() == 0.0
@@ -107,22 +114,23 @@ def test_all_pairs_of_empty_classes_give_zero(metric):
         assert torch.equal(g.abs(), torch.zeros_like(g))
 
 
-def test_no_pairs_and_empty_batch(metric):
-    x, att, pairs, db, log_q = _problem(6, 3, 4, 2, "dense", True, seed=4)
+def test_no_pairs_and_empty_batch(metric, device):
+    x, att, pairs, db, log_q = _problem(6, 3, 4, 2, "dense", True, seed=4, device=device)
     loss, gx, *_ = _loss_and_grads(cc_loss, x, att, torch.zeros_like(pairs), db, log_q, metric)
     assert loss.item() == 0.0 and torch.equal(gx, torch.zeros_like(gx))
     loss, gx, *_ = _loss_and_grads(cc_loss, x[:0], att[:0], pairs[:0], db, log_q, metric)
     assert loss.item() == 0.0 and gx.shape == (0, 2)
 
 
-def test_multi_label_rows_sum_over_their_classes(metric):
+def test_multi_label_rows_sum_over_their_classes(metric, device):
     # a row with k labels gets its dL/dx from k classes, in k rounds: the first writes the row, the others
     # add to it. The gradient must be the sum of the single-class losses' gradients.
     N, C = ROW_BLOCK + 20, 4
-    x, att, pairs, db, log_q = _problem(N, C, 11, 3, "multi_label", True, seed=5, empty_class=False)
+    x, att, pairs, db, log_q = _problem(N, C, 11, 3, "multi_label", True, seed=5, empty_class=False,
+                                        device=device)
     assert int(pairs.sum(1).max()) >= 3
     total = _loss_and_grads(cc_loss, x, att, pairs, db, log_q, metric)
-    parts = [_loss_and_grads(cc_loss, x, att, pairs & (torch.arange(C) == c), db, log_q, metric)
+    parts = [_loss_and_grads(cc_loss, x, att, pairs & (torch.arange(C, device=device) == c), db, log_q, metric)
              for c in range(C)]
     for k, name in enumerate(("loss", "x", "attention", "db", "log_q")):
         assert_close64(total[k], sum(p[k] for p in parts), msg=name)
@@ -135,19 +143,25 @@ def test_deterministic_bitwise(metric):
     second = _loss_and_grads(cc_loss, *args, metric)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    # the work split (units of row blocks) does not depend on the thread count either
+    # The work split (units of row blocks) does not depend on the thread count, so one thread gives the
+    # same loss and x, attention and log_q gradients. The db gradient's GEMMs run inside or outside a
+    # parallel region depending on the thread count, where MKL may take a kernel that rounds otherwise:
+    # equal to a few ulps only (results are bitwise reproducible at a fixed thread count).
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         single = _loss_and_grads(cc_loss, *args, metric)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(first, single):
-        assert torch.equal(a, b)
+    for name, a, b in zip(("loss", "x", "attention", "db", "log_q"), first, single):
+        if name == "db":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-13 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b), name
 
 
-def test_backward_twice_with_retain_graph(metric):
-    x, att, pairs, db, log_q = _problem(40, 3, 7, 3, "multi_label", True, seed=7)
+def test_backward_twice_with_retain_graph(metric, device):
+    x, att, pairs, db, log_q = _problem(40, 3, 7, 3, "multi_label", True, seed=7, device=device)
     x, att, db, log_q = (t.requires_grad_() for t in (x, att, db, log_q))
     loss = cc_loss(x, att, pairs, db, log_q, ALPHA, metric)
     first = torch.autograd.grad(loss, (x, att, db, log_q), retain_graph=True)
@@ -203,8 +217,8 @@ def test_float32_against_oracle(metric):
 
 
 @pytest.mark.parametrize("grad_x", [True, False])
-def test_opcheck(metric, grad_x):
-    x, att, pairs, db, log_q = _problem(7, 3, 5, 2, "multi_label", True, seed=10)
+def test_opcheck(metric, grad_x, device):
+    x, att, pairs, db, log_q = _problem(7, 3, 5, 2, "multi_label", True, seed=10, device=device)
     log_q[1] = 0.0   # opcheck's gradient comparisons need every class filled
     x.requires_grad_(grad_x)
     att.requires_grad_()
@@ -232,8 +246,8 @@ def test_torch_compile_fullgraph_forward_backward(metric, backend):
 
 
 @pytest.mark.parametrize("attention_2d", [False, True], ids=["att_N", "att_NC"])
-def test_gradcheck(metric, attention_2d):
-    x, att, pairs, db, log_q = _problem(5, 3, 3, 2, "multi_label", attention_2d, seed=11)
+def test_gradcheck(metric, attention_2d, device):
+    x, att, pairs, db, log_q = _problem(5, 3, 3, 2, "multi_label", attention_2d, seed=11, device=device)
     inputs = [t.requires_grad_() for t in (x, att, db, log_q)]
     assert torch.autograd.gradcheck(lambda a, w, b, c: cc_loss(a, w, pairs, b, c, ALPHA, metric), inputs)
 
@@ -266,11 +280,18 @@ BAD = [
 
 
 @pytest.mark.parametrize("case,over,exc,match", BAD, ids=[b[0] for b in BAD])
-def test_bad_input(case, over, exc, match):
-    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12)
+def test_bad_input(case, over, exc, match, device):
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12, device=device)
     args = dict(x=x, att=torch.ones(5, dtype=torch.float64), pairs=torch.ones(5, 2, dtype=torch.bool), db=db,
                 log_q=log_q, alpha=ALPHA, metric="sqeuclidean")
     args.update(over)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    if case in ("attention_negative", "log_q_positive") and device.type != "cpu":
+        # on a GPU the checks of values are deferred by default (a NaN loss, no synchronisation): ask
+        # for the eager ones
+        with ccluster.kernel_settings(check_values="eager"), pytest.raises(exc, match=match):
+            cc_loss(*args.values())
+        return
     # Python objects and attention's shape are checked in Python, the rest by the C++ op: one exception
     # type per kind of mistake either way (TypeError: type or dtype; ValueError: shape, device, value)
     with pytest.raises(exc, match=match):
@@ -302,13 +323,13 @@ def test_negative_attention_outside_the_pairs_is_ignored():
     assert_close64(loss, expected)
 
 
-def test_nan_attention_propagates_to_the_loss_and_that_row():
+def test_nan_attention_propagates_to_the_loss_and_that_row(device):
     # the README's NaN policy: NaN in an input propagates to what it touches, nothing else
-    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12)
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=12, device=device)
     x.requires_grad_()
-    att = torch.full((5,), 0.2, dtype=torch.float64)
+    att = torch.full((5,), 0.2, dtype=torch.float64, device=device)
     att[1] = math.nan
-    loss = cc_loss(x, att, torch.ones(5, 2, dtype=torch.bool), db, log_q, ALPHA)
+    loss = cc_loss(x, att, torch.ones(5, 2, dtype=torch.bool, device=device), db, log_q, ALPHA)
     assert loss.isnan()
     (gx,) = torch.autograd.grad(loss, x)
     assert gx[1].isnan().all() and torch.isfinite(gx[[0, 2, 3, 4]]).all()
@@ -502,3 +523,48 @@ def test_module_bad_forward(case):
     _, args, exc, match = _bad_forward_cases()[case]
     with pytest.raises(exc, match=match):
         ccluster.ConvexClusteringLoss(ALPHA)(*args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Double backward: not supported, and says so
+
+
+@pytest.mark.parametrize("wrt", ["x", "attention", "db"])
+def test_double_backward_raises_a_clear_error(metric, wrt):
+    x, att, pairs, db, log_q = _problem(9, 3, 5, 3, "multi_label", False, seed=15)
+    x, att, db, log_q = (t.requires_grad_() for t in (x, att, db, log_q))
+    loss = cc_loss(x, att, pairs, db, log_q, ALPHA, metric)
+    target = {"x": x, "attention": att, "db": db}[wrt]
+    (g,) = torch.autograd.grad(loss, target, create_graph=True)
+    assert g.grad_fn is not None, "a gradient built with create_graph must depend on its inputs"
+    with pytest.raises(RuntimeError, match="convex_clustering_loss: double backward is not supported"):
+        torch.autograd.grad(g.pow(2).sum(), (x, att, db, log_q))
+    (want,) = torch.autograd.grad(cc_loss(x, att, pairs, db, log_q, ALPHA, metric), target)
+    assert_close64(g.detach(), want)
+
+
+def test_module_double_backward_raises_a_clear_error():
+    feats, att, labels, mask, db, log_q = _batch()
+    feats.requires_grad_()
+    loss = ccluster.ConvexClusteringLoss(ALPHA)(feats, att, labels, mask, db, log_q)
+    (g,) = torch.autograd.grad(loss, feats, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.norm().backward()
+
+
+def test_no_grad_computes_no_gradient_of_x():
+    # under torch.no_grad the op is asked for the loss only (grad_x=False), even when x requires grad
+    x, att, pairs, db, log_q = _problem(30, 3, 6, 2, "sparse", False, seed=16)
+    x.requires_grad_()
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "ccluster.cc_loss" in str(func):
+                seen.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        loss = cc_loss(x, att, pairs, db, log_q, ALPHA)
+    assert seen == [False]
+    assert_close64(loss, cc_loss(x.detach(), att, pairs, db, log_q, ALPHA))

@@ -67,8 +67,8 @@ def test_matches_reference_float64_medium(metric):
     _check_against_reference(x, db, log_q, metric)
 
 
-def test_gradients_only_for_inputs_that_require_them(metric):
-    x, db, log_q = make_inputs(6, 2, 5, 3, seed=4)
+def test_gradients_only_for_inputs_that_require_them(metric, device):
+    x, db, log_q = make_inputs(6, 2, 5, 3, seed=4, device=device)
     db.requires_grad_()
     out = lse(x, db, log_q, ALPHA, metric)
     (gdb,) = torch.autograd.grad(out.sum(), (db,))
@@ -89,12 +89,12 @@ def test_empty_batch(metric, device):
     assert lse(x, db, log_q, ALPHA, metric, pairs).shape == (0, 3)
 
 
-def test_non_contiguous_inputs(metric):
+def test_non_contiguous_inputs(metric, device):
     N, C, n, m = 10, 3, 8, 4
     # x: a transposed view; db: transposed in its last two dims; log_q: every other column
-    x_base = torch.randn(m, N, dtype=torch.float64, requires_grad=True)
-    db_base = torch.randn(C, m, n, dtype=torch.float64, requires_grad=True)
-    lq_base = torch.randn(C, 2 * n, dtype=torch.float64, requires_grad=True)
+    x_base = torch.randn(m, N, dtype=torch.float64, device=device, requires_grad=True)
+    db_base = torch.randn(C, m, n, dtype=torch.float64, device=device, requires_grad=True)
+    lq_base = torch.randn(C, 2 * n, dtype=torch.float64, device=device, requires_grad=True)
     x, db, log_q = x_base.t(), db_base.transpose(1, 2), lq_base[:, ::2]
     assert not (x.is_contiguous() or db.is_contiguous() or log_q.is_contiguous())
     out = lse(x, db, log_q, ALPHA, metric)
@@ -108,11 +108,11 @@ def test_non_contiguous_inputs(metric):
     assert_close64(g_op[0], gx.t())
     assert_close64(g_op[1], gdb.transpose(1, 2))
     assert_close64(g_op[2][:, ::2], glq)
-    assert torch.equal(g_op[2][:, 1::2], torch.zeros(C, n, dtype=torch.float64))
+    assert torch.equal(g_op[2][:, 1::2], torch.zeros(C, n, dtype=torch.float64, device=device))
 
 
-def test_strided_rows_and_slots():
-    x, db, log_q = make_inputs(20, 4, 30, 3, seed=5)
+def test_strided_rows_and_slots(device):
+    x, db, log_q = make_inputs(20, 4, 30, 3, seed=5, device=device)
     xs, dbs, lqs = x[::3], db[::2, ::4], log_q[::2, ::4]
     assert_close64(lse(xs, dbs, lqs, ALPHA, "euclidean"),
                    reference.exemplar_logsumexp(xs, dbs, lqs, ALPHA, "euclidean"))
@@ -123,24 +123,25 @@ def test_strided_rows_and_slots():
 
 
 @pytest.mark.parametrize("with_pairs", [False, True], ids=["dense", "pairs"])
-def test_gradcheck(metric, with_pairs):
-    x, db, log_q = make_inputs(4, 2, 3, 2, seed=6, requires_grad=True)
-    pairs = torch.tensor([[True, False], [True, True], [False, True], [False, False]]) if with_pairs else None
+def test_gradcheck(metric, with_pairs, device):
+    x, db, log_q = make_inputs(4, 2, 3, 2, seed=6, requires_grad=True, device=device)
+    pairs = torch.tensor([[True, False], [True, True], [False, True], [False, False]], device=device) \
+        if with_pairs else None
     assert torch.autograd.gradcheck(lambda a, b, c: lse(a, b, c, ALPHA, metric, pairs), (x, db, log_q))
 
 
 @pytest.mark.parametrize("with_pairs", [False, True], ids=["dense", "pairs"])
-def test_opcheck_forward(metric, with_pairs):
-    x, db, log_q = make_inputs(5, 2, 4, 3, seed=7, requires_grad=True)
-    pairs = random_mask(5, 2, 0.5, seed=1) if with_pairs else None
+def test_opcheck_forward(metric, with_pairs, device):
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=7, requires_grad=True, device=device)
+    pairs = random_mask(5, 2, 0.5, seed=1, device=device) if with_pairs else None
     torch.library.opcheck(torch.ops.ccluster.exemplar_logsumexp, (x, db, log_q, ALPHA, metric, pairs))
 
 
 @pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]],
                          ids=["all", "x", "db_lq"])
-def test_opcheck_backward(metric, mask):
-    x, db, log_q = make_inputs(5, 2, 4, 3, seed=8)
-    pairs = random_mask(5, 2, 0.6, seed=3)
+def test_opcheck_backward(metric, mask, device):
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=8, device=device)
+    pairs = random_mask(5, 2, 0.6, seed=3, device=device)
     logz = lse(x, db, log_q, ALPHA, metric, pairs)
     grad = random_like(logz)
     torch.library.opcheck(torch.ops.ccluster.exemplar_logsumexp_backward,
@@ -176,8 +177,8 @@ def test_torch_compile_fullgraph_forward_backward(backend):
 # Low precision
 
 
-def _low_precision_case(dtype, metric, shape, seed, grad=None):
-    x64, db64, lq64 = make_inputs(*shape, seed=seed)
+def _low_precision_case(dtype, metric, shape, seed, grad=None, device="cpu"):
+    x64, db64, lq64 = make_inputs(*shape, seed=seed, device=device)
     x, db, log_q = (t.to(dtype).requires_grad_() for t in (x64, db64, lq64))
     out = lse(x, db, log_q, ALPHA, metric)
     assert out.dtype == dtype
@@ -199,28 +200,29 @@ def _low_precision_case(dtype, metric, shape, seed, grad=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_against_oracle(dtype, metric):
-    _low_precision_case(dtype, metric, (ROW_BLOCK + 2, 1, COL_BLOCK + 8, 3), seed=12)
+def test_low_precision_against_oracle(dtype, metric, device):
+    _low_precision_case(dtype, metric, (ROW_BLOCK + 2, 1, COL_BLOCK + 8, 3), seed=12, device=device)
 
 
 @pytest.mark.parametrize("backend", ["fused", "library"])
-def test_float32_gradient_when_the_classes_cancel(metric, backend):
+def test_float32_gradient_when_the_classes_cancel(metric, backend, device):
     # An upstream gradient that sums to 0 over each row's classes, as a softmax over the classes gives
     # (the class-contrastive loss): the classes' shares of grad_x, each of the size of the terms of
     # alpha (W Y - rowsum(W) x), cancel, so the rounding of every share shows undiluted. Float sums of
     # rowsum(W) (and, in the library path, of the forward's log-sum-exp) over a tile's columns made the
     # euclidean grad_x 3-4x plain PyTorch's error here; they are taken in double.
     shape = (ROW_BLOCK + 5, 3, COL_BLOCK + 10, 3)
-    g = random_like(torch.empty(shape[0], shape[1], dtype=torch.float64), seed=4)
+    # On a GPU the library path's row sums are in double too (csrc/cuda/epilogue_kernels.cu).
+    g = random_like(torch.empty(shape[0], shape[1], dtype=torch.float64, device=device), seed=4)
     grad = g - g.mean(1, keepdim=True)
     with ccluster.kernel_settings(backend=backend):
-        _low_precision_case(torch.float32, metric, shape, seed=12, grad=grad)
+        _low_precision_case(torch.float32, metric, shape, seed=12, grad=grad, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_inputs_are_computed_in_float32(dtype, metric):
+def test_half_inputs_are_computed_in_float32(dtype, metric, device):
     # the documented contract: float16/bfloat16 in, float32 inside, rounded once on the way out
-    x, db, log_q, out = _low_precision_case(dtype, metric, (9, 2, 40, 3), seed=13)
+    x, db, log_q, out = _low_precision_case(dtype, metric, (9, 2, 40, 3), seed=13, device=device)
     in32 = lse(x.detach().float(), db.detach().float(), log_q.detach().float(), ALPHA, metric)
     torch.testing.assert_close(out.float(), in32.to(dtype).float(), rtol=torch.finfo(dtype).eps,
                                atol=4 * torch.finfo(torch.float32).eps * float(in32.abs().max()))
@@ -230,16 +232,16 @@ def test_half_inputs_are_computed_in_float32(dtype, metric):
 # -inf slots, empty classes, zero distance, stability
 
 
-def test_neg_inf_slots_and_empty_class(metric):
+def test_neg_inf_slots_and_empty_class(metric, device):
     N, C, n, m = 7, 4, COL_BLOCK + 5, 3
-    x, db, log_q = make_inputs(N, C, n, m, seed=14)
+    x, db, log_q = make_inputs(N, C, n, m, seed=14, device=device)
     log_q[0, : n // 2] = -math.inf         # some slots, across the first tile
     log_q[2, COL_BLOCK:] = -math.inf       # a whole column tile empty
     log_q[1] = -math.inf                   # a whole class
     x, db, log_q = (t.requires_grad_() for t in (x, db, log_q))
     out = lse(x, db, log_q, ALPHA, metric)
     assert not out.isnan().any()
-    assert torch.equal(out[:, 1], torch.full((N,), -math.inf, dtype=torch.float64))
+    assert torch.equal(out[:, 1], torch.full((N,), -math.inf, dtype=torch.float64, device=device))
     assert torch.isfinite(out[:, [0, 2, 3]]).all()
 
     # upstream gradient nonzero everywhere, also on the -inf outputs
@@ -248,8 +250,8 @@ def test_neg_inf_slots_and_empty_class(metric):
     for g in (gx, gdb, glq):
         assert torch.isfinite(g).all()
     empty = ~torch.isfinite(log_q.detach())
-    assert torch.equal(glq[empty], torch.zeros(int(empty.sum()), dtype=torch.float64))
-    assert torch.equal(gdb[empty], torch.zeros(int(empty.sum()), m, dtype=torch.float64))
+    assert torch.equal(glq[empty], torch.zeros(int(empty.sum()), dtype=torch.float64, device=device))
+    assert torch.equal(gdb[empty], torch.zeros(int(empty.sum()), m, dtype=torch.float64, device=device))
 
     # the finite part against the oracle (the oracle itself gives NaN gradients on an all -inf class)
     keep = [0, 2, 3]
@@ -262,11 +264,11 @@ def test_neg_inf_slots_and_empty_class(metric):
     assert_close64(glq[keep], rlq[keep])
 
 
-def test_euclidean_gradient_is_zero_at_zero_distance():
+def test_euclidean_gradient_is_zero_at_zero_distance(device):
     # integer features: |x - y|^2 = |x|^2 + |y|^2 - 2 x.y is exactly 0, the case the contract is about
-    x = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64, requires_grad=True)
-    db = torch.tensor([[[1.0, -2.0, 3.0]]], dtype=torch.float64, requires_grad=True)
-    log_q = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64, device=device, requires_grad=True)
+    db = torch.tensor([[[1.0, -2.0, 3.0]]], dtype=torch.float64, device=device, requires_grad=True)
+    log_q = torch.zeros(1, 1, dtype=torch.float64, device=device, requires_grad=True)
     out = lse(x, db, log_q, 2.5, "euclidean")
     assert out.item() == 0.0
     gx, gdb, glq = torch.autograd.grad(out.sum(), (x, db, log_q))
@@ -274,9 +276,10 @@ def test_euclidean_gradient_is_zero_at_zero_distance():
     assert glq.item() == 1.0
 
     # and among other exemplars: the coincident one adds nothing; the rest match the oracle
-    x2 = torch.tensor([[1.0, 0.0], [2.0, -1.0]], dtype=torch.float64, requires_grad=True)
-    db2 = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [0.0, -2.0]]], dtype=torch.float64, requires_grad=True)
-    lq2 = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64))
+    x2 = torch.tensor([[1.0, 0.0], [2.0, -1.0]], dtype=torch.float64, device=device, requires_grad=True)
+    db2 = torch.tensor([[[1.0, 0.0], [3.0, 1.0], [0.0, -2.0]]], dtype=torch.float64, device=device,
+                       requires_grad=True)
+    lq2 = torch.log(torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64, device=device))
     out2 = lse(x2, db2, lq2, 1.5, "euclidean")
     g_op = torch.autograd.grad(out2.sum(), (x2, db2))
     g_ref = torch.autograd.grad(reference.exemplar_logsumexp(x2, db2, lq2, 1.5, "euclidean").sum(), (x2, db2))
@@ -286,7 +289,7 @@ def test_euclidean_gradient_is_zero_at_zero_distance():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_stable_when_alpha_d_is_huge(metric, dtype):
+def test_stable_when_alpha_d_is_huge(metric, dtype, device):
     # two exemplars, alpha*d ~ 1e4: exp underflows, the naive formula gives -inf
     if metric == "sqeuclidean":
         alpha, d = 1.0, torch.tensor([1.0e4, 1.0e4 + 3.0], dtype=torch.float64)
@@ -303,8 +306,8 @@ def test_stable_when_alpha_d_is_huge(metric, dtype):
     exact = max(a0, a1) + math.log1p(math.exp(min(a0, a1) - max(a0, a1)))
     resp1 = 1.0 / (1.0 + math.exp(a0 - a1))   # d logz / d log_q[1]
 
-    xs, dbs = x.to(dtype).requires_grad_(), db.to(dtype)
-    lqs = q.log()[None].to(dtype).requires_grad_()
+    xs, dbs = x.to(device, dtype).requires_grad_(), db.to(device, dtype)
+    lqs = q.log()[None].to(device, dtype).requires_grad_()
     out = lse(xs, dbs, lqs, alpha, metric)
     assert torch.isfinite(out).all()
     rtol = 1e-13 if dtype == torch.float64 else 4 * torch.finfo(torch.float32).eps
@@ -321,9 +324,9 @@ def test_stable_when_alpha_d_is_huge(metric, dtype):
 
 
 @pytest.mark.parametrize("slot", [3, COL_BLOCK + 40], ids=["first_tile", "second_tile"])
-def test_nan_propagates_to_its_row_and_class_only(metric, slot):
+def test_nan_propagates_to_its_row_and_class_only(metric, slot, device):
     N, C, n, m = 6, 3, COL_BLOCK + 50, 3
-    x, db, log_q = make_inputs(N, C, n, m, seed=15)
+    x, db, log_q = make_inputs(N, C, n, m, seed=15, device=device)
     clean = lse(x, db, log_q, ALPHA, metric)
 
     xn = x.clone()
@@ -353,22 +356,22 @@ UNPAIRED = [0, 7, ROW_BLOCK + 2]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad):
+def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, device):
     # README: with pairs, the other entries are 0 and get no gradient. A row with no pair is never read,
     # so NaN or inf there gives that row exactly 0 gradient and changes nothing else (0 * NaN = NaN was
     # the trap: grad_x = alpha (W Y - rowsum(W) x) with rowsum(W) = 0).
     N, C, n, m = ROW_BLOCK + 9, 3, COL_BLOCK + 7, 4      # two row blocks, two column tiles
-    x, db, log_q = make_inputs(N, C, n, m, seed=21)
-    pairs = random_mask(N, C, 0.5, seed=5)
+    x, db, log_q = make_inputs(N, C, n, m, seed=21, device=device)
+    pairs = random_mask(N, C, 0.5, seed=5, device=device)
     pairs[UNPAIRED] = False
-    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=8)
+    grad = random_like(torch.empty(N, C, dtype=torch.float64, device=device), seed=8)
     clean = _lse_and_grads(x, db, log_q, metric, pairs, grad)
     xb = x.clone()
     xb[0, 1] = bad
     xb[7] = bad
     xb[ROW_BLOCK + 2, 3] = bad
     got = _lse_and_grads(xb, db, log_q, metric, pairs, grad)
-    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64))
+    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64, device=device))
     for name, a, b in zip(("value", "grad x", "grad db", "grad log_q"), got, clean):
         assert torch.equal(a, b), f"{name}: a row outside the pairs must change nothing"
     # the oracle agrees (it computes rows without a pair from zeros)
@@ -378,21 +381,21 @@ def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad):
         assert_close64(a, b, msg=name)
 
 
-def test_zero_gradient_pairs_are_left_out(metric):
+def test_zero_gradient_pairs_are_left_out(metric, device):
     # pairs whose incoming gradient is 0 take no part in the backward: a row whose pairs all have a zero
     # gradient is not read either (NaN there reaches no gradient), in a row block with rows that do
     N, C, n, m = 40, 3, 30, 5
-    x, db, log_q = make_inputs(N, C, n, m, seed=4)
-    pairs = random_mask(N, C, 0.7, seed=6)
+    x, db, log_q = make_inputs(N, C, n, m, seed=4, device=device)
+    pairs = random_mask(N, C, 0.7, seed=6, device=device)
     pairs[5] = True
-    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=2)
+    grad = random_like(torch.empty(N, C, dtype=torch.float64, device=device), seed=2)
     grad[5] = 0.0
     clean = _lse_and_grads(x, db, log_q, metric, pairs, grad)
     xb = x.clone()
     xb[5, 2] = math.nan
     got = _lse_and_grads(xb, db, log_q, metric, pairs, grad)
     assert got[0][5].isnan().all(), "the forward still propagates NaN to its row"
-    assert torch.equal(got[1][5], torch.zeros(m, dtype=torch.float64))
+    assert torch.equal(got[1][5], torch.zeros(m, dtype=torch.float64, device=device))
     for name, a, b in zip(("grad x", "grad db", "grad log_q"), got[1:], clean[1:]):
         assert torch.equal(a, b), name
 
@@ -426,16 +429,16 @@ def test_nan_in_a_paired_row_reaches_its_gradient(metric):
 # pairs
 
 
-def test_pairs_zero_outside_and_dense_values_inside(metric):
+def test_pairs_zero_outside_and_dense_values_inside(metric, device):
     N, C, n, m = ROW_BLOCK + 3, 4, 20, 3
-    x, db, log_q = make_inputs(N, C, n, m, seed=16, requires_grad=True)
-    pairs = random_mask(N, C, 0.4, seed=5)
+    x, db, log_q = make_inputs(N, C, n, m, seed=16, requires_grad=True, device=device)
+    pairs = random_mask(N, C, 0.4, seed=5, device=device)
     pairs[1] = True           # a row with every class
     pairs[0] = False          # a row with no pair
     pairs[:, 3] = False       # a class with no pair
     out = lse(x, db, log_q, ALPHA, metric, pairs)
     dense = lse(x, db, log_q, ALPHA, metric)
-    assert torch.equal(out[~pairs], torch.zeros(int((~pairs).sum()), dtype=torch.float64))
+    assert torch.equal(out[~pairs], torch.zeros(int((~pairs).sum()), dtype=torch.float64, device=device))
     assert_close64(out[pairs], dense[pairs])
 
     # an upstream gradient nonzero everywhere: entries outside pairs must not contribute
@@ -444,17 +447,17 @@ def test_pairs_zero_outside_and_dense_values_inside(metric):
     g_dense = torch.autograd.grad(dense, (x, db, log_q), grad * pairs)
     for a, b in zip(g_pairs, g_dense):
         assert_close64(a, b)
-    assert torch.equal(g_pairs[0][0], torch.zeros(m, dtype=torch.float64))       # unpaired row
-    assert torch.equal(g_pairs[1][3], torch.zeros(n, m, dtype=torch.float64))    # unpaired class
-    assert torch.equal(g_pairs[2][3], torch.zeros(n, dtype=torch.float64))
+    assert torch.equal(g_pairs[0][0], torch.zeros(m, dtype=torch.float64, device=device))       # unpaired row
+    assert torch.equal(g_pairs[1][3], torch.zeros(n, m, dtype=torch.float64, device=device))    # unpaired class
+    assert torch.equal(g_pairs[2][3], torch.zeros(n, dtype=torch.float64, device=device))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input
 
 
-def _args(**over):
-    x, db, log_q = make_inputs(5, 2, 4, 3, seed=17)
+def _args(device="cpu", **over):
+    x, db, log_q = make_inputs(5, 2, 4, 3, seed=17, device=device)
     args = dict(x=x, db=db, log_q=log_q, alpha=ALPHA, metric="sqeuclidean", pairs=None)
     args.update(over)
     return args
@@ -497,9 +500,10 @@ def _expected(case):
 
 
 @pytest.mark.parametrize("case,over,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_rejected_with_a_clear_message(case, over, match):
+def test_bad_input_is_rejected_with_a_clear_message(case, over, match, device):
+    over = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in over.items()}
     with pytest.raises(_expected(case), match=match):
-        lse(**_args(**over))
+        lse(**_args(device, **over))
 
 
 @pytest.mark.parametrize("case,over,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
@@ -555,12 +559,12 @@ def test_wrong_device_is_rejected():
         lse(x, db.cuda(), log_q, ALPHA)
 
 
-def test_no_slots_gives_neg_inf(metric):
+def test_no_slots_gives_neg_inf(metric, device):
     # n = 0: log of an empty sum, -inf for every class, never NaN; the gradient is 0
-    x, db, log_q = make_inputs(3, 2, 0, 2, seed=18)
+    x, db, log_q = make_inputs(3, 2, 0, 2, seed=18, device=device)
     x.requires_grad_()
     out = lse(x, db, log_q, ALPHA, metric)
-    assert torch.equal(out, torch.full((3, 2), -math.inf, dtype=torch.float64))
+    assert torch.equal(out, torch.full((3, 2), -math.inf, dtype=torch.float64, device=device))
     (gx,) = torch.autograd.grad(out, (x,), torch.ones_like(out))
     assert torch.equal(gx, torch.zeros_like(gx))
 
@@ -569,3 +573,29 @@ def test_reference_handles_no_slots():
     x, db, log_q = make_inputs(3, 2, 0, 2, seed=18)
     assert torch.equal(reference.exemplar_logsumexp(x, db, log_q, ALPHA),
                        torch.full((3, 2), -math.inf, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Double backward: not supported, and says so (never a gradient that silently ignores its input)
+
+
+@pytest.mark.parametrize("wrt", ["x", "db", "log_q"])
+def test_double_backward_raises_a_clear_error(metric, wrt, device):
+    x, db, log_q = make_inputs(6, 2, 5, 3, seed=19, device=device, requires_grad=True)
+    pairs = random_mask(6, 2, 0.7, seed=2, device=device)
+    inputs = {"x": x, "db": db, "log_q": log_q}
+    out = lse(x, db, log_q, ALPHA, metric, pairs)
+    (g,) = torch.autograd.grad((out * out).sum(), inputs[wrt], create_graph=True)
+    assert g.grad_fn is not None, "a gradient built with create_graph must depend on its inputs"
+    with pytest.raises(RuntimeError, match="exemplar_logsumexp: double backward is not supported"):
+        torch.autograd.grad(g.pow(2).sum(), (x, db, log_q))
+    # the first-order gradient itself is the usual one
+    (want,) = torch.autograd.grad((out * out).sum(), inputs[wrt])
+    assert torch.equal(g.detach(), want)
+
+
+def test_double_backward_of_the_reference_works(metric):
+    # the documented way to a gradient penalty: the materialised reference is twice differentiable
+    x, db, log_q = make_inputs(4, 2, 3, 2, seed=20, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a, b, c: reference.exemplar_logsumexp(a, b, c, ALPHA, metric),
+                                        (x, db, log_q))

@@ -836,3 +836,42 @@ def test_prior_target_and_module_bad_input():
     with pytest.raises(ValueError, match=r"AttentionPriorLoss: attention must be \[3, 9\], got \[9\]"):
         mod(feats, att[0], labels, mask, db, log_q)
     assert "aggregate='max'" in repr(mod)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Double backward: the losses built on exemplar_logsumexp say it is not supported; the attention prior,
+# whose target is detached and whose KL is plain PyTorch, is twice differentiable in the attention
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["plain", "background"])
+def test_contrastive_double_backward_raises_a_clear_error(background):
+    x, w, labels, db, log_q, bg = _contrastive_problem(7, 4, 5, 3, seed=41, background=background)
+    x.requires_grad_()
+    loss = ccluster.class_contrastive_loss(x, w, labels, db, log_q, ALPHA, background_weight=bg)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert g.grad_fn is not None
+    with pytest.raises(RuntimeError, match="exemplar_logsumexp: double backward is not supported"):
+        torch.autograd.grad(g.pow(2).sum(), x)
+    target = torch.rand(7, 4, dtype=F64)
+    loss = ccluster.exemplar_cross_entropy(x, target, db, log_q, ALPHA)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        g.sum().backward()
+
+
+def test_contrastive_module_double_backward_raises_a_clear_error():
+    feats, att, labels, mask, db, log_q = _prior_batch()
+    feats = feats.clone().requires_grad_()
+    loss = ccluster.ClassContrastiveLoss(ALPHA)(feats, att, labels, mask, db, log_q)
+    (g,) = torch.autograd.grad(loss, feats, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(g.sum(), feats)
+
+
+@pytest.mark.parametrize("log_attention", [False, True], ids=["linear", "log"])
+def test_prior_gradgradcheck(log_attention):
+    feats, att, labels, mask, db, log_q = _prior_batch(T=4, n=3, m=2)
+    a = (att.log() if log_attention else att).clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda a: ccluster.attention_prior_loss(feats, a, labels, mask, db, log_q, ALPHA,
+                                                temperature=0.7, log_attention=log_attention), [a])

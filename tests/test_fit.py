@@ -25,14 +25,14 @@ def _weights(N, C, p, seed):
 # fit_step
 
 
-def _step_problem(N, C, n, m, seed):
+def _step_problem(N, C, n, m, seed, device="cpu"):
     x, db, log_q = make_inputs(N, C, n, m, seed=seed)
     w = _weights(N, C, 0.4, seed)
     if C >= 4:
         log_q[0, ::3] = -math.inf        # some empty slots
         log_q[1] = -math.inf             # an empty class that has weight
         w[:, 2] = 0.0                    # a class without weight
-    return x, db, log_q, w
+    return tuple(t.to(device) for t in (x, db, log_q, w))
 
 
 @pytest.mark.parametrize("shape", [(37, 4, 9, 3), (ROW_BLOCK + 3, 4, COL_BLOCK + 1, 2),
@@ -51,8 +51,22 @@ def test_fit_step_matches_reference(metric, shape):
     assert torch.equal(torch.isinf(log_eta), ~torch.isfinite(log_q) | (w.sum(0) == 0)[:, None])
 
 
-def test_fit_step_non_contiguous_weight_and_features(metric):
-    x, db, log_q, w = _step_problem(20, 4, 6, 3, seed=3)
+@pytest.mark.parametrize("shape", [(37, 4, 9, 3), (5, 1, 1, 1)], ids=["small", "ones"])
+def test_fit_step_matches_reference_on_every_device(metric, shape, device):
+    x, db, log_q, w = _step_problem(*shape, seed=sum(shape) + 2, device=device)
+    logz, log_eta = ccluster.fit_step(x, db, log_q, w, 0.8, metric)
+    ref_logz, ref_eta = reference.fit_step(x, db, log_q, w, 0.8, metric)
+    assert_close64(logz, ref_logz, msg="logz")
+    assert_close64(log_eta, ref_eta, msg="log_eta")
+    # a host mask of the pairs (what fit_representativeness passes on a GPU) gives the same
+    pairs = (w > 0).cpu() | (torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.2)
+    with ccluster.kernel_settings(backend="library", plan="packed"):
+        for a, b in zip(ccluster.fit_step(x, db, log_q, w, 0.8, metric, pairs=pairs), (ref_logz, ref_eta)):
+            assert_close64(a, b)
+
+
+def test_fit_step_non_contiguous_weight_and_features(metric, device):
+    x, db, log_q, w = _step_problem(20, 4, 6, 3, seed=3, device=device)
     xt = x.t().contiguous().t()
     wt = w.t().contiguous().t()
     assert not (xt.is_contiguous() or wt.is_contiguous())
@@ -62,8 +76,8 @@ def test_fit_step_non_contiguous_weight_and_features(metric):
         assert_close64(a, b)
 
 
-def test_fit_step_float32_against_oracle(metric):
-    x, db, log_q, w = _step_problem(ROW_BLOCK + 3, 4, 40, 3, seed=4)
+def test_fit_step_float32_against_oracle(metric, device):
+    x, db, log_q, w = _step_problem(ROW_BLOCK + 3, 4, 40, 3, seed=4, device=device)
     f32 = [t.float() for t in (x, db, log_q, w)]
     fused = ccluster.fit_step(*f32, 0.8, metric)
     plain = reference.fit_step(*f32, 0.8, metric)
@@ -73,9 +87,10 @@ def test_fit_step_float32_against_oracle(metric):
         assert_low_precision(a, b, c, torch.float32, name)
 
 
-def test_fit_step_opcheck(metric):
-    x, db, log_q, w = _step_problem(9, 4, 5, 2, seed=5)
+def test_fit_step_opcheck(metric, device):
+    x, db, log_q, w = _step_problem(9, 4, 5, 2, seed=5, device=device)
     torch.library.opcheck(torch.ops.ccluster.fit_step, (x, db, log_q, w, 0.8, metric))
+    torch.library.opcheck(torch.ops.ccluster.fit_step, (x, db, log_q, w, 0.8, metric, (w > 0).cpu()))
 
 
 @pytest.mark.parametrize("over,match", [
@@ -88,11 +103,14 @@ def test_fit_step_opcheck(metric):
     (dict(w=-torch.ones(6, 3, dtype=torch.float64)), r"fit_step: weight must be finite and >= 0, got -1"),
     (dict(w=torch.full((6, 3), math.nan, dtype=torch.float64)), r"fit_step: weight must be finite and >= 0, got nan"),
 ], ids=["weight_dtype", "weight_shape", "alpha", "metric", "log_q_shape", "weight_negative", "weight_nan"])
-def test_fit_step_bad_input(over, match):
+def test_fit_step_bad_input(over, match, device):
     x, db, log_q = make_inputs(6, 3, 4, 2, seed=6)
     args = dict(x=x, db=db, log_q=log_q, w=torch.ones(6, 3, dtype=torch.float64), alpha=0.8, metric="sqeuclidean")
     args.update(over)
-    with pytest.raises(TypeError if "dtype" in match else ValueError, match=match):
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    # on a GPU the check of the weights is deferred by default (NaN results, no synchronisation)
+    with ccluster.kernel_settings(check_values="eager"), \
+            pytest.raises(TypeError if "dtype" in match else ValueError, match=match):
         ccluster.fit_step(*args.values())
 
 
@@ -224,8 +242,8 @@ def test_gap_is_a_certificate(problem, long_runs, metric, iters):
     assert bool((best - f <= r.gap + 1e-12).all()), f"suboptimality {best - f} exceeds gap {r.gap}"
 
 
-def test_cached_and_fused_paths_agree(problem, metric):
-    x, db, w, log_q = problem
+def test_cached_and_fused_paths_agree(problem, metric, device):
+    x, db, w, log_q = (t.to(device) for t in problem)
     a = fit(x, db, w, ALPHA, metric=metric, tol=1e-6, max_iter=1000, log_q=log_q, cache=True)
     b = fit(x, db, w, ALPHA, metric=metric, tol=1e-6, max_iter=1000, log_q=log_q, cache=False)
     assert a.cached and not b.cached
@@ -331,19 +349,93 @@ def _bad_fit_cases():
         ("db_dtype", dict(ok, db=db.float()), r"db must have x's dtype torch.float64, got torch.float32"),
         ("alpha_str", dict(ok, alpha="1"), r"alpha must be a finite number > 0, got '1' \(str\)"),
         ("metric_none", dict(ok, metric=None), r"metric must be one of .*got None"),
+        ("no_class", dict(ok, db=db[:0], weight=w[:, :0]), r"fit_representativeness: db must hold at least one "
+                                                          r"class, got C=0"),
+        ("log_q_list", dict(ok, log_q=[[0.0] * 4] * 3), r"fit_representativeness: log_q must be a Tensor or None, "
+                                                      r"got list"),
+        ("log_q_int", dict(ok, log_q=torch.zeros(3, 4, dtype=torch.long)),
+         r"fit_representativeness: log_q must be a floating-point tensor, got torch.int64"),
+        ("tol_str", dict(ok, tol="1e-4"), r"fit_representativeness: tol must be a number > 0, got '1e-4' \(str\)"),
+        ("max_iter_float", dict(ok, max_iter=10.5), r"fit_representativeness: max_iter must be an int >= 0, "
+                                                  r"got 10.5 \(float\)"),
+        ("x_nan_weighted_row", dict(ok, x=torch.where(torch.arange(6)[:, None] == 2, math.nan, x)),
+         r"fit_representativeness: x must be finite on the rows that have a weight, got NaN or inf in row 2"),
+        ("db_inf_filled_slot", dict(ok, db=torch.where((torch.arange(3) == 1)[:, None, None]
+                                                        & (torch.arange(4) == 3)[None, :, None], math.inf, db)),
+         r"fit_representativeness: db must be finite in the classes with weight, got NaN or inf in class 1, "
+         r"slot 3"),
     ]
 
 
 # one exception type per kind of mistake, as the ops: TypeError for a type or dtype, ValueError otherwise
-FIT_TYPE_ERRORS = {"x_type", "x_int", "db_dtype", "alpha_str", "metric_none"}
+FIT_TYPE_ERRORS = {"x_type", "x_int", "db_dtype", "alpha_str", "metric_none", "log_q_list", "log_q_int", "tol_str",
+                   "max_iter_float"}
 
 
-@pytest.mark.parametrize("case", range(19), ids=[c[0] for c in _bad_fit_cases()])
+@pytest.mark.parametrize("case", range(len(_bad_fit_cases())), ids=[c[0] for c in _bad_fit_cases()])
 def test_fit_bad_input(case):
     name, kw, match = _bad_fit_cases()[case]
     args = {k: kw.pop(k) for k in ("x", "db", "weight", "alpha")}
     with pytest.raises(TypeError if name in FIT_TYPE_ERRORS else ValueError, match=match):
         fit(*args.values(), **kw)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["fused", "cached"])
+def test_non_finite_values_that_are_never_read_are_accepted(cache):
+    # NaN in a row without weight, and inf in a class without weight, are never read: the fit is the same
+    # as with finite values there
+    x, db, _ = make_inputs(8, 3, 4, 2, seed=63)
+    w = _weights(8, 3, 0.6, seed=64)
+    w[5] = 0.0
+    w[:, 2] = 0.0
+    log_q = torch.zeros(3, 4, dtype=torch.float64)
+    log_q[0, 1] = -math.inf
+    clean = fit(x, db, w, ALPHA, log_q=log_q, cache=cache, max_iter=20)
+    xb, dbb = x.clone(), db.clone()
+    xb[5] = math.nan
+    dbb[2] = math.inf
+    dirty = fit(xb, dbb, w, ALPHA, log_q=log_q, cache=cache, max_iter=20)
+    assert torch.equal(dirty.log_q, clean.log_q) and torch.equal(dirty.gap, clean.gap)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["fused", "cached"])
+def test_weights_whose_sum_overflows_are_normalised(cache):
+    # weights of 1e308 sum to inf in float64; only their ratios matter, so the fit equals that of the
+    # same weights scaled down, and it converges with a finite certificate
+    x, db, _ = make_inputs(12, 2, 5, 2, seed=65)
+    w = _weights(12, 2, 0.7, seed=66)
+    big = fit(x, db, w * 1e308 / float(w.max()), ALPHA, cache=cache, tol=1e-8, max_iter=3000)
+    small = fit(x, db, w / float(w.max()), ALPHA, cache=cache, tol=1e-8, max_iter=3000)
+    assert torch.isfinite(big.gap).all() and bool(big.converged.all())
+    assert_close64(big.log_q, small.log_q, rtol=1e-9)
+
+
+def test_a_non_finite_objective_is_never_certified(problem, monkeypatch):
+    # should an overflow inside the fit make a class's objective non-finite, that class stops with a NaN
+    # gap, not converged, and keeps its last finite Q; the others are unaffected
+    from ccluster import fit as fit_module
+    x, db, w, log_q = problem
+    real = fit_module.fit_step
+    calls = {"n": 0}
+
+    def overflowing(*args, **kw):
+        logz, log_eta = real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 3:  # from the third pass on, class 1 overflows
+            logz, log_eta = logz.clone(), log_eta.clone()
+            logz[:, 1] = math.nan
+            log_eta[1] = math.nan
+        return logz, log_eta
+
+    monkeypatch.setattr(fit_module, "fit_step", overflowing)
+    r = fit(x, db, w, ALPHA, log_q=log_q, cache=False, tol=1e-12, max_iter=30)
+    assert torch.isnan(r.gap[1]) and not bool(r.converged[1])
+    assert torch.isfinite(r.log_q[1][torch.isfinite(log_q[1])]).all()
+    assert_close64(r.log_q[1].exp().sum(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-12)
+    assert torch.isfinite(r.gap[[0, 2]]).all()
+    monkeypatch.setattr(fit_module, "fit_step", real)
+    clean = fit(x, db, w, ALPHA, log_q=log_q, cache=False, tol=1e-12, max_iter=30)
+    assert torch.equal(r.log_q[[0, 2]], clean.log_q[[0, 2]])
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["fused", "cached"])
@@ -391,3 +483,11 @@ def test_accelerated_fit_never_exceeds_max_iter(problem, max_iter):
     assert int(r.n_iter.max()) == max_iter
     q = r.log_q.exp()
     assert_close64(q.sum(1), torch.ones(3, dtype=torch.float64), rtol=1e-12)
+
+
+def test_fit_step_is_not_differentiable_and_says_so():
+    x, db, log_q, w = _step_problem(9, 4, 5, 2, seed=5)
+    x.requires_grad_()
+    logz, _ = ccluster.fit_step(x, db, log_q, w, 0.8)
+    with pytest.raises(RuntimeError, match="fit_step: not differentiable"):
+        torch.autograd.grad(logz.sum(), x)

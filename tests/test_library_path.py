@@ -43,6 +43,10 @@ def _nonempty(log_q):
     return torch.isfinite(log_q).any(-1).nonzero().squeeze(1)
 
 
+def _on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
+
+
 def _with_empty(x, db, log_q):
     """An empty slot in every class and, with 3+ classes, one class without any."""
     log_q = log_q.clone()
@@ -60,8 +64,15 @@ def _with_empty(x, db, log_q):
 def test_settings_roundtrip_and_context_restores():
     before = ccluster.get_kernel_settings()
     assert before["backend"] == "auto" and before["workspace_bytes"] == 256 << 20
-    with ccluster.kernel_settings(backend="library", workspace_bytes=4096, centring="on", gather=False) as s:
-        assert s == {"backend": "library", "workspace_bytes": 4096, "centring": "on", "gather": False}
+    with ccluster.kernel_settings(backend="library", workspace_bytes=4096, centring="on", plan="packed",
+                                  check_values="deferred") as s:
+        assert s == {"backend": "library", "workspace_bytes": 4096, "centring": "on", "plan": "packed",
+                     "check_values": "deferred"}
+    assert ccluster.get_kernel_settings() == before
+    with ccluster.kernel_settings(gather=False) as s:  # the earlier name of plan
+        assert s["plan"] == "dense"
+    with ccluster.kernel_settings(gather=True) as s:
+        assert s["plan"] == "auto"
     assert ccluster.get_kernel_settings() == before
 
 
@@ -71,6 +82,9 @@ def test_settings_roundtrip_and_context_restores():
     ({"workspace_bytes": 0}, "set_kernel_settings: workspace_bytes must be an int > 0, got 0"),
     ({"workspace_bytes": 1.5}, "set_kernel_settings: workspace_bytes must be an int > 0"),
     ({"gather": 1}, "set_kernel_settings: gather must be a bool, got 1"),
+    ({"plan": "sparse"}, r"set_kernel_settings: plan must be one of \('auto', 'dense', 'packed'\), got 'sparse'"),
+    ({"check_values": False}, r"set_kernel_settings: check_values must be one of \('auto', 'eager', 'deferred'\)"),
+    ({"plan": "dense", "gather": True}, "set_kernel_settings: give plan or its earlier name gather, not both"),
 ])
 def test_settings_errors(kw, match):
     before = ccluster.get_kernel_settings()
@@ -80,10 +94,12 @@ def test_settings_errors(kw, match):
 
 
 def test_settings_from_environment():
-    code = "import ccluster; s = ccluster.get_kernel_settings(); print(s['backend'], s['workspace_bytes'])"
-    env = {"CCLUSTER_BACKEND": "library", "CCLUSTER_WORKSPACE_BYTES": "12345", "PATH": "/usr/bin:/bin"}
+    code = ("import ccluster; s = ccluster.get_kernel_settings(); "
+            "print(s['backend'], s['workspace_bytes'], s['plan'], s['check_values'])")
+    env = {"CCLUSTER_BACKEND": "library", "CCLUSTER_WORKSPACE_BYTES": "12345", "CCLUSTER_PLAN": "packed",
+           "CCLUSTER_CHECK_VALUES": "eager", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["library", "12345"]
+    assert out.stdout.split() == ["library", "12345", "packed", "eager"]
 
 
 def test_auto_backend_on_cpu_is_the_fused_kernels():
@@ -103,15 +119,15 @@ def test_auto_backend_on_cpu_is_the_fused_kernels():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("ws", list(WORKSPACES), ids=str)
 @pytest.mark.parametrize("mode", ["dense", "pairs", "pairs_masked"])
-def test_lse_forward_backward_float64(shape, metric, ws, mode):
+def test_lse_forward_backward_float64(shape, metric, ws, mode, device):
     N, C, n, m = shape
-    x, db, log_q = _with_empty(*make_inputs(N, C, n, m, seed=sum(shape)))
-    pairs = random_mask(N, C, 0.6, seed=N) if mode != "dense" else None
+    x, db, log_q = _on(device, *_with_empty(*make_inputs(N, C, n, m, seed=sum(shape))))
+    pairs = random_mask(N, C, 0.6, seed=N, device=device) if mode != "dense" else None
     keep = _nonempty(log_q)
     args = [t.clone().requires_grad_() for t in (x, db, log_q)]
-    w = random_like(torch.empty(N, C, dtype=torch.float64), seed=3)
+    w = random_like(torch.empty(N, C, dtype=torch.float64, device=device), seed=3)
     start = _pieces()
-    with library(workspace_bytes=WORKSPACES[ws], gather=mode != "pairs_masked"):
+    with library(workspace_bytes=WORKSPACES[ws], plan="dense" if mode == "pairs_masked" else "packed"):
         out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
         (torch.where(torch.isfinite(out), out, torch.zeros_like(out)) * w).sum().backward()
     pieces = _pieces() - start
@@ -124,7 +140,7 @@ def test_lse_forward_backward_float64(shape, metric, ws, mode):
     assert_close64(out[:, keep], ref, msg="value")
     empty = [c for c in range(C) if c not in keep.tolist()]
     if empty:
-        want = torch.full((N, len(empty)), NEG_INF, dtype=out.dtype)
+        want = torch.full((N, len(empty)), NEG_INF, dtype=out.dtype, device=device)
         if pairs is not None:
             want = torch.where(pairs[:, empty], want, torch.zeros_like(want))
         assert torch.equal(out[:, empty], want), "an empty class must give -inf (0 outside the pairs), never NaN"
@@ -182,14 +198,14 @@ def _loss_problem(N, C, n, m, seed):
 @pytest.mark.parametrize("ws", list(WORKSPACES), ids=str)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
 @pytest.mark.parametrize("attention_dim", [1, 2])
-def test_cc_loss_float64(shape, metric, ws, gather, attention_dim):
+def test_cc_loss_float64(shape, metric, ws, gather, attention_dim, device):
     N, C, n, m = shape
-    x, db, log_q, pairs = _loss_problem(N, C, n, m, seed=sum(shape))
+    x, db, log_q, pairs = _on(device, *_loss_problem(N, C, n, m, seed=sum(shape)))
     g = torch.Generator().manual_seed(3)
-    att = torch.rand((N,) if attention_dim == 1 else (N, C), generator=g, dtype=torch.float64)
+    att = torch.rand((N,) if attention_dim == 1 else (N, C), generator=g, dtype=torch.float64).to(device)
     keep = _nonempty(log_q)
     args = [t.clone().requires_grad_() for t in (x, att, db, log_q)]
-    with library(workspace_bytes=WORKSPACES[ws], gather=gather):
+    with library(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense"):
         loss = ccluster.convex_clustering_loss(args[0], args[1], pairs, args[2], args[3], ALPHA, metric)
         loss.backward()
     ratt = att if attention_dim == 1 else att[:, keep]
@@ -220,12 +236,12 @@ def test_cc_loss_op_matches_fused_cpu_kernel(metric):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("ws", list(WORKSPACES), ids=str)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
-def test_fit_step_float64(shape, metric, ws, gather):
+def test_fit_step_float64(shape, metric, ws, gather, device):
     N, C, n, m = shape
-    x, db, log_q = _with_empty(*make_inputs(N, C, n, m, seed=sum(shape) + 1))
+    x, db, log_q = _on(device, *_with_empty(*make_inputs(N, C, n, m, seed=sum(shape) + 1)))
     g = torch.Generator().manual_seed(4)
-    weight = torch.rand(N, C, generator=g, dtype=torch.float64) * (torch.rand(N, C, generator=g) < 0.6)
-    with library(workspace_bytes=WORKSPACES[ws], gather=gather):
+    weight = (torch.rand(N, C, generator=g, dtype=torch.float64) * (torch.rand(N, C, generator=g) < 0.6)).to(device)
+    with library(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense"):
         logz, log_eta = ccluster.fit_step(x, db, log_q, weight, ALPHA, metric)
     rz, re = reference.fit_step(x, db, log_q, weight, ALPHA, metric)
     assert_close64(logz, rz, msg="logz")
@@ -250,22 +266,24 @@ def test_fit_representativeness_library_matches_fused():
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (4, 0, 4, 5), (4, 3, 0, 5), (4, 3, 5, 0), (0, 0, 0, 0)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_empty_dimensions_match_fused(shape):
+def test_empty_dimensions_match_fused(shape, device):
     N, C, n, m = shape
-    x, db, log_q = make_inputs(N, C, n, m)
-    pairs = random_mask(N, C, 0.5, seed=1)
-    w = torch.rand(N, C, dtype=torch.float64) * pairs
-    grad = torch.ones(N, C, dtype=torch.float64)
+    x, db, log_q = make_inputs(N, C, n, m, device=device)
+    pairs = random_mask(N, C, 0.5, seed=1, device=device)
+    w = torch.rand(N, C, dtype=torch.float64, device=device) * pairs
+    grad = torch.ones(N, C, dtype=torch.float64, device=device)
     calls = [
         lambda: (torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, 1.0, "sqeuclidean", None),),
         lambda: (torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, 1.0, "sqeuclidean", pairs),),
         lambda: torch.ops.ccluster.exemplar_logsumexp_backward(
-            grad, x, db, log_q, torch.zeros(N, C, dtype=torch.float64), 1.0, "sqeuclidean", None, [True] * 3),
+            grad, x, db, log_q, torch.zeros(N, C, dtype=torch.float64, device=device), 1.0, "sqeuclidean", None,
+            [True] * 3),
         lambda: torch.ops.ccluster.cc_loss(x, w, pairs, db, log_q, 1.0, "sqeuclidean", True),
         lambda: torch.ops.ccluster.fit_step(x, db, log_q, w, 1.0, "sqeuclidean"),
     ]
     for call in calls:
-        fused = call()
+        with ccluster.kernel_settings(backend="fused" if device.type == "cpu" else "library"):
+            fused = call()  # on a GPU: the library path with its default workspace
         with library(workspace_bytes=300):
             lib = call()
         for a, b in zip(lib, fused):
@@ -303,30 +321,31 @@ def _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw):
 @pytest.mark.parametrize("ws", ["large", "slots"], ids=str)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
 @pytest.mark.parametrize("centring", ["off", "on"])
-def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gather, centring):
+def test_rows_outside_the_pairs_get_exactly_zero_gradient(metric, bad, ws, gather, centring, device):
     # README: with pairs, the other entries are 0 and get no gradient. NaN or inf in a row with no pair
     # gives that row exactly 0 gradient and reaches neither grad_db nor grad_log_q: the row term
     # rowsum(W) x is applied only where rowsum(W) != 0 (0 * NaN = NaN), and without gathering ("mask")
     # such rows enter the W^T X GEMM as zeros.
     N, C, n, m = 37, 3, 23, 5
-    x, db, log_q = make_inputs(N, C, n, m, seed=12)
-    pairs = random_mask(N, C, 0.5, seed=2)
+    x, db, log_q = make_inputs(N, C, n, m, seed=12, device=device)
+    pairs = random_mask(N, C, 0.5, seed=2, device=device)
     pairs[UNPAIRED] = False
-    grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=7)
-    kw = dict(workspace_bytes=WORKSPACES[ws], gather=gather, centring=centring)
+    grad = random_like(torch.empty(N, C, dtype=torch.float64, device=device), seed=7)
+    kw = dict(workspace_bytes=WORKSPACES[ws], plan="packed" if gather else "dense", centring=centring)
     clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
     xb = x.clone()
     xb[1, 0] = bad
     xb[6] = bad
     xb[20, 4] = -bad
     got = _lse_grads_library(xb, db, log_q, metric, pairs, grad, **kw)
-    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64))
+    assert torch.equal(got[1][UNPAIRED], torch.zeros(len(UNPAIRED), m, dtype=torch.float64, device=device))
     for name, a, b in zip(("value", "grad x", "grad db", "grad log_q"), got, clean):
         assert torch.isfinite(a).all(), f"{name}: NaN or inf from a row outside the pairs"
         assert_close64(a, b, rtol=1e-13, msg=name)
-    # and the fused CPU kernels give the same
+    # and the fused kernels give the same
     args = [t.clone().requires_grad_() for t in (xb, db, log_q)]
-    out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
+    with ccluster.kernel_settings(backend="fused"):
+        out = ccluster.exemplar_logsumexp(*args, ALPHA, metric, pairs)
     for name, a, b in zip(("grad x", "grad db", "grad log_q"), got[1:], torch.autograd.grad(out, args, grad)):
         assert_close64(a, b, msg=name)
 
@@ -341,7 +360,7 @@ def test_nan_in_a_paired_row_reaches_its_gradient(metric, gather):
     pairs = random_mask(N, C, 0.5, seed=3)
     pairs[4] = torch.tensor([False, True, False])
     grad = random_like(torch.empty(N, C, dtype=torch.float64), seed=5)
-    kw = dict(workspace_bytes=WORKSPACES["slots"], gather=gather)
+    kw = dict(workspace_bytes=WORKSPACES["slots"], plan="packed" if gather else "dense")
     clean = _lse_grads_library(x, db, log_q, metric, pairs, grad, **kw)
     xb = x.clone()
     xb[4, 2] = math.nan
@@ -369,7 +388,7 @@ def test_cc_loss_rows_outside_the_pairs_get_exactly_zero_gradient(metric, gather
     grads = []
     for xv in (x, xb):
         args = [t.clone().requires_grad_() for t in (xv, db, log_q)]
-        with library(workspace_bytes=WORKSPACES["slots"], gather=gather):
+        with library(workspace_bytes=WORKSPACES["slots"], plan="packed" if gather else "dense"):
             loss = ccluster.convex_clustering_loss(args[0], att, pairs, args[1], args[2], ALPHA, metric)
             grads.append((loss.detach(), *torch.autograd.grad(loss, args)))
     assert torch.equal(grads[1][1][UNPAIRED], torch.zeros(len(UNPAIRED), 5, dtype=torch.float64))
@@ -379,10 +398,10 @@ def test_cc_loss_rows_outside_the_pairs_get_exactly_zero_gradient(metric, gather
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_large_alpha_d_is_exact(metric, dtype):
+def test_large_alpha_d_is_exact(metric, dtype, device):
     # alpha * d ~ 1e4: log(sum(q exp(-alpha d))) underflows to -inf (and NaN gradients) in float32 and
     # float64; the op is finite and exact.
-    x, db, log_q = make_inputs(40, 2, 30, 8, seed=7, spread=10.0)
+    x, db, log_q = make_inputs(40, 2, 30, 8, seed=7, spread=10.0, device=device)
     d = ((x[:, None, None, :] - db[None]) ** 2).sum(-1)
     alpha = 1e4 / float(d.mean() if metric == "sqeuclidean" else d.sqrt().mean())
     xd, dbd, lqd = (t.to(dtype) for t in (x, db, log_q))
@@ -404,10 +423,10 @@ def test_large_alpha_d_is_exact(metric, dtype):
         torch.testing.assert_close(out.double(), ref, rtol=4e-6, atol=0.0)
 
 
-def test_noncontiguous_inputs():
-    x, db, log_q = make_inputs(30, 3, 11, 6, seed=9)
-    pairs = random_mask(30, 3, 0.5, seed=9)
-    w = torch.rand(30, 3, dtype=torch.float64) * pairs
+def test_noncontiguous_inputs(device):
+    x, db, log_q = make_inputs(30, 3, 11, 6, seed=9, device=device)
+    pairs = random_mask(30, 3, 0.5, seed=9, device=device)
+    w = torch.rand(30, 3, dtype=torch.float64, device=device) * pairs
     xt = x.t().contiguous().t()
     dbs = torch.stack([db, db], dim=-1)[..., 0]
     lqt = log_q.t().contiguous().t()
@@ -424,13 +443,14 @@ def test_noncontiguous_inputs():
                            reference.convex_clustering_loss(x, w, pairs, db, log_q, ALPHA))
 
 
-def test_deterministic_bitwise():
-    x, db, log_q, pairs = _loss_problem(70, 4, 40, 6, seed=1)
-    w = torch.rand(70, 4, dtype=torch.float32)
+@pytest.mark.parametrize("plan", ["dense", "packed"])
+def test_deterministic_bitwise(plan, device):
+    x, db, log_q, pairs = _on(device, *_loss_problem(70, 4, 40, 6, seed=1))
+    w = torch.rand(70, 4, dtype=torch.float32, device=device)
     args = [t.float() for t in (x, db, log_q)]
 
     def run():
-        with library(workspace_bytes=2000):
+        with library(workspace_bytes=2000, plan=plan):
             logz = torch.ops.ccluster.exemplar_logsumexp(*args, ALPHA, "euclidean", pairs)
             back = torch.ops.ccluster.exemplar_logsumexp_backward(torch.ones_like(logz), *args, logz, ALPHA,
                                                                   "euclidean", pairs, [True] * 3)
@@ -449,13 +469,13 @@ def test_deterministic_bitwise():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("centring", ["off", "on"])
 @pytest.mark.parametrize("ws", ["large", "slots"])
-def test_low_precision_rule(dtype, metric, centring, ws):
+def test_low_precision_rule(dtype, metric, centring, ws, device):
     # features offset from the origin: centring has something to remove
-    x64, db64, lq64 = make_inputs(45, 3, 26, 16, seed=11)
+    x64, db64, lq64 = make_inputs(45, 3, 26, 16, seed=11, device=device)
     x64, db64 = x64 + 3.0, db64 + 3.0
     x, db, log_q = (t.to(dtype) for t in (x64, db64, lq64))
     alpha = 0.05
-    grad = random_like(torch.empty(45, 3, dtype=torch.float64), seed=2)
+    grad = random_like(torch.empty(45, 3, dtype=torch.float64, device=device), seed=2)
     xs = [t.clone().requires_grad_() for t in (x, db, log_q)]
     with library(workspace_bytes=WORKSPACES[ws], centring=centring):
         out = ccluster.exemplar_logsumexp(*xs, alpha, metric)
@@ -474,8 +494,8 @@ def test_low_precision_rule(dtype, metric, centring, ws):
         assert a.grad.dtype == dtype
         assert_low_precision(a.grad, b.grad, c.grad, dtype, f"grad {name}")
     # the fused loss and the fit in the same precision
-    pairs = random_mask(45, 3, 0.5, seed=5)
-    att = torch.rand(45, dtype=torch.float64)
+    pairs = random_mask(45, 3, 0.5, seed=5, device=device)
+    att = torch.rand(45, dtype=torch.float64, device=device)
     with library(workspace_bytes=WORKSPACES[ws], centring=centring):
         l_lib = ccluster.convex_clustering_loss(x, att.to(dtype), pairs, db, log_q, alpha, metric)
         f_lib = ccluster.fit_step(x, db, log_q, (att[:, None] * pairs).to(dtype), alpha, metric)
@@ -540,10 +560,10 @@ def test_bfloat16_backward_uses_float32_logz():
 
 
 @pytest.mark.parametrize("case", ["lse", "lse_backward", "cc_loss", "fit_step"])
-def test_opcheck_library_path(case):
-    x, db, log_q = make_inputs(9, 3, 7, 4, seed=14)
-    pairs = random_mask(9, 3, 0.6, seed=2)
-    w = torch.rand(9, 3, dtype=torch.float64)
+def test_opcheck_library_path(case, device):
+    x, db, log_q = make_inputs(9, 3, 7, 4, seed=14, device=device)
+    pairs = random_mask(9, 3, 0.6, seed=2, device=device)
+    w = torch.rand(9, 3, dtype=torch.float64, device=device)
     xr = x.clone().requires_grad_()
     with library(workspace_bytes=700):
         logz = torch.ops.ccluster.exemplar_logsumexp(x, db, log_q, ALPHA, "sqeuclidean", pairs)
@@ -586,3 +606,131 @@ def test_library_and_fused_agree_float32():
         with library(workspace_bytes=20000):
             lib = ccluster.exemplar_logsumexp(x, db, log_q, ALPHA, metric, p)
         torch.testing.assert_close(lib, fused, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The device path needs no host synchronisation: the Python wrappers, the modules and the backward
+# formulas, run as they run on a GPU (checks of values deferred), under a dispatch mode that fails on
+# every operation that reads device data on the host
+
+
+class _FailOnHostRead(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on nonzero, item / _local_scalar_dense (Python bool(), float(), .item() of a tensor) and on
+    copies to the CPU: each of these synchronises a GPU with the host."""
+
+    aten = torch.ops.aten
+    FORBIDDEN = {aten.nonzero.default, aten._local_scalar_dense.default, aten.item.default,
+                 aten.nonzero_static.default, aten.masked_select.default}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append(str(func))
+        if func in self.FORBIDDEN:
+            raise AssertionError(f"host synchronisation on the device path: {func}")
+        if func is self.aten._to_copy.default and kwargs.get("device") == torch.device("cpu"):
+            raise AssertionError(f"copy to the CPU on the device path: {func} {kwargs}")
+        if func is self.aten.copy_.default and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            raise AssertionError(f"copy to the CPU on the device path: {func}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("plan", ["auto", "dense", "packed"])
+def test_device_path_makes_no_host_synchronisation(plan):
+    from ccluster import _C
+    N, C, n, m = 30, 4, 11, 5
+    x, db, log_q = make_inputs(N, C, n, m, seed=31)
+    x = x.float().requires_grad_()
+    db, log_q = db.float().requires_grad_(), log_q.float().requires_grad_()
+    pairs = random_mask(N, C, 0.4, seed=3)
+    att = torch.rand(N, requires_grad=True)
+    B, T = 5, 6
+    labels = random_mask(B, C, 0.4, seed=4)
+    mask = random_mask(B, T, 0.8, seed=5)
+    weight = torch.rand(N, C) * pairs
+    syncs = _C._get_setting("host_syncs")
+    with library(plan=plan, check_values="deferred"), _FailOnHostRead() as mode:
+        out = ccluster.exemplar_logsumexp(x, db, log_q, ALPHA, "euclidean", pairs)
+        out.sum().backward()
+        loss = ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA)
+        loss.backward()
+        mod = ccluster.ConvexClusteringLoss(ALPHA)
+        mod(x.reshape(B, T, m), att.reshape(B, T), labels, mask, db, log_q).backward()
+        ccluster.fit_step(x.detach(), db.detach(), log_q.detach(), weight, ALPHA, pairs=pairs)
+        with torch.no_grad():
+            ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA)
+    assert any("ccluster.cc_loss" in op for op in mode.ops), "the mode must have seen the ops"
+    assert _C._get_setting("host_syncs") == syncs, "the compiled ops read device data on the host"
+    assert torch.isfinite(x.grad).all() and torch.isfinite(db.grad).all()
+
+
+def test_deferred_checks_of_values_give_nan_instead_of_reading():
+    x, db, log_q = make_inputs(12, 3, 5, 4, seed=32)
+    pairs = torch.ones(12, 3, dtype=torch.bool)
+    att = torch.rand(12, dtype=torch.float64)
+    bad_att = att.clone()
+    bad_att[4] = -0.5
+    for backend in ("fused", "library"):
+        with ccluster.kernel_settings(backend=backend, check_values="deferred"):
+            xs = x.clone().requires_grad_()
+            loss = ccluster.convex_clustering_loss(xs, bad_att, pairs, db, log_q, ALPHA)
+            loss.backward()
+            assert loss.isnan() and xs.grad.isnan().all(), backend
+            assert ccluster.convex_clustering_loss(x, att, pairs, db, log_q.exp(), ALPHA).isnan(), backend
+            w = torch.rand(12, 3, dtype=torch.float64)
+            w[2, 1] = -1.0
+            logz, log_eta = ccluster.fit_step(x, db, log_q, w, ALPHA)
+            assert logz.isnan().all() and log_eta.isnan().all(), backend
+            good = ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA)
+        with ccluster.kernel_settings(backend=backend):  # the default on the CPU: eager, the same value
+            assert torch.equal(good, ccluster.convex_clustering_loss(x, att, pairs, db, log_q, ALPHA))
+            with pytest.raises(ValueError, match="convex_clustering_loss: attention must be >= 0 on the pairs"):
+                ccluster.convex_clustering_loss(x, bad_att, pairs, db, log_q, ALPHA)
+            with pytest.raises(ValueError, match="fit_step: weight must be finite and >= 0, got -1"):
+                ccluster.fit_step(x, db, log_q, w, ALPHA)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plans and the cost model
+
+
+def test_plans_agree_and_the_cost_model_is_reported():
+    x, db, log_q, pairs = _loss_problem(60, 5, 23, 7, seed=33)
+    att = torch.rand(60, dtype=torch.float64)
+    got = {}
+    for plan in ("dense", "packed"):
+        args = [t.clone().requires_grad_() for t in (x, att, db, log_q)]
+        with library(plan=plan, workspace_bytes=5000):
+            loss = ccluster.convex_clustering_loss(args[0], args[1], pairs, args[2], args[3], ALPHA)
+            got[plan] = (loss, *torch.autograd.grad(loss, args))
+            assert ccluster.settings.kernel_statistics()["last_plan"] == plan
+    for a, b in zip(got["dense"], got["packed"]):
+        assert_close64(a, b)
+    est = ccluster.settings.estimate_plans(60, 5, 23, 7, device="cpu", dtype="float64", pairs=pairs)
+    assert est["plan"] in ("dense", "packed") and est["reason"] == "cost model"
+    for key in ("gflop", "gbyte", "pieces", "launches", "syncs", "seconds"):
+        assert est["dense"][key] >= 0 and est["packed"][key] >= 0
+    assert est["packed"]["gflop"] < est["dense"]["gflop"], "the packed plan computes only the pairs"
+
+
+def test_cost_model_on_a_gpu_never_synchronises_in_auto():
+    # training sizes of THUMOS14: N = 7500 segments, C = 20, n = 256, m = 1024, one label per video
+    N, C, n, m, T = 7500, 20, 256, 1024, 750
+    labels = torch.zeros(N // T, C, dtype=torch.bool)
+    labels[torch.arange(N // T), torch.arange(N // T) * 2 % C] = True
+    pairs = labels.repeat_interleave(T, 0)
+    for dtype, tf32 in (("float32", False), ("float32", True), ("bfloat16", False)):
+        on_host = ccluster.settings.estimate_plans(N, C, n, m, dtype=dtype, tf32=tf32, pairs=pairs)
+        assert on_host["packed"]["syncs"] == 0 and on_host["dense"]["syncs"] == 0
+        assert on_host["packed"]["gflop"] < on_host["dense"]["gflop"] / 10
+        # the mask on the device: counts unknown, the packed plan would need a synchronisation
+        on_device = ccluster.settings.estimate_plans(N, C, n, m, dtype=dtype, tf32=tf32, mask_on_device=True)
+        assert on_device["plan"] == "dense" and on_device["packed"]["syncs"] == 1
+        assert "synchronisation" in on_device["reason"]
+    # forced, the packed plan is taken and its synchronisation is in the estimate
+    forced = ccluster.settings.estimate_plans(N, C, n, m, mask_on_device=True, plan="packed")
+    assert forced["plan"] == "packed" and forced["packed"]["syncs"] == 1
+    assert ccluster.settings.estimate_plans(N, C, n, m)["plan"] == "dense", "no pairs: both plans are the same"

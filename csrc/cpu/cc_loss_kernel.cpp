@@ -12,8 +12,6 @@
 // writes the rows and later rounds add to them. The sum is thus taken in class order whatever the
 // thread timing, and needs no buffer.
 #include "cpu/tile.h"
-#include "library/library_path.h"
-#include "library/settings.h"
 
 namespace ccluster {
 namespace cpu {
@@ -115,7 +113,7 @@ void cc_loss_kernel(const Inputs& in, const at::Tensor& pairs, const at::Tensor&
           for (int64_t r = 0; r < un.rows; ++r) {
             const T m_new = std::max(M[r], tmax[r]);
             const T shift = lse_shift(m_new);
-            scale[r] = L[r] != T(0) ? std::exp(M[r] - shift) : T(0);
+            scale[r] = lse_scale(M[r], L[r], shift);
             L[r] *= scale[r];
             omega[r] *= scale[r];
             M[r] = m_new;
@@ -190,18 +188,15 @@ void cc_loss_kernel(const Inputs& in, const at::Tensor& pairs, const at::Tensor&
   for (T p : round_loss) loss += p;  // fixed order: deterministic
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                           const at::Tensor& pairs, const at::Tensor& db,
-                                                           const at::Tensor& log_q, double alpha,
-                                                           c10::string_view metric_name, bool grad_x) {
-  const char* op = "convex_clustering_loss";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  check_pairs(op, "pairs", pairs, x, db, /*is_mask=*/true);
-  check_pairs(op, "attention", weight, x, db, /*is_mask=*/false);
-  check_attention(op, weight, pairs);
-  check_log_probabilities(op, log_q);
-  if (library::use_library(x.device())) return library::cc_loss(x, weight, pairs, db, log_q, alpha, metric, grad_x);
+}  // namespace
+}  // namespace cpu
+
+namespace kernels {
+namespace cpu {
+
+Grads cc_loss(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& pairs, const at::Tensor& db,
+              const at::Tensor& log_q, double alpha, Metric metric, bool grad_x) {
+  using namespace ccluster::cpu;
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
@@ -222,11 +217,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cpu(const at::Tensor& x, 
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ccluster, CPU, m) {
-  m.impl("cc_loss", &cc_loss_cpu);
-}
-
 }  // namespace cpu
+}  // namespace kernels
 }  // namespace ccluster

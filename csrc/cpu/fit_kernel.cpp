@@ -7,8 +7,6 @@
 #include <mutex>
 
 #include "cpu/tile.h"
-#include "library/library_path.h"
-#include "library/settings.h"
 
 namespace ccluster {
 namespace cpu {
@@ -102,7 +100,7 @@ void fit_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& weight,
       for (int64_t j = 0; j < n; ++j) {
         const T m_new = std::max(cmc[j], cmax[j]);
         const T shift = lse_shift(m_new);
-        if (csc[j] != T(0)) csc[j] *= std::exp(cmc[j] - shift);
+        csc[j] *= lse_scale(cmc[j], csc[j], shift);
         cmc[j] = m_new;
         cmax[j] = shift;
       }
@@ -132,20 +130,20 @@ void fit_kernel(const Inputs& in, const ClassRows& cr, const at::Tensor& weight,
     const T shift = lse_shift(mx);
     T s = 0;
     for (int64_t k : order)
-      if (colS[k][i] != T(0)) s += colS[k][i] * std::exp(colM[k][i] - shift);
+      if (colS[k][i] != T(0)) s += colS[k][i] * lse_scale(colM[k][i], colS[k][i], shift);
     le[i] = lq[i] == ninf ? ninf : lse_finish(mx, s);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> fit_step_cpu(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-                                                const at::Tensor& weight, double alpha,
-                                                c10::string_view metric_name) {
-  const char* op = "fit_step";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  check_pairs(op, "weight", weight, x, db, /*is_mask=*/false);
-  check_fit_weight(op, weight);
-  if (library::use_library(x.device())) return library::fit_step(x, db, log_q, weight, alpha, metric);
+}  // namespace
+}  // namespace cpu
+
+namespace kernels {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> fit_step(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
+                                            const at::Tensor& weight, double alpha, Metric metric) {
+  using namespace ccluster::cpu;
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
@@ -161,9 +159,6 @@ std::tuple<at::Tensor, at::Tensor> fit_step_cpu(const at::Tensor& x, const at::T
   return {logz.to(x.scalar_type()), log_eta.to(x.scalar_type())};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ccluster, CPU, m) { m.impl("fit_step", &fit_step_cpu); }
-
 }  // namespace cpu
+}  // namespace kernels
 }  // namespace ccluster

@@ -19,8 +19,6 @@
 #include <utility>
 
 #include "cpu/tile.h"
-#include "library/library_path.h"
-#include "library/settings.h"
 
 namespace ccluster {
 namespace cpu {
@@ -51,8 +49,7 @@ void lse_forward(const Inputs& in, const ClassRows& cr, T alpha, Metric metric, 
         for (int64_t r = 0; r < un.rows; ++r) {
           const T m_new = std::max(M[r], tmax[r]);
           const T shift = lse_shift(m_new);
-          // rescale the running sum to the new shift (nothing to rescale while it is empty)
-          if (L[r] != T(0)) L[r] *= std::exp(M[r] - shift);
+          L[r] *= lse_scale(M[r], L[r], shift);  // rescale the running sum to the new shift
           M[r] = m_new;
           T* gr = gp + r * nc;
 #pragma omp simd
@@ -234,37 +231,30 @@ void lse_backward(const Inputs& in, const ClassRows& cr, const at::Tensor& grad,
   }
 }
 
-at::Tensor exemplar_logsumexp_cpu(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-                                  double alpha, c10::string_view metric_name,
-                                  const c10::optional<at::Tensor>& pairs) {
-  const char* op = "exemplar_logsumexp";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
-  if (library::use_library(x.device())) return library::exemplar_logsumexp(x, db, log_q, alpha, metric, pairs);
+}  // namespace
+}  // namespace cpu
+
+namespace kernels {
+namespace cpu {
+
+at::Tensor lse_forward(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q, double alpha,
+                       Metric metric, const c10::optional<at::Tensor>& pairs) {
+  using namespace ccluster::cpu;
   const auto t = acc_type(x.scalar_type());
   at::Tensor out = at::zeros({x.size(0), db.size(0)}, x.options().dtype(t));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(t, "exemplar_logsumexp_cpu", [&] {
     const Inputs in = prepare<scalar_t>(x, db, log_q);
     const ClassRows cr = pairs.has_value() ? rows_from_mask(*pairs) : all_rows(in.N);
-    lse_forward<scalar_t>(in, cr, static_cast<scalar_t>(alpha), metric, out);
+    ccluster::cpu::lse_forward<scalar_t>(in, cr, static_cast<scalar_t>(alpha), metric, out);
   });
   return out;  // logz stays in the accumulation type (the backward recomputes p = exp(s - logz) from it)
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-    const at::Tensor& logz, double alpha, c10::string_view metric_name, const c10::optional<at::Tensor>& pairs,
-    std::array<bool, 3> output_mask) {
-  const char* op = "exemplar_logsumexp_backward";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  check_values(op, "grad", grad, x, db);
-  check_values(op, "logz", logz, x, db);
-  if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
-  if (library::use_library(x.device()))
-    return library::exemplar_logsumexp_backward(grad, x, db, log_q, logz, alpha, metric, pairs, output_mask);
+Grads lse_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
+                   const at::Tensor& logz, double alpha, Metric metric, const c10::optional<at::Tensor>& pairs,
+                   std::array<bool, 3> output_mask) {
+  using namespace ccluster::cpu;
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor gx = output_mask[0] ? zeros_large(x.sizes(), opts) : at::Tensor();
@@ -277,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
       // With pairs, only the pairs with a gradient take part: the rows of the others are never read, so
       // whatever they hold (NaN, inf) reaches no gradient.
       const ClassRows cr = pairs.has_value() ? rows_from_mask(at::logical_and(*pairs, g.ne(0))) : all_rows(in.N);
-      lse_backward<scalar_t>(in, cr, g, lz, static_cast<scalar_t>(alpha), metric, gx, gdb, glq);
+      ccluster::cpu::lse_backward<scalar_t>(in, cr, g, lz, static_cast<scalar_t>(alpha), metric, gx, gdb, glq);
     });
   }
   auto finish = [&](const at::Tensor& g, const at::Tensor& like) {
@@ -286,12 +276,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cpu(
   return {finish(gx, x), finish(gdb, db), finish(glq, log_q)};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ccluster, CPU, m) {
-  m.impl("exemplar_logsumexp", &exemplar_logsumexp_cpu);
-  m.impl("exemplar_logsumexp_backward", &exemplar_logsumexp_backward_cpu);
-}
-
 }  // namespace cpu
+}  // namespace kernels
 }  // namespace ccluster

@@ -9,7 +9,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -20,7 +19,8 @@
 #include <sys/mman.h>
 #endif
 
-#include "common.h"
+#include "numerics.h"
+#include "ops/kernels.h"
 
 namespace ccluster {
 namespace cpu {
@@ -185,14 +185,6 @@ inline at::Tensor gemm_tile(at::Tensor& buf, const at::Tensor& X, const at::Tens
   return g;
 }
 
-// Distance from a dot product: |x|^2 + |y|^2 - 2 x.y clamped at 0 (rounding can make it negative),
-// square-rooted for the euclidean metric.
-template <typename T>
-inline T distance(T xx, T yy, T dot, bool euclid) {
-  T d2 = std::max(xx + yy - T(2) * dot, T(0));
-  return euclid ? std::sqrt(d2) : d2;
-}
-
 // In place over a [rows, cols] tile of dots: g <- log_q_j - alpha d (the score), and rmax[r] = max_j.
 // With `dist`, also stores d (needed for the euclidean gradient).
 template <typename T>
@@ -207,7 +199,7 @@ void scores_tile(T* g, int64_t rows, int64_t cols, const T* xx, const T* yy, con
       T* dr = dist + r * cols;
 #pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j < cols; ++j) {
-        const T d = distance(xr, yy[j], gr[j], euclid);
+        const T d = ccluster::distance(xr, yy[j], gr[j], euclid);
         dr[j] = d;
         gr[j] = lq[j] - alpha * d;
         mx = std::max(mx, gr[j]);
@@ -215,7 +207,7 @@ void scores_tile(T* g, int64_t rows, int64_t cols, const T* xx, const T* yy, con
     } else {
 #pragma omp simd reduction(max : mx)
       for (int64_t j = 0; j < cols; ++j) {
-        gr[j] = lq[j] - alpha * distance(xr, yy[j], gr[j], euclid);
+        gr[j] = lq[j] - alpha * ccluster::distance(xr, yy[j], gr[j], euclid);
         mx = std::max(mx, gr[j]);
       }
     }
@@ -223,11 +215,10 @@ void scores_tile(T* g, int64_t rows, int64_t cols, const T* xx, const T* yy, con
   }
 }
 
-// d(score)/d(x) = -alpha * kappa * (x - y): kappa = 2 for sqeuclidean, 1/d for euclidean (0 at d = 0).
+// d(score)/d(x) = -alpha * kappa * (x - y) (csrc/numerics.h)
 template <typename T>
 inline T kappa(T d, Metric metric) {
-  if (metric == Metric::SqEuclidean) return T(2);
-  return d > T(0) ? T(1) / d : T(0);
+  return ccluster::kappa(d, metric == Metric::Euclidean);
 }
 
 // Runs fn over [0, count) in parallel; fn(begin, end) is called once per worker with its range.

@@ -18,9 +18,8 @@
 // any order (0 + a + b = 0 + b + a exactly); with three or more the result depends on the order of the
 // additions at the level of rounding. The loss is reduced from a per-pair [N, C] buffer by ATen's sum
 // (deterministic).
+#include "cuda/fused.h"
 #include "cuda/tile.cuh"
-#include "library/library_path.h"
-#include "library/settings.h"
 
 namespace ccluster {
 namespace cuda {
@@ -60,7 +59,7 @@ __global__ void __launch_bounds__(kThreads)
     T M[4], L[4], O[4], xr[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      M[i] = neg_inf<T>();
+      M[i] = ninf<T>();
       L[i] = O[i] = T(0);
       xr[i] = s_xx[ty + 16 * i];
     }
@@ -76,25 +75,27 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < 4; ++j) {
         const int col = tx + 16 * j;
         yj[j] = col < cols ? yyc[j0 + col] : T(0);
-        lj[j] = col < cols ? lqc[j0 + col] : neg_inf<T>();
+        lj[j] = col < cols ? lqc[j0 + col] : ninf<T>();
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = ty + 16 * i;
         T s[4], kap[4];
-        T mx = neg_inf<T>();
+        T mx = ninf<T>();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const T d = ddist(xr[i], yj[j], acc[i][j], euclid);
+          const T d = distance(xr[i], yj[j], acc[i][j], euclid);
           s[j] = lj[j] - alpha * d;
-          kap[j] = dkappa(d, euclid);
-          mx = fmax(mx, s[j]);
+          kap[j] = kappa(d, euclid);
+          mx = lse_max(mx, s[j]);
         }
         mx = row_max16(mx);
-        const T m_new = fmax(M[i], mx);
-        const T sh = dshift(m_new);
+        const T m_new = lse_max(M[i], mx);
+        const T sh = lse_shift(m_new);
         // nothing to rescale while the row has seen only empty slots (M = -inf)
-        const T scale = M[i] == neg_inf<T>() ? T(0) : dexp(M[i] - sh);
+        // the row's state (M is shared by its 16 threads; a thread's own partial L may be 0): nothing to
+        // rescale while the row has seen only empty slots
+        const T scale = M[i] == ninf<T>() ? T(0) : dexp(M[i] - sh);
         L[i] *= scale;
         O[i] *= scale;
         M[i] = m_new;
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
       const T om = row_sum16(O[i]);
       if (r >= rows) continue;
       const int s = s_row[r];
-      const T lz = dfinish(M[i], l);
+      const T lz = lse_finish(M[i], l);
       const T w = weight[int64_t(s) * C + c];
       if (tx == 0) {
         logz[int64_t(s) * C + c] = lz;
@@ -179,17 +180,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                            const at::Tensor& pairs, const at::Tensor& db,
-                                                            const at::Tensor& log_q, double alpha,
-                                                            c10::string_view metric_name, bool grad_x) {
+}  // namespace
+
+kernels::Grads cc_loss(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& pairs, const at::Tensor& db,
+                       const at::Tensor& log_q, double alpha, Metric metric, bool grad_x) {
   const char* op = "convex_clustering_loss";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  check_pairs(op, "pairs", pairs, x, db, /*is_mask=*/true);
-  check_pairs(op, "attention", weight, x, db, /*is_mask=*/false);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (library::use_library(x.device())) return library::cc_loss(x, weight, pairs, db, log_q, alpha, metric, grad_x);
   // dL/dx is accumulated with atomicAdd here: with 3+ classes per row its last bits depend on the order
   if (grad_x)
     at::globalContext().alertNotDeterministic(
@@ -228,10 +223,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss_cuda(const at::Tensor& x,
   return {loss.to(x.scalar_type()), logz,  // logz in the accumulation type, as exemplar_logsumexp
           grad_x ? dx.to(x.scalar_type()) : at::empty({0}, x.options())};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ccluster, CUDA, m) { m.impl("cc_loss", &cc_loss_cuda); }
 
 }  // namespace cuda
 }  // namespace ccluster

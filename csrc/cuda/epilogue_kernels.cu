@@ -1,13 +1,18 @@
 // CUDA kernels of the library-path epilogues (semantics: csrc/library/epilogue.h; the CPU twin is
-// csrc/library/epilogue_cpu.cpp, which the CPU test suite checks against the float64 oracle).
+// csrc/library/epilogue_cpu.cpp, which the CPU test suite checks against the float64 oracle). The scalar
+// numerics (scores, the online log-sum-exp) are csrc/numerics.h, shared with every other kernel.
 //
-//   gather   one warp per row: x[row] - mu[class], rounded to the GEMM dtype, and its squared norm.
-//   rows     one warp per (row, class) of a piece: the scores of the row in one pass with an online
+//   gather   one warp per slot: x[row] - mu, rounded to the GEMM dtype, and its squared norm; padding
+//            slots and pairs outside the mask are written as zeros without reading x.
+//   rows     one warp per (slot, class) of a piece: the scores of the row in one pass with an online
 //            log-sum-exp (one exp per value), merged across the warp by shuffles, then the mode's
 //            rewrite of S (W = kappa coef exp(s - logz), or the terms of log eta) in a second pass.
-//   cols     one block per (segment, 32 columns): 8 warps stride the rows, the 8 partial sums (or
-//            log-sum-exp states) of a column are combined in a fixed order: deterministic, no atomics.
-//   scatter  one block row per output row of x: the rows of the packed gradient that belong to it,
+//            The sums of the log-sum-exp and of the row sums of W are kept in double, as the CPU twin:
+//            grad_x = alpha (W Y - rowsum(W) x) cancels, and float sums over k columns cost several ulps
+//            that the cancellation multiplies.
+//   cols     one block per (block of slots, 32 columns): 8 warps stride the slots, the 8 partial sums
+//            (or log-sum-exp states) of a column are combined in a fixed order: deterministic, no atomics.
+//   scatter  one block row per output row of x: the slots of the packed gradient that belong to it,
 //            summed in class order and added once: deterministic, no atomics.
 //   row terms  one warp per row of x: grad_x += scale rowsum(W) x on the rows with a nonzero rowsum.
 // Grids come from the occupancy API (launch.cuh) and loop over the work (grid-stride). Nothing reads a
@@ -21,7 +26,7 @@
 
 #include "cuda/launch.cuh"
 #include "library/epilogue.h"
-#include "library/epilogue_math.h"
+#include "numerics.h"
 
 namespace ccluster {
 namespace cuda {
@@ -32,11 +37,8 @@ using library::GatherArgs;
 using library::RowArgs;
 using library::RowMode;
 using library::ScatterArgs;
-using library::lse_state_merge;
-using library::max_nan_skip;
-using library::ninf;
-using library::score_of;
-using library::shift_of;
+using library::SlotsView;
+using library::slots_view;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
@@ -48,13 +50,13 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ void warp_lse(T& m, T& l) {
+template <typename T, typename L>
+__device__ __forceinline__ void warp_lse(T& m, L& l) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const T m2 = __shfl_xor_sync(0xffffffffu, m, off);
-    const T l2 = __shfl_xor_sync(0xffffffffu, l, off);
-    lse_state_merge(m, l, m2, l2);  // symmetric: every lane ends with the same state
+    const L l2 = __shfl_xor_sync(0xffffffffu, l, off);
+    lse_merge(m, l, m2, l2);  // symmetric: every lane ends with the same state
   }
 }
 
@@ -65,35 +67,34 @@ template <typename scalar_t, typename T>
 struct GatherK {
   const scalar_t* src;
   int64_t st0, st1, m;
-  const int64_t* row_ids;
-  int64_t r0, rows;
-  const int64_t* row_class;
-  int64_t c0, class_div;
+  SlotsView sv;
+  int64_t slots;
   const T* mu;
   scalar_t* out;
   T* xx;
   const bool* keep;
+  const bool* mask;
+  int64_t C;
 };
 
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads) gather_kernel(GatherK<scalar_t, T> a) {
   const int lane = threadIdx.x & 31;
   const int64_t stride = int64_t(gridDim.x) * kWarps;
-  for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < a.rows; i += stride) {
-    const int64_t r = a.row_ids ? a.row_ids[i] : a.r0 + i;
-    if (a.keep && !a.keep[r]) {  // uniform over the warp: zeros, src not read
+  for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < a.slots; i += stride) {
+    const int64_t r = a.sv.row(i);
+    if (r < 0 || (a.keep && !a.keep[r]) || (a.mask && !a.mask[r * a.C + a.sv.cls(i)])) {
+      // uniform over the warp: zeros, src not read
       if (a.out)
         for (int64_t f = lane; f < a.m; f += 32) a.out[i * a.m + f] = scalar_t(0);
       if (lane == 0) a.xx[i] = T(0);
       continue;
     }
-    const int64_t c = a.row_class ? a.row_class[i] : (a.class_div > 0 ? (a.r0 + i) / a.class_div : a.c0);
     const scalar_t* sr = a.src + r * a.st0;
-    const T* mr = a.mu ? a.mu + c * a.m : nullptr;
     T s = T(0);
     for (int64_t f = lane; f < a.m; f += 32) {
       T v = static_cast<T>(sr[f * a.st1]);
-      if (mr) v -= mr[f];
+      if (a.mu) v -= a.mu[f];
       const scalar_t o = static_cast<scalar_t>(v);
       const T vr = static_cast<T>(o);
       if (a.out) a.out[i * a.m + f] = o;
@@ -105,7 +106,8 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(GatherK<scalar_t, T> a
 }
 
 void gather_cuda(const GatherArgs& g) {
-  if (g.rows == 0) return;
+  const int64_t slots = g.sl.count();
+  if (slots == 0) return;
   const c10::cuda::CUDAGuard guard(g.src.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TORCH_INTERNAL_ASSERT(!g.out.defined() || g.out.scalar_type() == g.src.scalar_type());
@@ -113,12 +115,11 @@ void gather_cuda(const GatherArgs& g) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.src.scalar_type(), "ccluster_gather_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
     GatherK<scalar_t, T> k{g.src.data_ptr<scalar_t>(), g.src.stride(0), g.src.stride(1), g.src.size(1),
-                           g.row_ids.defined() ? g.row_ids.data_ptr<int64_t>() : nullptr, g.r0, g.rows,
-                           g.row_class.defined() ? g.row_class.data_ptr<int64_t>() : nullptr, g.c0, g.class_div,
-                           g.mu.defined() ? g.mu.data_ptr<T>() : nullptr,
+                           slots_view(g.sl), slots, g.mu.defined() ? g.mu.data_ptr<T>() : nullptr,
                            g.out.defined() ? g.out.data_ptr<scalar_t>() : nullptr, g.xx.data_ptr<T>(),
-                           g.keep.defined() ? g.keep.data_ptr<bool>() : nullptr};
-    const int grid = occupancy_grid(gather_kernel<scalar_t, T>, kThreads, 0, (g.rows + kWarps - 1) / kWarps);
+                           g.keep.defined() ? g.keep.data_ptr<bool>() : nullptr,
+                           g.mask.defined() ? g.mask.data_ptr<bool>() : nullptr, g.C};
+    const int grid = occupancy_grid(gather_kernel<scalar_t, T>, kThreads, 0, (slots + kWarps - 1) / kWarps);
     gather_kernel<scalar_t, T><<<grid, kThreads, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -132,10 +133,8 @@ struct RowK {
   T* S;
   T* P;
   const T* xx;
-  const int64_t* row_ids;
-  int64_t r0;
-  const int64_t* row_class;
-  int64_t c0, g, k, j0, rows;
+  SlotsView sv;
+  int64_t slots, g, k, j0;
   const T* yy;
   const T* lq;
   int64_t C, n;
@@ -153,20 +152,15 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowK<T> a) {
   const int lane = threadIdx.x & 31;
   const int64_t ld = a.g * a.k;
   const RowMode mode = static_cast<RowMode>(a.mode);
-  const int64_t items = a.rows * a.g;
+  const int64_t items = a.slots * a.g;
   const int64_t stride = int64_t(gridDim.x) * kWarps;
   for (int64_t item = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); item < items; item += stride) {
     const int64_t i = item / a.g, h = item % a.g;
-    const int64_t s = a.row_ids ? a.row_ids[i] : a.r0 + i;
-    const int64_t c = (a.row_class ? a.row_class[i] : a.c0) + h;
-    const int64_t pc = s * a.C + c;
+    const int64_t s = a.sv.row(i);
+    const int64_t c = a.sv.cls(i) + h;
     T* row = a.S + i * ld + h * a.k;
     T* prow = a.P ? a.P + i * ld + h * a.k : nullptr;
-    const T* lqc = a.lq + c * a.n + a.j0;
-    const T* yyc = a.yy + c * a.n + a.j0;
-    const T xi = a.xx[i];
-    T t, kap;
-    if (a.mask && !a.mask[pc]) {  // uniform over the warp
+    if (s < 0 || (a.mask && !a.mask[s * a.C + c])) {  // inactive; uniform over the warp
       if (mode == RowMode::Lse) continue;
       const T fill = (mode == RowMode::Fit || mode == RowMode::Eta) ? ninf<T>() : T(0);
       for (int64_t j = lane; j < a.k; j += 32) {
@@ -175,23 +169,22 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowK<T> a) {
       }
       continue;
     }
+    const int64_t pc = s * a.C + c;
+    const T* lqc = a.lq + c * a.n + a.j0;
+    const T* yyc = a.yy + c * a.n + a.j0;
+    const T xi = a.xx[i];
+    T t, kap;
     T z;
     if (mode == RowMode::Lse || mode == RowMode::LseW || mode == RowMode::Fit) {
-      // online log-sum-exp over this lane's columns: one exp per value
-      T mx = ninf<T>(), l = T(0);
-      for (int64_t j = lane; j < a.k; j += 32) {
-        const T sc = score_of(row[j], xi, yyc[j], lqc[j], a.alpha, a.euclid, a.folded, &t, &kap);
-        if (sc > mx) {
-          l = (l != T(0) ? l * ::exp(mx - sc) : T(0)) + T(1);
-          mx = sc;
-        } else {
-          l += ::exp(sc - shift_of(mx));  // NaN reaches the sum; -inf adds 0
-        }
-      }
+      // online log-sum-exp over this lane's columns, one exp per value, the sum in double
+      T mx = ninf<T>();
+      double l = 0.0;
+      for (int64_t j = lane; j < a.k; j += 32)
+        lse_push(mx, l, score_of(row[j], xi, yyc[j], lqc[j], a.alpha, a.euclid, a.folded, &t, &kap));
       warp_lse(mx, l);
-      z = shift_of(mx) + ::log(l);
+      z = lse_finish(mx, l);
       if (mode == RowMode::Lse) {
-        if (lane == 0) a.logz[pc] = a.first ? z : library::log_add(a.logz[pc], z);
+        if (lane == 0) a.logz[pc] = a.first ? z : log_add(a.logz[pc], z);
         continue;
       }
       if (lane == 0) a.logz[pc] = z;
@@ -214,34 +207,34 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowK<T> a) {
       }
       continue;
     }
-    T rs = T(0);
+    double rs = 0.0;  // in double: see the header
     for (int64_t j = lane; j < a.k; j += 32) {
       const T sc = score_of(row[j], xi, yyc[j], lqc[j], a.alpha, a.euclid, a.folded, &t, &kap);
       const T p = cf * ::exp(sc - z);
       const T w = kap * p;
       if (prow) prow[j] = p;
       row[j] = w;
-      rs += w;
+      rs += double(w);
     }
     rs = warp_sum(rs);
-    if (lane == 0 && a.rowsum) a.rowsum[pc] += rs;
+    if (lane == 0 && a.rowsum) a.rowsum[pc] += static_cast<T>(rs);
   }
 }
 
 void rows_cuda(const RowArgs& r) {
-  if (r.rows == 0 || r.k == 0) return;
+  const int64_t slots = r.sl.count();
+  if (slots == 0 || r.k == 0) return;
   const c10::cuda::CUDAGuard guard(r.S.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(r.S.scalar_type(), "ccluster_rows_cuda", [&] {
     using T = scalar_t;
     RowK<T> k{r.S.data_ptr<T>(), r.P.defined() ? r.P.data_ptr<T>() : nullptr, r.xx.data_ptr<T>(),
-              r.row_ids.defined() ? r.row_ids.data_ptr<int64_t>() : nullptr, r.r0,
-              r.row_class.defined() ? r.row_class.data_ptr<int64_t>() : nullptr, r.c0, r.g, r.k, r.j0, r.rows,
-              r.yy.data_ptr<T>(), r.lq.data_ptr<T>(), r.C, r.n, static_cast<T>(r.alpha), r.euclid, r.folded,
-              r.first, static_cast<int>(r.mode), r.mask.defined() ? r.mask.data_ptr<bool>() : nullptr,
-              r.logz.data_ptr<T>(), r.coef.defined() ? r.coef.data_ptr<T>() : nullptr,
+              slots_view(r.sl), slots, r.g, r.k, r.j0, r.yy.data_ptr<T>(), r.lq.data_ptr<T>(), r.C, r.n,
+              static_cast<T>(r.alpha), r.euclid, r.folded, r.first, static_cast<int>(r.mode),
+              r.mask.defined() ? r.mask.data_ptr<bool>() : nullptr, r.logz.data_ptr<T>(),
+              r.coef.defined() ? r.coef.data_ptr<T>() : nullptr,
               r.rowsum.defined() ? r.rowsum.data_ptr<T>() : nullptr};
-    const int grid = occupancy_grid(rows_kernel<T>, kThreads, 0, (r.rows * r.g + kWarps - 1) / kWarps);
+    const int grid = occupancy_grid(rows_kernel<T>, kThreads, 0, (slots * r.g + kWarps - 1) / kWarps);
     rows_kernel<T><<<grid, kThreads, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -253,8 +246,8 @@ void rows_cuda(const RowArgs& r) {
 template <typename T>
 struct ColK {
   const T* S;
-  int64_t g, k, j0, n, rows, c0, nseg;
-  const int64_t* seg;
+  SlotsView sv;
+  int64_t nb, rows, g, k, j0, n;
   bool lse;
   T* acc;
   T* acc2;
@@ -267,23 +260,15 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColK<T> a) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t ld = a.g * a.k;
   const int64_t tiles = (ld + 31) / 32;
-  for (int64_t b = blockIdx.x; b < a.nseg * tiles; b += gridDim.x) {
-    const int64_t sg = b / tiles, q = (b % tiles) * 32 + lane;
-    const int64_t ra = a.seg ? a.seg[3 * sg] : 0;
-    const int64_t len = a.seg ? a.seg[3 * sg + 1] : a.rows;
-    const int64_t cbase = a.seg ? a.seg[3 * sg + 2] : a.c0;
+  for (int64_t b = blockIdx.x; b < a.nb * tiles; b += gridDim.x) {
+    const int64_t blk = b / tiles, q = (b % tiles) * 32 + lane;
+    const T* Sb = a.S + blk * a.rows * ld;
     T m = a.lse ? ninf<T>() : T(0), l = T(0);
     if (q < ld) {
-      for (int64_t r = ra + w; r < ra + len; r += kWarps) {
-        const T v = a.S[r * ld + q];
-        if (!a.lse) {
-          m += v;
-        } else if (v > m) {
-          l = (l != T(0) ? l * ::exp(m - v) : T(0)) + T(1);
-          m = v;
-        } else {
-          l += ::exp(v - shift_of(m));
-        }
+      for (int64_t r = w; r < a.rows; r += kWarps) {
+        const T v = Sb[r * ld + q];
+        if (!a.lse) m += v;
+        else lse_push(m, l, v);
       }
     }
     sm[w][lane] = m;
@@ -292,11 +277,11 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColK<T> a) {
     if (w == 0 && q < ld) {
       T tm = sm[0][lane], tl = sl[0][lane];
       for (int x = 1; x < kWarps; ++x) {
-        if (a.lse) lse_state_merge(tm, tl, sm[x][lane], sl[x][lane]);
+        if (a.lse) lse_merge(tm, tl, sm[x][lane], sl[x][lane]);
         else tm += sm[x][lane];
       }
-      const int64_t o = (cbase + q / a.k) * a.n + a.j0 + q % a.k;
-      if (a.lse) lse_state_merge(a.acc[o], a.acc2[o], tm, tl);
+      const int64_t o = (a.sv.block_cls(blk) + q / a.k) * a.n + a.j0 + q % a.k;
+      if (a.lse) lse_merge(a.acc[o], a.acc2[o], tm, tl);
       else a.acc[o] += tm;
     }
     __syncthreads();  // sm / sl are rewritten by the next tile
@@ -304,15 +289,14 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColK<T> a) {
 }
 
 void cols_cuda(const ColArgs& c) {
-  if (c.rows == 0 || c.k == 0) return;
+  if (c.sl.count() == 0 || c.k == 0) return;
   const c10::cuda::CUDAGuard guard(c.S.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(c.S.scalar_type(), "ccluster_cols_cuda", [&] {
     using T = scalar_t;
-    ColK<T> k{c.S.data_ptr<T>(), c.g, c.k, c.j0, c.n, c.rows, c.c0, c.seg.defined() ? c.nseg : 1,
-              c.seg.defined() ? c.seg.data_ptr<int64_t>() : nullptr, c.lse, c.acc.data_ptr<T>(),
-              c.acc2.defined() ? c.acc2.data_ptr<T>() : nullptr};
-    const int64_t units = k.nseg * ((c.g * c.k + 31) / 32);
+    ColK<T> k{c.S.data_ptr<T>(), slots_view(c.sl), c.sl.nb, c.sl.rows, c.g, c.k, c.j0, c.n, c.lse,
+              c.acc.data_ptr<T>(), c.acc2.defined() ? c.acc2.data_ptr<T>() : nullptr};
+    const int64_t units = k.nb * ((c.g * c.k + 31) / 32);
     const int grid = occupancy_grid(cols_kernel<T>, kThreads, 0, units);
     cols_kernel<T><<<grid, kThreads, 0, stream>>>(k);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -326,7 +310,7 @@ template <typename T>
 struct ScK {
   T* dst;
   const T* src;
-  int64_t m, p0, rows, runs;
+  int64_t m, Rmax, r0, rows, runs;
   const int64_t* sorted_rows;
   const int64_t* order;
   const int64_t* run_begin;
@@ -344,9 +328,9 @@ __global__ void __launch_bounds__(kScatterThreads) scatter_kernel(ScK<T> a) {
       T sum = T(0);
       bool any = false;
       for (int64_t e = e0; e < e1; ++e) {
-        const int64_t p = a.order[e] - a.p0;
-        if (p < 0 || p >= a.rows) continue;
-        sum += a.src[p * a.m + f];
+        const int64_t p = a.order[e], cls = p / a.Rmax, i = p % a.Rmax - a.r0;
+        if (i < 0 || i >= a.rows) continue;
+        sum += a.src[(cls * a.rows + i) * a.m + f];
         any = true;
       }
       if (any) dr[f] += a.scale * sum;
@@ -361,7 +345,7 @@ void scatter_cuda(const ScatterArgs& s) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(s.dst.scalar_type(), "ccluster_scatter_cuda", [&] {
     using T = scalar_t;
-    ScK<T> k{s.dst.data_ptr<T>(), s.src.data_ptr<T>(), s.dst.size(1), s.p0, s.rows, runs,
+    ScK<T> k{s.dst.data_ptr<T>(), s.src.data_ptr<T>(), s.dst.size(1), s.Rmax, s.r0, s.rows, runs,
              s.sorted_rows.data_ptr<int64_t>(), s.order.data_ptr<int64_t>(), s.run_begin.data_ptr<int64_t>(),
              static_cast<T>(s.scale)};
     const int64_t ftiles = std::min<int64_t>((k.m + kScatterThreads - 1) / kScatterThreads, 65535);

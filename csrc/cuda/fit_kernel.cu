@@ -13,9 +13,8 @@
 // on the GPU a 64 x n tile does not fit on chip for the n of real databases, so the distance tile is
 // computed twice (2 x the GEMM work of one pass). A single-pass variant for n <= 64, or one that keeps
 // per-row-block column partials and merges them, is future work.
+#include "cuda/fused.h"
 #include "cuda/lse_forward.cuh"
-#include "library/library_path.h"
-#include "library/settings.h"
 
 namespace ccluster {
 namespace cuda {
@@ -47,7 +46,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j) {
       const int col = tx + 16 * j;
       yj[j] = col < cols ? yy[int64_t(c) * n + j0 + col] : T(0);
-      cm[j] = neg_inf<T>();
+      cm[j] = ninf<T>();
       cl[j] = T(0);
     }
     for (int r0 = 0; r0 < cnt; r0 += kTile) {
@@ -55,11 +54,11 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       if (tid < kTile) {
         const int s = tid < rows ? rv.row(c, r0 + tid) : -1;
-        T v = neg_inf<T>();
+        T v = ninf<T>();
         if (s >= 0) {
           const T z = logz[int64_t(s) * C + c];
           // rows whose class row is all -inf contribute nothing
-          v = z == neg_inf<T>() ? neg_inf<T>() : dlog(weight[int64_t(s) * C + c]) - z;
+          v = z == ninf<T>() ? ninf<T>() : ::log(weight[int64_t(s) * C + c]) - z;
         }
         s_row[tid] = s;
         s_xx[tid] = s >= 0 ? xx[s] : T(0);
@@ -77,15 +76,15 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         T t[4];
-        T mx = neg_inf<T>();
+        T mx = ninf<T>();
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          t[i] = vr[i] - alpha * ddist(xr[i], yj[j], acc[i][j], euclid);  // padded rows: v = -inf
-          mx = fmax(mx, t[i]);
+          t[i] = vr[i] - alpha * distance(xr[i], yj[j], acc[i][j], euclid);  // padded rows: v = -inf
+          mx = lse_max(mx, t[i]);
         }
-        const T m_new = fmax(cm[j], mx);
-        const T sh = dshift(m_new);
-        if (cl[j] != T(0)) cl[j] *= dexp(cm[j] - sh);
+        const T m_new = lse_max(cm[j], mx);
+        const T sh = lse_shift(m_new);
+        cl[j] *= lse_scale(cm[j], cl[j], sh);
         cm[j] = m_new;
 #pragma unroll
         for (int i = 0; i < 4; ++i) cl[j] += dexp(t[i] - sh);
@@ -102,20 +101,16 @@ __global__ void __launch_bounds__(kThreads)
       T mm = s_m[0][tid], ll = s_l[0][tid];
       for (int t = 1; t < 16; ++t) lse_merge(mm, ll, s_m[t][tid], s_l[t][tid]);
       const int64_t o = int64_t(c) * n + j0 + tid;
-      log_eta[o] = lq[o] == neg_inf<T>() ? neg_inf<T>() : dfinish(mm, ll);
+      log_eta[o] = lq[o] == ninf<T>() ? ninf<T>() : lse_finish(mm, ll);
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> fit_step_cuda(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-                                                 const at::Tensor& weight, double alpha,
-                                                 c10::string_view metric_name) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> fit_step(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
+                                            const at::Tensor& weight, double alpha, Metric metric) {
   const char* op = "fit_step";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  check_pairs(op, "weight", weight, x, db, /*is_mask=*/false);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (library::use_library(x.device())) return library::fit_step(x, db, log_q, weight, alpha, metric);
   const auto t = acc_type(x.scalar_type());
   const auto opts = x.options().dtype(t);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, opts);
@@ -147,10 +142,6 @@ std::tuple<at::Tensor, at::Tensor> fit_step_cuda(const at::Tensor& x, const at::
   }
   return {logz.to(x.scalar_type()), log_eta.to(x.scalar_type())};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ccluster, CUDA, m) { m.impl("fit_step", &fit_step_cuda); }
 
 }  // namespace cuda
 }  // namespace ccluster

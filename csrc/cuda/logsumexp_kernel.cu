@@ -18,16 +18,18 @@
 // library-GEMM path (csrc/library).
 #include <array>
 
+#include "cuda/fused.h"
 #include "cuda/lse_forward.cuh"
-#include "library/library_path.h"
-#include "library/settings.h"
 
 namespace ccluster {
 namespace cuda {
 namespace {
 
+// One block per SM at least (minBlocksPerMultiprocessor = 1): the register budget is then the full
+// 255 per thread. The kernel keeps two 4 x 4 accumulators (W Y and W^T X), the tile's scores and the
+// column sums live; at the default budget ptxas spilled 150-500 bytes per thread.
 template <typename scalar_t, typename T, int BK>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     lse_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ db, const T* __restrict__ lq,
                         const T* __restrict__ xx, const T* __restrict__ yy, const T* __restrict__ grad,
                         const T* __restrict__ logz, RowsView rv, int C, int n, int m, T alpha, bool euclid,
@@ -53,7 +55,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 4; ++j) {
       const int col = tx + 16 * j;
       yj[j] = col < cols ? yy[int64_t(c) * n + j0 + col] : T(0);
-      lj[j] = col < cols ? lq[int64_t(c) * n + j0 + col] : neg_inf<T>();
+      lj[j] = col < cols ? lq[int64_t(c) * n + j0 + col] : ninf<T>();
       colp[j] = colw[j] = T(0);
     }
     for (int r0 = 0; r0 < cnt; r0 += kTile) {
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kThreads)
         if (s >= 0) {
           g = grad[int64_t(s) * C + c];
           lz = logz[int64_t(s) * C + c];
-          if (lz == neg_inf<T>()) g = T(0);  // an empty class: no gradient
+          if (lz == ninf<T>()) g = T(0);  // an empty class: no gradient
         }
         s_row[tid] = s;
         s_xx[tid] = s >= 0 ? xx[s] : T(0);
@@ -87,9 +89,9 @@ __global__ void __launch_bounds__(kThreads)
           const int col = tx + 16 * j;
           T p = T(0), w = T(0);
           if (g != T(0) && col < cols) {
-            const T d = ddist(xr, yj[j], acc[i][j], euclid);
+            const T d = distance(xr, yj[j], acc[i][j], euclid);
             p = g * dexp(lj[j] - alpha * d - lz);
-            w = dkappa(d, euclid) * p;
+            w = kappa(d, euclid) * p;
           }
           ws[r][col] = w;
           colp[j] += p;
@@ -189,14 +191,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor exemplar_logsumexp_cuda(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q, double alpha,
-                                   c10::string_view metric_name, const c10::optional<at::Tensor>& pairs) {
+}  // namespace
+
+at::Tensor lse_forward(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q, double alpha,
+                       Metric metric, const c10::optional<at::Tensor>& pairs) {
   const char* op = "exemplar_logsumexp";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (library::use_library(x.device())) return library::exemplar_logsumexp(x, db, log_q, alpha, metric, pairs);
   const auto t = acc_type(x.scalar_type());
   at::Tensor out = at::zeros({x.size(0), db.size(0)}, x.options().dtype(t));
   if (out.numel() == 0) return out;
@@ -216,19 +215,10 @@ at::Tensor exemplar_logsumexp_cuda(const at::Tensor& x, const at::Tensor& db, co
   return out;  // logz stays in the accumulation type (the backward recomputes p = exp(s - logz) from it)
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-    const at::Tensor& logz, double alpha, c10::string_view metric_name, const c10::optional<at::Tensor>& pairs,
-    std::array<bool, 3> output_mask) {
+kernels::Grads lse_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& db,
+                            const at::Tensor& log_q, const at::Tensor& logz, double alpha, Metric metric,
+                            const c10::optional<at::Tensor>& pairs, std::array<bool, 3> output_mask) {
   const char* op = "exemplar_logsumexp_backward";
-  check_inputs(op, x, db, log_q, alpha);
-  const Metric metric = parse_metric(op, metric_name);
-  check_values(op, "grad", grad, x, db);
-  check_values(op, "logz", logz, x, db);
-  if (pairs.has_value()) check_pairs(op, "pairs", *pairs, x, db, /*is_mask=*/true);
-  const c10::cuda::CUDAGuard guard(x.device());
-  if (library::use_library(x.device()))
-    return library::exemplar_logsumexp_backward(grad, x, db, log_q, logz, alpha, metric, pairs, output_mask);
   // grad_x is accumulated with atomicAdd here: its last bits depend on the order of the additions
   if (output_mask[0])
     at::globalContext().alertNotDeterministic(
@@ -261,13 +251,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward_cuda(
     return v.defined() ? v.to(like.scalar_type()) : at::empty({0}, like.options());
   };
   return {finish(gx, x), finish(gdb, db), finish(glq, log_q)};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ccluster, CUDA, m) {
-  m.impl("exemplar_logsumexp", &exemplar_logsumexp_cuda);
-  m.impl("exemplar_logsumexp_backward", &exemplar_logsumexp_backward_cuda);
 }
 
 }  // namespace cuda

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     T M[4], L[4], xr[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      M[i] = neg_inf<T>();
+      M[i] = ninf<T>();
       L[i] = T(0);
       xr[i] = s_xx[ty + 16 * i];
     }
@@ -56,20 +56,20 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < 4; ++j) {
         const int col = tx + 16 * j;
         yj[j] = col < cols ? yyc[j0 + col] : T(0);
-        lj[j] = col < cols ? lqc[j0 + col] : neg_inf<T>();  // padding: an empty slot
+        lj[j] = col < cols ? lqc[j0 + col] : ninf<T>();  // padding: an empty slot
       }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         T s[4];
-        T mx = neg_inf<T>();
+        T mx = ninf<T>();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          s[j] = lj[j] - alpha * ddist(xr[i], yj[j], acc[i][j], euclid);
-          mx = fmax(mx, s[j]);
+          s[j] = lj[j] - alpha * distance(xr[i], yj[j], acc[i][j], euclid);
+          mx = lse_max(mx, s[j]);
         }
-        const T m_new = fmax(M[i], mx);
-        const T sh = dshift(m_new);
-        if (L[i] != T(0)) L[i] *= dexp(M[i] - sh);
+        const T m_new = lse_max(M[i], mx);
+        const T sh = lse_shift(m_new);
+        L[i] *= lse_scale(M[i], L[i], sh);
         M[i] = m_new;
 #pragma unroll
         for (int j = 0; j < 4; ++j) L[i] += dexp(s[j] - sh);
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 4; ++i) {
       row_lse16(M[i], L[i]);
       const int r = ty + 16 * i;
-      if (tx == 0 && r < rows) out[int64_t(s_row[r]) * C + c] = dfinish(M[i], L[i]);
+      if (tx == 0 && r < rows) out[int64_t(s_row[r]) * C + c] = lse_finish(M[i], L[i]);
     }
   }
 }

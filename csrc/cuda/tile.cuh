@@ -32,8 +32,9 @@
 #include <limits>
 #include <type_traits>
 
-#include "common.h"
 #include "cuda/launch.cuh"
+#include "numerics.h"
+#include "ops/kernels.h"
 
 namespace ccluster {
 namespace cuda {
@@ -54,58 +55,11 @@ struct Cfg<double> {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// Device numerics (the device twins of lse_shift / lse_finish in common.h).
+// Device math: exp / log / sqrt of the accumulation type, accurate (no fast math): exp(-inf) = 0, NaN
+// stays NaN. The online log-sum-exp, distances and kappa are those of csrc/numerics.h.
 
-template <typename T>
-__device__ __forceinline__ T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-__device__ __forceinline__ float dexp(float v) { return ::expf(v); }  // exp(-inf) = 0, NaN stays NaN; accurate (no fast math)
+__device__ __forceinline__ float dexp(float v) { return ::expf(v); }
 __device__ __forceinline__ double dexp(double v) { return ::exp(v); }
-__device__ __forceinline__ float dlog(float v) { return ::logf(v); }
-__device__ __forceinline__ double dlog(double v) { return ::log(v); }
-__device__ __forceinline__ float dsqrt(float v) { return ::sqrtf(v); }
-__device__ __forceinline__ double dsqrt(double v) { return ::sqrt(v); }
-
-template <typename T>
-__device__ __forceinline__ T dshift(T mx) {
-  return mx == neg_inf<T>() ? T(0) : mx;
-}
-
-template <typename T>
-__device__ __forceinline__ T dfinish(T mx, T l) {
-  return dshift(mx) + dlog(l);
-}
-
-// Merge two online log-sum-exp states (max, sum relative to shift(max)). fmax ignores NaN, so a NaN score
-// never becomes the shift; it reaches the sum instead and propagates from there.
-template <typename T>
-__device__ __forceinline__ void lse_merge(T& m1, T& l1, T m2, T l2) {
-  const T mx = fmax(m1, m2);
-  const T sh = dshift(mx);
-  T l = T(0);
-  if (l1 != T(0)) l += l1 * dexp(m1 - sh);
-  if (l2 != T(0)) l += l2 * dexp(m2 - sh);
-  m1 = mx;
-  l1 = l;
-}
-
-// Distance from a dot product, as csrc/cpu/tile.h: max(|x|^2 + |y|^2 - 2 x.y, 0), square-rooted for the
-// euclidean metric.
-template <typename T>
-__device__ __forceinline__ T ddist(T xx, T yy, T dot, bool euclid) {
-  T d2 = xx + yy - T(2) * dot;
-  d2 = d2 < T(0) ? T(0) : d2;  // rounding can make it negative; a NaN stays NaN (as std::max on CPU)
-  return euclid ? dsqrt(d2) : d2;
-}
-
-// d(score)/dx = -alpha * kappa * (x - y): kappa = 2 (sqeuclidean) or 1/d (euclidean, 0 at d = 0).
-template <typename T>
-__device__ __forceinline__ T dkappa(T d, bool euclid) {
-  if (!euclid) return T(2);
-  return d > T(0) ? T(1) / d : T(0);
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Per-class row lists.
@@ -328,7 +282,7 @@ __device__ __forceinline__ T row_sum16(T v) {
 template <typename T>
 __device__ __forceinline__ T row_max16(T v) {
 #pragma unroll
-  for (int off = 8; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = 8; off > 0; off >>= 1) v = lse_max(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 template <typename T>

@@ -1,11 +1,16 @@
 // The small fused kernels of the library-GEMM path (csrc/library/library_path.cpp): everything between
 // and after the GEMMs that plain PyTorch would do in several passes over memory. Each has a CPU
 // implementation (epilogue_cpu.cpp), so the whole path runs and is tested on CPU, and a CUDA one
-// (csrc/cuda/epilogue_kernels.cu) that registers itself at load time.
+// (csrc/cuda/epilogue_kernels.cu) that registers itself at load time. Their scalar numerics are those of
+// csrc/numerics.h, shared with every other kernel.
 //
-// Vocabulary. The GEMM of a piece of work writes S [rows, g * k] (accumulation type T, float or double):
-// row i is the x row row_id(i) (= row_ids[i], or r0 + i) against the classes class_of(i) + h (h < g;
-// class_of(i) = row_class[i], or c0) and their exemplar slots j0 .. j0 + k. S holds either
+// Vocabulary. The GEMM of a piece of work writes S [nb * rows, g * k] (accumulation type T, float or
+// double): nb blocks of `rows` slots each. Slot i = b * rows + r of block b holds the x row
+//   row(i) = row_ids[b * ld + r0 + r]   (packed plan: the class's rows, -1 for padding), or
+//   row(i) = r0 + i                      (dense plan: consecutive rows; nb = 1)
+// and its columns h * k + j are the class class(b) + h (h < g; class(b) = block_class[b], or c0) and its
+// exemplar slots j0 .. j0 + k. A slot whose row is -1 (padding) or whose (row, class) is outside `mask`
+// is inactive. S holds either
 //   folded: log q - alpha |y|^2 + 2 alpha x.y   (sqeuclidean only; the bias and scale went into the GEMM)
 //   raw:    x.y
 // and the epilogue adds the rest: with xx = |x|^2, yy = |y|^2 (norms of the values the GEMM saw),
@@ -15,7 +20,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+
+#include "library/slots.h"
 
 namespace ccluster {
 namespace library {
@@ -28,54 +36,60 @@ enum class RowMode : int {
   Eta = 4,   // logz given: S <- t + log coef - logz
 };
 
+// Where the slots of a piece come from (see the vocabulary above).
+struct Slots {
+  int64_t nb = 1, rows = 0;   // blocks, slots per block
+  at::Tensor row_ids;         // int64 [nb, ld] (packed) or undefined (dense: r0 + i)
+  int64_t ld = 0, r0 = 0;
+  at::Tensor block_class;     // int64 [nb] (packed) or undefined (c0)
+  int64_t c0 = 0;
+  int64_t count() const { return nb * rows; }
+};
+
 struct RowArgs {
-  at::Tensor S;           // [rows, g * k] T, rewritten in place by every mode but Lse
-  at::Tensor xx;          // [rows] T
-  at::Tensor row_ids;     // int64 [rows] or undefined: r0 + i
-  int64_t r0 = 0;
-  at::Tensor row_class;   // int64 [rows] or undefined: c0
-  int64_t c0 = 0, g = 1, k = 0, j0 = 0, rows = 0;
+  at::Tensor S;           // [slots, g * k] T, rewritten in place by every mode but Lse
+  at::Tensor xx;          // [slots] T
+  Slots sl;
+  int64_t g = 1, k = 0, j0 = 0;
   at::Tensor yy, lq;      // [C, n] T, contiguous
   int64_t C = 0, n = 0;
   double alpha = 1.0;
   bool euclid = false, folded = false;
   RowMode mode = RowMode::Lse;
-  at::Tensor mask;        // [N, C] bool (contiguous) or undefined: every (row, class) of the piece is active
+  at::Tensor mask;        // [N, C] bool (contiguous) or undefined: every (row, class) of an active slot
   at::Tensor logz;        // [N, C] T: written (Lse, LseW, Fit) or read (W, Eta)
   bool first = true;      // Lse: the first piece of these (row, class) pairs
   at::Tensor coef;        // [N, C] T: the gradient weight (W, LseW) or the fit weight w (Fit, Eta)
   at::Tensor rowsum;      // [N, C] T: += sum_j W (W, LseW)
-  at::Tensor P;           // [rows, g * k] T or undefined: W mode also writes P = coef * exp(s - logz)
+  at::Tensor P;           // [slots, g * k] T or undefined: W mode also writes P = coef * exp(s - logz)
 };
 
-// Column reduction over the segments of a piece: segment (a, len, c) is rows [a, a + len) of S, whose
-// column h * k + j belongs to class c + h, slot j0 + j. Sum: acc[c, j] += sum over the rows. Lse: the
-// column log-sum-exp state (acc = running max, acc2 = sum relative to it) absorbs the rows. Each
-// (class, slot) is reduced by one thread block in a fixed order: deterministic.
+// Column reduction over the slots of each block: acc[class(b) + h, j0 + j] += sum over the block's slots
+// of S[., h * k + j] (Sum), or the column log-sum-exp state (acc = running max, acc2 = sum relative to
+// it) absorbs them (Lse). Inactive slots must hold 0 (Sum) or -inf (Lse) in S: the row epilogue writes
+// them so. Each (block, column) is reduced by one worker in a fixed order: deterministic.
 struct ColArgs {
-  at::Tensor S;         // [rows, g * k] T
+  at::Tensor S;         // [slots, g * k] T
+  Slots sl;
   int64_t g = 1, k = 0, j0 = 0, n = 0;
-  at::Tensor seg;       // int64 [nseg, 3] (a, len, c) on S's device, or undefined: one segment (0, rows, c0)
-  int64_t nseg = 1, rows = 0, c0 = 0;
   bool lse = false;
   at::Tensor acc, acc2;  // [C, n] T
 };
 
-// out[i] = src[row(i)] - mu[class(i)], rounded to out's dtype; xx[i] = |out[i]|^2 in T (of the rounded
-// values). row(i) = row_ids[i] or r0 + i; class(i) = row_class[i], or (r0 + i) / class_div when
-// class_div > 0, or c0; without mu nothing is subtracted. Without out only the norms are computed.
-// With keep, a row whose keep[row(i)] is false is written as zeros (norm 0) without reading src.
+// out[i] = src[row(i)] - mu, rounded to out's dtype; xx[i] = |out[i]|^2 in T (of the rounded values).
+// Without mu nothing is subtracted; without out only the norms are computed. A slot whose row is -1, or
+// whose row's keep[row] is false (dense), or whose pair (row, class(b)) is outside mask (packed), is
+// written as zeros (norm 0) without reading src.
 struct GatherArgs {
   at::Tensor src;        // [R, m], any floating dtype and strides
-  at::Tensor row_ids;    // int64 [rows] or undefined
-  int64_t r0 = 0, rows = 0;
-  at::Tensor row_class;  // int64 [rows] or undefined
-  int64_t c0 = 0, class_div = 0;
-  at::Tensor mu;         // [C, m] T or undefined
-  at::Tensor out;        // [rows, m] contiguous, or undefined
+  Slots sl;              // rows of src (here row(i) indexes src's rows)
+  at::Tensor mu;         // [m] T or undefined
+  at::Tensor out;        // [slots, m] contiguous, or undefined
   at::ScalarType round_to = at::kFloat;  // without out: the dtype the norms' values are rounded to
-  at::Tensor xx;         // [rows] T
-  at::Tensor keep;       // [R] bool (indexed by row(i)) or undefined: every row is read
+  at::Tensor xx;         // [slots] T
+  at::Tensor keep;       // [R] bool or undefined
+  at::Tensor mask;       // [R, C] bool (contiguous) or undefined
+  int64_t C = 0;
 };
 
 // dst[r] += scale * w[r] * src[r] for every row r whose weight w[r] is nonzero. A row whose weight is 0
@@ -87,14 +101,15 @@ struct RowTermArgs {
   double scale = 1.0;
 };
 
-// dst[row] += scale * sum of the src rows of this piece that belong to row, in packed order (= class
-// order), with no atomics: the packed positions are listed in row-major order by (sorted_rows, order), a
-// stable sort of the packed row ids, whose runs of equal rows start at run_begin (U + 1 entries). Only
-// the positions p0 .. p0 + rows (this piece's rows of src) are taken.
+// dst[row] += scale * sum of the src slots of this piece that belong to row, in class order, with no
+// atomics. The packed layout lists, for each x row, its positions p = a * Rmax + i (class a, i-th row of
+// that class) in class order: run u of equal rows is entries run_begin[u] .. run_begin[u + 1] of
+// (sorted_rows, order). Position p is in this piece when r0 <= i < r0 + rows; its slot is
+// a * rows + i - r0.
 struct ScatterArgs {
   at::Tensor dst;                             // [N, m] T
-  at::Tensor src;                             // [rows, m] T
-  int64_t p0 = 0, rows = 0;
+  at::Tensor src;                             // [nb * rows, m] T
+  int64_t Rmax = 0, r0 = 0, rows = 0;
   at::Tensor sorted_rows, order, run_begin;   // int64 [P], [P], [U + 1]
   double scale = 1.0;
 };
@@ -108,11 +123,18 @@ struct Epilogues {
   bool (*capturing)();  // true while the current stream is being captured into a CUDA graph
 };
 
+inline SlotsView slots_view(const Slots& s) {
+  return SlotsView{std::max<int64_t>(s.rows, 1), s.ld, s.r0, s.c0,
+                   s.row_ids.defined() ? s.row_ids.data_ptr<int64_t>() : nullptr,
+                   s.block_class.defined() ? s.block_class.data_ptr<int64_t>() : nullptr};
+}
+
 const Epilogues& cpu_epilogues();
 // Called once by the CUDA translation unit's static initialiser.
 void register_cuda_epilogues(const Epilogues* table);
 // The table for a device; a clear error when the library was built without CUDA epilogues.
 const Epilogues& epilogues_for(const at::Device& device, const char* op);
+bool has_cuda_epilogues();
 
 }  // namespace library
 }  // namespace ccluster

@@ -1,5 +1,5 @@
-// CPU implementation of the library-path epilogues (semantics: epilogue.h). Plain loops over rows and
-// columns, parallel over rows where the rows are independent; every reduction runs in a fixed order.
+// CPU implementation of the library-path epilogues (semantics: epilogue.h). Plain loops over slots and
+// columns, parallel over slots where the slots are independent; every reduction runs in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -8,13 +8,11 @@
 #include <vector>
 
 #include "library/epilogue.h"
-#include "library/epilogue_math.h"
+#include "numerics.h"
 
 namespace ccluster {
 namespace library {
 namespace {
-
-inline int64_t row_of(const int64_t* ids, int64_t r0, int64_t i) { return ids ? ids[i] : r0 + i; }
 
 template <typename T>
 void rows_impl(const RowArgs& a) {
@@ -24,8 +22,7 @@ void rows_impl(const RowArgs& a) {
   const T* xx = a.xx.data_ptr<T>();
   const T* yy = a.yy.data_ptr<T>();
   const T* lq = a.lq.data_ptr<T>();
-  const int64_t* ids = a.row_ids.defined() ? a.row_ids.data_ptr<int64_t>() : nullptr;
-  const int64_t* cls = a.row_class.defined() ? a.row_class.data_ptr<int64_t>() : nullptr;
+  const SlotsView sv = slots_view(a.sl);
   const bool* mask = a.mask.defined() ? a.mask.data_ptr<bool>() : nullptr;
   T* logz = a.logz.data_ptr<T>();
   const T* coef = a.coef.defined() ? a.coef.data_ptr<T>() : nullptr;
@@ -33,18 +30,15 @@ void rows_impl(const RowArgs& a) {
   const T alpha = static_cast<T>(a.alpha);
   const int64_t C = a.C, n = a.n, k = a.k;
   const RowMode mode = a.mode;
-  at::parallel_for(0, a.rows, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, a.sl.count(), 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t s = row_of(ids, a.r0, i);
+      const int64_t s = sv.row(i);
       const T xi = xx[i];
       for (int64_t h = 0; h < a.g; ++h) {
-        const int64_t c = (cls ? cls[i] : a.c0) + h;
-        const int64_t pc = s * C + c;
+        const int64_t c = sv.cls(i) + h;
         T* row = S + i * ld + h * k;
         T* prow = P ? P + i * ld + h * k : nullptr;
-        const T* lqc = lq + c * n + a.j0;
-        const T* yyc = yy + c * n + a.j0;
-        const bool active = !mask || mask[pc];
+        const bool active = s >= 0 && (!mask || mask[s * C + c]);
         if (!active) {
           if (mode == RowMode::Lse) continue;
           const T fill = (mode == RowMode::Fit || mode == RowMode::Eta) ? ninf<T>() : T(0);
@@ -52,17 +46,20 @@ void rows_impl(const RowArgs& a) {
           if (prow) std::fill(prow, prow + k, T(0));
           continue;
         }
+        const int64_t pc = s * C + c;
+        const T* lqc = lq + c * n + a.j0;
+        const T* yyc = yy + c * n + a.j0;
         T t, kap;
         T z;  // the row's log-sum-exp: computed here (Lse, LseW, Fit) or given (W, Eta)
         if (mode == RowMode::Lse || mode == RowMode::LseW || mode == RowMode::Fit) {
           T mx = ninf<T>();
           for (int64_t j = 0; j < k; ++j)
-            mx = max_nan_skip(mx, score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap));
-          const T sh = shift_of(mx);
+            mx = lse_max(mx, score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap));
+          const T sh = lse_shift(mx);
           double l = 0;  // a float sum over k columns would cost several ulps of logz (see rs below)
           for (int64_t j = 0; j < k; ++j)
             l += double(std::exp(score_of(row[j], xi, yyc[j], lqc[j], alpha, a.euclid, a.folded, &t, &kap) - sh));
-          z = sh + static_cast<T>(std::log(l));
+          z = lse_finish(mx, l);
           if (mode == RowMode::Lse && !a.first) z = log_add(logz[pc], z);
           logz[pc] = z;
           if (mode == RowMode::Lse) continue;
@@ -107,31 +104,25 @@ void cols_impl(const ColArgs& a) {
   const T* S = a.S.data_ptr<T>();
   T* acc = a.acc.data_ptr<T>();
   T* acc2 = a.acc2.defined() ? a.acc2.data_ptr<T>() : nullptr;
-  std::vector<int64_t> seg;
-  if (a.seg.defined()) {
-    const at::Tensor sc = a.seg.cpu().contiguous();
-    seg.assign(sc.data_ptr<int64_t>(), sc.data_ptr<int64_t>() + sc.numel());
-  } else {
-    seg = {0, a.rows, a.c0};
-  }
-  const int64_t nseg = static_cast<int64_t>(seg.size() / 3);
+  const SlotsView sv = slots_view(a.sl);
+  const int64_t nb = a.sl.nb, rows = a.sl.rows;
   at::parallel_for(0, ld, 64, [&](int64_t q0, int64_t q1) {
-    for (int64_t sgi = 0; sgi < nseg; ++sgi) {
-      const int64_t r_a = seg[3 * sgi], len = seg[3 * sgi + 1], cbase = seg[3 * sgi + 2];
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t cbase = sv.block_cls(b);
+      const T* Sb = S + b * rows * ld;
       for (int64_t q = q0; q < q1; ++q) {
-        const int64_t c = cbase + q / a.k, j = a.j0 + q % a.k;
-        const int64_t o = c * a.n + j;
+        const int64_t o = (cbase + q / a.k) * a.n + a.j0 + q % a.k;
         if (!a.lse) {
           T sum = 0;
-          for (int64_t r = r_a; r < r_a + len; ++r) sum += S[r * ld + q];
+          for (int64_t r = 0; r < rows; ++r) sum += Sb[r * ld + q];
           acc[o] += sum;
         } else {
           T mx = ninf<T>();
-          for (int64_t r = r_a; r < r_a + len; ++r) mx = max_nan_skip(mx, S[r * ld + q]);
-          const T sh = shift_of(mx);
+          for (int64_t r = 0; r < rows; ++r) mx = lse_max(mx, Sb[r * ld + q]);
+          const T sh = lse_shift(mx);
           T l = 0;
-          for (int64_t r = r_a; r < r_a + len; ++r) l += std::exp(S[r * ld + q] - sh);
-          lse_state_merge(acc[o], acc2[o], mx, l);
+          for (int64_t r = 0; r < rows; ++r) l += std::exp(Sb[r * ld + q] - sh);
+          lse_merge(acc[o], acc2[o], mx, l);
         }
       }
     }
@@ -143,27 +134,25 @@ void gather_typed(const GatherArgs& a) {
   const int64_t m = a.src.size(1);
   const int64_t st0 = a.src.stride(0), st1 = a.src.stride(1);
   const src_t* src = a.src.data_ptr<src_t>();
-  const int64_t* ids = a.row_ids.defined() ? a.row_ids.data_ptr<int64_t>() : nullptr;
-  const int64_t* cls = a.row_class.defined() ? a.row_class.data_ptr<int64_t>() : nullptr;
+  const SlotsView sv = slots_view(a.sl);
   const T* mu = a.mu.defined() ? a.mu.data_ptr<T>() : nullptr;
   out_t* out = a.out.defined() ? a.out.data_ptr<out_t>() : nullptr;
   T* xx = a.xx.data_ptr<T>();
   const bool* keep = a.keep.defined() ? a.keep.data_ptr<bool>() : nullptr;
-  at::parallel_for(0, a.rows, 16, [&](int64_t i0, int64_t i1) {
+  const bool* mask = a.mask.defined() ? a.mask.data_ptr<bool>() : nullptr;
+  at::parallel_for(0, a.sl.count(), 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = row_of(ids, a.r0, i);
-      if (keep && !keep[r]) {
+      const int64_t r = sv.row(i);
+      if (r < 0 || (keep && !keep[r]) || (mask && !mask[r * a.C + sv.cls(i)])) {
         if (out) std::fill(out + i * m, out + (i + 1) * m, out_t(0));
         xx[i] = T(0);
         continue;
       }
-      const int64_t c = cls ? cls[i] : (a.class_div > 0 ? (a.r0 + i) / a.class_div : a.c0);
       const src_t* sr = src + r * st0;
-      const T* mr = mu ? mu + c * m : nullptr;
       T s = 0;
       for (int64_t f = 0; f < m; ++f) {
         T v = static_cast<T>(sr[f * st1]);
-        if (mr) v -= mr[f];
+        if (mu) v -= mu[f];
         const out_t o = static_cast<out_t>(v);
         const T vr = static_cast<T>(o);
         if (out) out[i * m + f] = o;
@@ -195,17 +184,17 @@ void scatter_impl(const ScatterArgs& a) {
   const T* src = a.src.data_ptr<T>();
   T* dst = a.dst.data_ptr<T>();
   const T scale = static_cast<T>(a.scale);
-  // the entries of one row are consecutive in the sorted list, in packed (class) order; runs are
-  // distinct rows, so they run in parallel
+  // the entries of one row are consecutive in the sorted list, in class order; runs are distinct rows,
+  // so they run in parallel
   at::parallel_for(0, U, 16, [&](int64_t u0, int64_t u1) {
     std::vector<T> sum(m);
     for (int64_t u = u0; u < u1; ++u) {
       bool any = false;
       std::fill(sum.begin(), sum.end(), T(0));
       for (int64_t q = rb[u]; q < rb[u + 1]; ++q) {
-        const int64_t p = order[q] - a.p0;
-        if (p < 0 || p >= a.rows) continue;
-        const T* sr = src + p * m;
+        const int64_t p = order[q], cls = p / a.Rmax, i = p % a.Rmax - a.r0;
+        if (i < 0 || i >= a.rows) continue;
+        const T* sr = src + (cls * a.rows + i) * m;
         for (int64_t f = 0; f < m; ++f) sum[f] += sr[f];
         any = true;
       }
@@ -241,19 +230,19 @@ void row_terms_typed(const RowTermArgs& a) {
 }
 
 void rows_cpu(const RowArgs& a) {
-  if (a.rows == 0 || a.k == 0) return;
+  if (a.sl.count() == 0 || a.k == 0) return;
   AT_DISPATCH_FLOATING_TYPES(a.S.scalar_type(), "ccluster_rows_cpu", [&] { rows_impl<scalar_t>(a); });
 }
 void cols_cpu(const ColArgs& a) {
-  if (a.rows == 0 || a.k == 0) return;
+  if (a.sl.count() == 0 || a.k == 0) return;
   AT_DISPATCH_FLOATING_TYPES(a.S.scalar_type(), "ccluster_cols_cpu", [&] { cols_impl<scalar_t>(a); });
 }
 void gather_cpu(const GatherArgs& a) {
-  if (a.rows == 0) return;
+  if (a.sl.count() == 0) return;
   AT_DISPATCH_FLOATING_TYPES(a.xx.scalar_type(), "ccluster_gather_cpu", [&] { gather_impl<scalar_t>(a); });
 }
 void scatter_cpu(const ScatterArgs& a) {
-  if (a.rows == 0) return;
+  if (a.rows == 0 || a.run_begin.numel() <= 1) return;
   AT_DISPATCH_FLOATING_TYPES(a.dst.scalar_type(), "ccluster_scatter_cpu", [&] { scatter_impl<scalar_t>(a); });
 }
 void row_terms_cpu(const RowTermArgs& a) {
@@ -274,6 +263,8 @@ std::atomic<const Epilogues*> g_cuda{nullptr};
 const Epilogues& cpu_epilogues() { return kCpu; }
 
 void register_cuda_epilogues(const Epilogues* table) { g_cuda.store(table); }
+
+bool has_cuda_epilogues() { return g_cuda.load() != nullptr; }
 
 const Epilogues& epilogues_for(const at::Device& device, const char* op) {
   if (device.is_cpu()) return kCpu;

@@ -1,40 +1,43 @@
-// The library-GEMM path (library_path.h): rows in chunks, per chunk and class (or group of classes) one
-// distance GEMM from the BLAS library into a bounded workspace, then a small fused epilogue (epilogue.h).
+// The library-GEMM path (library_path.h): rows in chunks, per chunk ONE distance GEMM from the BLAS
+// library into a bounded workspace, then a small fused epilogue (epilogue.h).
 //
-// Work layout. Two ways to take the rows:
-//   shared  every row of x against every class: chunks of consecutive rows, each against a group of
-//           consecutive classes at once (one GEMM X [rows, m] . Y [g n, m]^T). Used without pairs, and
-//           with pairs when gathering is off or a CUDA graph is being captured (then the pairs only mask
-//           the epilogue, and the shapes never depend on the data).
-//   packed  only the (row, class) pairs: their row ids sorted by class (ascending rows within a class)
-//           are gathered chunk by chunk into the workspace, and each class's run of the chunk is one
-//           GEMM against that class's exemplars. Needs the per-class counts on the host (one copy).
+// Work layout (the plans of library/plan.h):
+//   dense   chunks of consecutive rows of x, each against every class at once (one GEMM
+//           X [rows, m] . Y [C n, m]^T; a smaller group of classes when the workspace does not hold
+//           all). Pairs, when given, only mask the epilogue. Shapes never depend on the data.
+//   packed  the pairs only, laid out on the host (no device read when the caller's pair mask is on the
+//           CPU): each active class's rows, ascending, padded to the largest class's count Rmax. A chunk
+//           takes rows r0 .. r0 + rows of every class at once and computes them in ONE batched GEMM
+//           (bmm over the active classes: X [Ca, rows, m] . Y [Ca, k, m]^T).
 // When the exemplars are too many for a chunk (n slots x the rows the workspace holds), the slots are
 // taken in column chunks too, and the forward's log-sum-exp is merged across them.
 //
 // GEMM precision. float64 and float32 run as they are: float32 is exact SGEMM unless torch's own switch
 // (torch.backends.cuda.matmul.allow_tf32 / set_float32_matmul_precision) lets cuBLAS use TF32.
 // float16/bfloat16 operands go to tensor cores with float32 accumulation and float32 output
-// (mm with out_dtype); on CPU, where ATen has no such GEMM, they are computed in float32 from the same
+// (mm/bmm with out_dtype); on CPU, where ATen has no such GEMM, they are computed in float32 from the same
 // rounded values. Centring (settings: auto = only when the GEMM rounds its float32 operands to TF32;
-// on; off) subtracts each class's exemplar mean from x and from the exemplars before the GEMM: the
-// distances are unchanged and the rounding error alpha eps |x| |y| of a reduced-precision GEMM shrinks
-// to the spread of the data. Norms, scores, logz and every reduction stay in float32 (float64).
+// on; off) subtracts one mean mu, of the database's filled exemplars, from x and from the exemplars
+// before the GEMM: the distances are unchanged, the rounding error alpha eps |x| |y| of a
+// reduced-precision GEMM shrinks to alpha eps |x - mu| |y - mu|, and the GEMM still takes every class
+// at once. Norms, scores, logz and every reduction stay in float32 (float64).
 //
-// The sqeuclidean score is folded into the GEMM where ATen offers it (float32/float64 addmm):
+// The sqeuclidean score is folded into the GEMM where ATen offers it (float32/float64 addmm/baddbmm):
 // S = addmm(log q - alpha |y|^2, X, Y^T, alpha = 2 alpha), so the epilogue only subtracts alpha |x|^2
 // and clamps at log q (d >= 0). Otherwise (euclidean, 16-bit operands, the fit) the GEMM gives x.y and
 // the epilogue forms d from the norms.
 //
 // Memory: the workspace bound (settings.workspace_bytes, 256 MiB by default) caps the chunk buffers;
-// besides them and the outputs an op holds O(N C + C n + C m) (logz, row sums, column sums, class means).
-// Every reduction runs in a fixed order, so results do not depend on scheduling (cuBLAS as configured by
-// torch; with torch.use_deterministic_algorithms it asks for CUBLAS_WORKSPACE_CONFIG itself).
+// besides them and the outputs an op holds O(N C + C n + C m) (logz, row sums, column sums) and, packed,
+// the layout (Ca Rmax + 3 P integers). Every reduction runs in a fixed order, so results do not depend
+// on scheduling (cuBLAS as configured by torch; with torch.use_deterministic_algorithms it asks for
+// CUBLAS_WORKSPACE_CONFIG itself). No step reads device data on the host.
 #include "library/library_path.h"
 
 #include <ATen/Context.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -51,42 +54,42 @@ constexpr int64_t kMinChunkRows = 16;  // fewer rows than this per chunk: take t
 inline bool is16(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 inline at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-struct Seg {
-  int64_t a, len, c;
-};
+// A host tensor on `device`: itself on the CPU, else one asynchronous copy from pinned memory (the
+// caching host allocator keeps the pinned block until the copy has run).
+at::Tensor to_device(const at::Tensor& host, const at::Device& device) {
+  if (device.is_cpu()) return host;
+  return host.pin_memory().to(device, /*non_blocking=*/true);
+}
 
 // One GEMM output chunk and what its epilogue and the gradient GEMMs need.
 struct Piece {
-  at::Tensor S;                 // [rows, g k] T
-  int64_t rows = 0, g = 1, k = 0, j0 = 0;
-  at::Tensor row_ids;           // packed: int64 [rows]; shared: undefined (r0 + i)
-  int64_t r0 = 0;
-  at::Tensor row_class;         // packed: int64 [rows]; shared: undefined (c0)
-  int64_t c0 = 0;
-  int64_t p0 = 0;               // packed: position of the first row in the packed list
-  at::Tensor X;                 // [rows, m] the GEMM's row operand
-  at::Tensor xx;                // [rows] T
-  std::vector<Seg> segs;        // runs of one class (shared: one segment, classes c0 .. c0 + g)
-  at::Tensor seg_dev;           // packed: segs on the device, int64 [nseg, 3]
-  std::vector<at::Tensor> Y;    // per segment: [g k, m] the exemplar operand rows
+  at::Tensor S;                 // [slots, g k] T
+  Slots sl;
+  int64_t g = 1, k = 0, j0 = 0;
+  at::Tensor X;                 // [slots, m] the GEMM's row operand
+  at::Tensor xx;                // [slots] T
+  at::Tensor Y;                 // dense: [g k, m]; packed: [Ca, k, m] the exemplar operand
 };
 
-struct Plan {
+struct ChunkPlan {
   int64_t rows = 1, g = 1, k = 1;
 };
 
 // Per-piece buffer needs of an op, beyond S, the gathered rows and their norms.
 struct Extra {
-  int64_t per_ld = 0;    // bytes per row and per column of S (a low-precision copy of W, P)
-  int64_t per_row = 0;   // bytes per row (a [rows, m] float buffer)
-  int64_t per_col = 0;   // bytes per column of S, once (a [g k, m] float buffer)
+  int64_t per_ld = 0;    // bytes per slot and per column of S (a low-precision copy of W, P)
+  int64_t per_row = 0;   // bytes per slot (a [slots, m] buffer)
+  int64_t per_col = 0;   // bytes per column of S and per block, once (a [k, m] buffer per block)
 };
 
 class Engine {
  public:
+  // layout: the pairs that are laid out (packed; a superset of mask is allowed); mask: the pairs the
+  // epilogues treat as active (undefined: all).
   Engine(const char* op, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q, double alpha,
-         Metric metric, const at::Tensor& active, bool allow_fold)
-      : op_(op), x_(x), db_(db), alpha_(alpha), euclid_(metric == Metric::Euclidean) {
+         Metric metric, const PairMask& layout, const at::Tensor& mask_, Plan plan, bool allow_fold,
+         bool need_scatter)
+      : op_(op), x_(x), db_(db), alpha_(alpha), euclid_(metric == Metric::Euclidean), mask(mask_) {
     N = x.size(0), C = db.size(0), n = db.size(1), m = db.size(2);
     G = x.scalar_type();
     T = acc_of(G);
@@ -100,44 +103,53 @@ class Engine {
     direct_x_ = !centre && x.is_contiguous();
     direct_y_ = !centre && db.is_contiguous();
     Yall_ = db.reshape({C * n, m});
-    if (centre) {
-      mu = n > 0 ? at::sum(db, {1}, false, T).div_(static_cast<double>(n)) : at::zeros({C, m}, x.options().dtype(T));
+    if (mask.defined()) mask = mask.contiguous();
+    if (centre && C * n > 0) {
+      // one mean for the whole database, of its filled exemplars (finite values only: a NaN in one
+      // exemplar reaches its own distances, not every class's through mu)
+      const at::Tensor Y = Yall_.to(T);
+      const at::Tensor filled = at::isfinite(lq).reshape({C * n}).to(T);
+      mu = at::mv(at::where(at::isfinite(Y), Y, at::zeros({}, Y.options())).t(), filled)
+               .div_(filled.sum().clamp_min(1.0));
     }
     yy = at::empty({C, n}, x.options().dtype(T));
     if (C * n > 0) {
       GatherArgs ga;
       ga.src = Yall_;
-      ga.rows = C * n;
-      ga.class_div = n;
+      ga.sl.rows = C * n;
       if (centre) ga.mu = mu;
       ga.round_to = G;
       ga.xx = yy.view({C * n});
       ep_->gather(ga);
     }
     if (fold) bias = lq - alpha * yy;
-    plan_rows(active);
+    packed = plan == Plan::Packed && layout.defined();
+    if (packed) build_layout(layout, need_scatter);
   }
 
   // ----------------------------------------------------------------------------------------------
   // Planning
 
-  int64_t total_rows() const { return packed ? P : N; }
+  int64_t blocks() const { return packed ? Ca : 1; }
+  int64_t total_rows() const { return packed ? Rmax : N; }
+  bool direct_y_plan() const { return direct_y_ && (!packed || Ca == C); }
 
-  Plan plan(const Extra& ex) const {
+  ChunkPlan plan(const Extra& ex) const {
     const int64_t tsz = at::elementSize(T), gsz = at::elementSize(G);
+    const int64_t nb = blocks();
     const int64_t total = std::max<int64_t>(total_rows(), 1);
     const bool copy_x = packed || !direct_x_;
     auto row_bytes = [&](int64_t ld) {
-      return ld * (tsz + ex.per_ld) + (copy_x ? m * gsz : 0) + tsz + ex.per_row;
+      return nb * (ld * (tsz + ex.per_ld) + (copy_x ? m * gsz : 0) + tsz + ex.per_row);
     };
-    auto fixed_bytes = [&](int64_t ld) { return (direct_y_ ? 0 : ld * m * gsz) + ld * ex.per_col; };
+    auto fixed_bytes = [&](int64_t ld) { return nb * ((direct_y_plan() ? 0 : ld * m * gsz) + ld * ex.per_col); };
     auto fit = [&](int64_t ld) {
       const int64_t avail = ws_ - fixed_bytes(ld);
       return avail > 0 ? avail / std::max<int64_t>(row_bytes(ld), 1) : 0;
     };
     const int64_t want = std::min(total, kMinChunkRows);
-    const int64_t max_g = (packed || centre) ? 1 : std::max<int64_t>(C, 1);
-    Plan p;
+    const int64_t max_g = packed ? 1 : std::max<int64_t>(C, 1);
+    ChunkPlan p;
     const int64_t nn = std::max<int64_t>(n, 1);
     for (int64_t g = max_g;; g /= 2) {  // whole classes: as many per GEMM as the workspace holds
       const int64_t r = fit(g * nn);
@@ -160,25 +172,42 @@ class Engine {
   // ----------------------------------------------------------------------------------------------
   // GEMMs
 
-  // out [r, c] (T) = A [r, m] . B [c, m]^T (A, B in G); with bias: folded scores (bias + 2 alpha A.B^T).
-  void gemm_nt(at::Tensor out, const at::Tensor& A, const at::Tensor& B, const at::Tensor& bias_row) const {
-    if (bias_row.defined()) {
-      at::addmm_out(out, bias_row.unsqueeze(0), A, B.t(), 1.0, 2.0 * alpha_);
+  // out (T) = A . B for operands of one dtype (2-D, or 3-D batched): 16-bit operands with float32
+  // accumulation and output.
+  void mm_into(at::Tensor out, const at::Tensor& A, const at::Tensor& B) const {
+    const bool batched = A.dim() == 3;
+    if (is16(A.scalar_type())) {
+      if (A.is_cuda()) {
+        batched ? at::bmm_out(out, A, B, T) : at::mm_out(out, A, B, T);
+      } else {  // no mixed-precision GEMM on CPU: the same rounded values, computed in float32
+        batched ? at::bmm_out(out, A.to(T), B.to(T)) : at::mm_out(out, A.to(T), B.to(T));
+      }
     } else {
-      mm_into(out, A, B.t());
+      batched ? at::bmm_out(out, A, B) : at::mm_out(out, A, B);
     }
   }
 
-  // out (T) = A . B for operands of one dtype: 16-bit operands with float32 accumulation and output.
-  void mm_into(at::Tensor out, const at::Tensor& A, const at::Tensor& B) const {
-    if (is16(A.scalar_type())) {
-      if (A.is_cuda()) {
-        at::mm_out(out, A, B, T);
-      } else {  // no mixed-precision GEMM on CPU: the same rounded values, computed in float32
-        at::mm_out(out, A.to(T), B.to(T));
+  // The distance GEMM of a piece: S = X . Y^T, or the folded scores bias + 2 alpha X . Y^T.
+  void distance_gemm(const Piece& pc) const {
+    if (!packed) {
+      if (fold) {
+        const at::Tensor b = pc.g > 1 ? bias.narrow(0, pc.sl.c0, pc.g).reshape({pc.g * n})
+                                      : bias[pc.sl.c0].narrow(0, pc.j0, pc.k);
+        at::Tensor S = pc.S;
+        at::addmm_out(S, b.unsqueeze(0), pc.X, pc.Y.t(), 1.0, 2.0 * alpha_);
+      } else {
+        mm_into(pc.S, pc.X, pc.Y.t());
       }
+      return;
+    }
+    const int64_t rows = pc.sl.rows;
+    at::Tensor S3 = pc.S.view({Ca, rows, pc.k});
+    const at::Tensor X3 = pc.X.view({Ca, rows, m});
+    if (fold) {
+      at::baddbmm_out(S3, biasA.narrow(1, pc.j0, pc.k).unsqueeze(1), X3,
+                      pc.Y.transpose(1, 2), 1.0, 2.0 * alpha_);
     } else {
-      at::mm_out(out, A, B);
+      mm_into(S3, X3, pc.Y.transpose(1, 2));
     }
   }
 
@@ -186,17 +215,19 @@ class Engine {
   // Iteration over the pieces of work
 
   template <typename F>
-  void for_each_piece(const Plan& pl, const F& fn) {
-    if (total_rows() == 0 || C == 0 || n == 0) return;
+  void for_each_piece(const ChunkPlan& pl, const F& fn) {
+    if (total_rows() == 0 || C == 0 || n == 0 || blocks() == 0) return;
     const auto topt = x_.options().dtype(T), gopt = x_.options().dtype(G);
-    at::Tensor Sbuf = at::empty({pl.rows * pl.g * pl.k}, topt);
-    at::Tensor xxbuf = at::empty({pl.rows}, topt);
-    at::Tensor Xbuf = (packed || !direct_x_) ? at::empty({pl.rows, m}, gopt) : at::Tensor();
-    at::Tensor Ybuf = direct_y_ ? at::Tensor() : at::empty({pl.g * pl.k, m}, gopt);
+    const int64_t nb = blocks();
+    at::Tensor Sbuf = at::empty({nb * pl.rows * pl.g * pl.k}, topt);
+    at::Tensor xxbuf = at::empty({nb * pl.rows}, topt);
+    at::Tensor Xbuf = (packed || !direct_x_) ? at::empty({nb * pl.rows, m}, gopt) : at::Tensor();
+    at::Tensor Ybuf = direct_y_plan() ? at::Tensor() : at::empty({nb * pl.g * pl.k, m}, gopt);
+    y_key_ = {-1, -1, -1, -1};
     if (packed) {
       packed_pieces(pl, Sbuf, xxbuf, Xbuf, Ybuf, fn);
     } else {
-      shared_pieces(pl, Sbuf, xxbuf, Xbuf, Ybuf, fn);
+      dense_pieces(pl, Sbuf, xxbuf, Xbuf, Ybuf, fn);
     }
   }
 
@@ -207,10 +238,8 @@ class Engine {
     RowArgs a;
     a.S = pc.S;
     a.xx = pc.xx;
-    a.row_ids = pc.row_ids;
-    a.r0 = pc.r0;
-    a.row_class = pc.row_class;
-    a.c0 = pc.c0, a.g = pc.g, a.k = pc.k, a.j0 = pc.j0, a.rows = pc.rows;
+    a.sl = pc.sl;
+    a.g = pc.g, a.k = pc.k, a.j0 = pc.j0;
     a.yy = yy, a.lq = lq;
     a.C = C, a.n = n;
     a.alpha = alpha_;
@@ -224,23 +253,20 @@ class Engine {
   ColArgs col_args(const Piece& pc, const at::Tensor& S) const {
     ColArgs a;
     a.S = S;
-    a.g = pc.g, a.k = pc.k, a.j0 = pc.j0, a.n = n, a.rows = pc.rows, a.c0 = pc.c0;
-    if (packed) {
-      a.seg = pc.seg_dev;
-      a.nseg = static_cast<int64_t>(pc.segs.size());
-    }
+    a.sl = pc.sl;
+    a.g = pc.g, a.k = pc.k, a.j0 = pc.j0, a.n = n;
     return a;
   }
 
   // The exemplar rows of class c as the GEMM saw them (centred), in T: for the colsum(W) y terms.
   at::Tensor y_centred(int64_t c) const {
     const at::Tensor y = db_[c].to(T);  // may be db itself: never modified in place
-    return centre ? y.sub(mu[c]) : y;
+    return centre ? y.sub(mu) : y;
   }
 
-  // gx += alpha (acc - sum_c rowsum_c (x - mu_c)) given acc already in gx: the row terms. x is read only
-  // on rows with a nonzero rowsum: a row outside the active pairs has none and keeps exactly 0 gradient,
-  // whatever it holds (0 * NaN would be NaN). The centring term RW mu is 0 on such rows.
+  // gx += alpha (acc - rowsum (x - mu)) given acc already in gx: the row terms. x is read only on rows
+  // with a nonzero rowsum: a row outside the active pairs has none and keeps exactly 0 gradient,
+  // whatever it holds (0 * NaN would be NaN).
   void finish_rows(at::Tensor& gx, const at::Tensor& RW, double scale) const {
     RowTermArgs ra;
     ra.dst = gx;
@@ -248,12 +274,12 @@ class Engine {
     ra.w = RW.sum(1);
     ra.scale = -scale;
     ep_->row_terms(ra);
-    if (centre) gx.addmm_(RW, mu, 1.0, scale);
+    if (centre) gx.addr_(ra.w, mu, 1.0, scale);
   }
 
-  // Shared mode with pairs: the gradient GEMM W^T X reads every row of a chunk, and 0 * NaN is NaN, so
-  // the rows without an active pair are gathered as zeros (into the workspace: a copy of the chunk instead
-  // of a view of x). Packed mode gathers only the active rows anyway.
+  // Dense plan with pairs: the gradient GEMM W^T X reads every row of a chunk, and 0 * NaN is NaN, so
+  // the rows without an active pair are gathered as zeros (into the workspace: a copy of the chunk
+  // instead of a view of x). The packed plan gathers only the active pairs anyway.
   void zero_inactive_rows() {
     if (packed || !mask.defined()) return;
     keep_rows_ = mask.any(1);
@@ -264,120 +290,138 @@ class Engine {
   at::Tensor x_, db_, Yall_;
   double alpha_;
   bool euclid_;
-  int64_t N = 0, C = 0, n = 0, m = 0, P = 0;
+  int64_t N = 0, C = 0, n = 0, m = 0;
   at::ScalarType T, G;
   bool centre = false, fold = false;
   at::Tensor lq, mu, yy, bias;
   const Epilogues* ep_;
   int64_t ws_ = 0;
   bool direct_x_ = false, direct_y_ = false;
-  at::Tensor keep_rows_;                 // shared mode: [N] bool, rows gathered (the others as zeros)
+  at::Tensor mask;                       // active pairs [N, C] bool, or undefined (all)
+  at::Tensor keep_rows_;                 // dense: [N] bool, rows gathered (the others as zeros)
   bool packed = false;
-  at::Tensor mask;                       // shared mode: active pairs, or undefined (all)
-  at::Tensor prow, pclass;               // packed mode
-  std::vector<int64_t> off;              // packed mode: [C + 1] on the host
-  at::Tensor sorted_rows, order;         // packed mode: the packed list in row-major order
-  at::Tensor run_begin;                  // packed mode: where each row's run starts in sorted_rows
+  // packed layout (on x's device)
+  int64_t Ca = 0, Rmax = 0, P = 0;
+  at::Tensor cls;                        // [Ca] active classes
+  at::Tensor prow;                       // [Ca, Rmax] their rows, -1 padding
+  at::Tensor yrow;                       // [Ca, n] rows of Yall of their exemplars
+  at::Tensor biasA;                      // [Ca, n] fold bias of the active classes
+  at::Tensor sorted_rows, order, run_begin;  // the scatter lists of dL/dx (need_scatter)
 
  private:
-  void plan_rows(const at::Tensor& active) {
-    if (!active.defined()) return;
-    const bool gather = settings().gather.load() != 0 && !ep_->capturing();
-    if (!gather) {
-      mask = active.contiguous();
-      return;
+  void build_layout(const PairMask& layout, bool need_scatter) {
+    at::Tensor host = layout.host;
+    if (!host.defined()) {  // a packed plan forced with the mask on the device: one synchronisation
+      settings().host_syncs.fetch_add(1);
+      host = layout.dev.to(at::kCPU);
     }
-    packed = true;
-    const at::Tensor nz = active.t().nonzero();  // (class, row), sorted by class then row
-    pclass = nz.select(1, 0).contiguous();
-    prow = nz.select(1, 1).contiguous();
-    P = prow.numel();
-    const at::Tensor counts = active.sum(0, false, at::kLong).cpu();
-    off.assign(C + 1, 0);
-    const int64_t* cp = counts.data_ptr<int64_t>();
-    for (int64_t c = 0; c < C; ++c) off[c + 1] = off[c] + cp[c];
-    TORCH_INTERNAL_ASSERT(off[C] == P);
+    host = host.contiguous();
+    const PairCounts pc = layout.counts.known ? layout.counts : count_pairs(host);
+    Ca = static_cast<int64_t>(pc.cls.size());
+    Rmax = pc.Rmax;
+    P = pc.P;
+    std::vector<int64_t> index(C, -1), fill(Ca, 0);
+    for (int64_t a = 0; a < Ca; ++a) index[pc.cls[a]] = a;
+    std::vector<int64_t> buf(Ca + Ca * Rmax, -1);
+    std::copy(pc.cls.begin(), pc.cls.end(), buf.begin());
+    int64_t* pr = buf.data() + Ca;
+    std::vector<int64_t> srows, ord, rbeg;
+    if (need_scatter) {
+      srows.reserve(P);
+      ord.reserve(P);
+    }
+    const bool* mp = host.data_ptr<bool>();
+    for (int64_t s = 0; s < N; ++s) {
+      bool first = true;
+      for (int64_t c = 0; c < C; ++c) {
+        if (!mp[s * C + c]) continue;
+        const int64_t a = index[c];
+        const int64_t i = fill[a]++;
+        pr[a * Rmax + i] = s;
+        if (!need_scatter) continue;
+        if (first) rbeg.push_back(static_cast<int64_t>(srows.size()));
+        first = false;
+        srows.push_back(s);
+        ord.push_back(a * Rmax + i);  // the row's positions, in class order
+      }
+    }
+    if (need_scatter) {
+      rbeg.push_back(static_cast<int64_t>(srows.size()));
+      buf.insert(buf.end(), srows.begin(), srows.end());
+      buf.insert(buf.end(), ord.begin(), ord.end());
+      buf.insert(buf.end(), rbeg.begin(), rbeg.end());
+    }
+    const at::Tensor all = to_device(at::tensor(buf, at::TensorOptions().dtype(at::kLong)), x_.device());
+    cls = all.narrow(0, 0, Ca);
+    prow = all.narrow(0, Ca, Ca * Rmax).view({Ca, Rmax});
+    if (need_scatter) {
+      int64_t o = Ca + Ca * Rmax;
+      sorted_rows = all.narrow(0, o, P);
+      order = all.narrow(0, o + P, P);
+      run_begin = all.narrow(0, o + 2 * P, static_cast<int64_t>(rbeg.size()));
+    }
+    const auto lopt = x_.options().dtype(at::kLong);
+    yrow = cls.unsqueeze(1).mul(n).add(at::arange(n, lopt).unsqueeze(0));
+    if (fold) biasA = Ca == C ? bias : bias.index_select(0, cls);
   }
 
-  void ensure_row_order() {
-    if (sorted_rows.defined() || !packed || P == 0) return;
-    auto sorted = at::sort(prow, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    sorted_rows = std::get<0>(sorted).contiguous();
-    order = std::get<1>(sorted).contiguous();
-    // runs of equal rows: [0, starts of new rows..., P]
-    const at::Tensor starts = sorted_rows.narrow(0, 1, P - 1).ne(sorted_rows.narrow(0, 0, P - 1)).nonzero();
-    const auto lopt = prow.options();
-    run_begin = at::cat({at::zeros({1}, lopt), starts.view({-1}).add(1), at::full({1}, P, lopt)}).contiguous();
-  }
-
- public:
-  // the packed list in row-major order, for the deterministic scatter of gradient rows
-  void need_row_order() { ensure_row_order(); }
-
- private:
-  at::Tensor y_operand(int64_t c0, int64_t g, int64_t j0, int64_t k, at::Tensor& Ybuf) const {
-    if (direct_y_) {
+  // Exemplar operand of a piece; rebuilt only when the piece's (classes, slots) change.
+  at::Tensor y_operand(int64_t c0, int64_t g, int64_t j0, int64_t k, at::Tensor& Ybuf) {
+    if (direct_y_plan()) {
+      if (packed) return db_.narrow(1, j0, k);
       return g > 1 ? Yall_.narrow(0, c0 * n, g * n) : db_[c0].narrow(0, j0, k);
     }
-    GatherArgs ga;
-    ga.src = Yall_;
-    ga.r0 = c0 * n + j0;
-    ga.rows = g * k;
-    ga.class_div = n;
-    if (centre) ga.mu = mu;
-    at::Tensor Y = Ybuf.narrow(0, 0, g * k);
-    ga.out = Y;
-    ga.xx = at::empty({g * k}, x_.options().dtype(T));
-    ep_->gather(ga);
-    return Y;
-  }
-
-  at::Tensor bias_row(int64_t c0, int64_t g, int64_t j0, int64_t k) const {
-    if (!fold) return at::Tensor();
-    return g > 1 ? bias.narrow(0, c0, g).reshape({g * n}) : bias[c0].narrow(0, j0, k);
+    const int64_t nb = blocks();
+    at::Tensor Y = Ybuf.narrow(0, 0, nb * g * k);
+    const std::array<int64_t, 4> key{c0, g, j0, k};
+    if (key != y_key_) {
+      GatherArgs ga;
+      ga.src = Yall_;
+      if (packed) {
+        ga.sl.nb = Ca, ga.sl.rows = k, ga.sl.row_ids = yrow, ga.sl.ld = n, ga.sl.r0 = j0;
+      } else {
+        ga.sl.rows = g * k, ga.sl.r0 = c0 * n + j0;
+      }
+      if (centre) ga.mu = mu;
+      ga.out = Y;
+      ga.xx = at::empty({nb * g * k}, x_.options().dtype(T));
+      ep_->gather(ga);
+      y_key_ = key;
+    }
+    return packed ? Y.view({Ca, k, m}) : Y;
   }
 
   template <typename F>
-  void shared_pieces(const Plan& pl, at::Tensor& Sbuf, at::Tensor& xxbuf, at::Tensor& Xbuf, at::Tensor& Ybuf,
-                     const F& fn) {
+  void dense_pieces(const ChunkPlan& pl, at::Tensor& Sbuf, at::Tensor& xxbuf, at::Tensor& Xbuf, at::Tensor& Ybuf,
+                    const F& fn) {
     for (int64_t r0 = 0; r0 < N; r0 += pl.rows) {
       const int64_t rows = std::min(pl.rows, N - r0);
       Piece pc;
-      pc.rows = rows;
-      pc.r0 = r0;
+      pc.sl.rows = rows;
+      pc.sl.r0 = r0;
       pc.xx = xxbuf.narrow(0, 0, rows);
       GatherArgs ga;
       ga.src = x_;
-      ga.r0 = r0;
-      ga.rows = rows;
+      ga.sl = pc.sl;
       ga.xx = pc.xx;
       ga.round_to = G;
       ga.keep = keep_rows_;
-      if (!centre) {
-        if (direct_x_) {
-          pc.X = x_.narrow(0, r0, rows);
-        } else {
-          pc.X = Xbuf.narrow(0, 0, rows);
-          ga.out = pc.X;
-        }
-        ep_->gather(ga);
+      if (centre) ga.mu = mu;
+      if (direct_x_) {
+        pc.X = x_.narrow(0, r0, rows);
+      } else {
+        pc.X = Xbuf.narrow(0, 0, rows);
+        ga.out = pc.X;
       }
+      ep_->gather(ga);
       for (int64_t c0 = 0; c0 < C; c0 += pl.g) {
         const int64_t g = std::min(pl.g, C - c0);
-        if (centre) {
-          pc.X = Xbuf.narrow(0, 0, rows);
-          ga.out = pc.X;
-          ga.c0 = c0;
-          ga.mu = mu;
-          ep_->gather(ga);
-        }
         for (int64_t j0 = 0; j0 < n; j0 += pl.k) {
           const int64_t k = std::min(pl.k, n - j0);
-          pc.g = g, pc.k = k, pc.j0 = j0, pc.c0 = c0;
+          pc.g = g, pc.k = k, pc.j0 = j0, pc.sl.c0 = c0;
           pc.S = Sbuf.narrow(0, 0, rows * g * k).view({rows, g * k});
-          pc.segs = {Seg{0, rows, c0}};
-          pc.Y = {y_operand(c0, g, j0, k, Ybuf)};
-          gemm_nt(pc.S, pc.X, pc.Y[0], bias_row(c0, g, j0, k));
+          pc.Y = y_operand(c0, g, j0, k, Ybuf);
+          distance_gemm(pc);
           settings().pieces.fetch_add(1);
           fn(pc);
         }
@@ -386,75 +430,57 @@ class Engine {
   }
 
   template <typename F>
-  void packed_pieces(const Plan& pl, at::Tensor& Sbuf, at::Tensor& xxbuf, at::Tensor& Xbuf, at::Tensor& Ybuf,
+  void packed_pieces(const ChunkPlan& pl, at::Tensor& Sbuf, at::Tensor& xxbuf, at::Tensor& Xbuf, at::Tensor& Ybuf,
                      const F& fn) {
-    int64_t p = 0;
-    while (p < P) {
-      // the class of packed position p, and the chunk's end (one class per chunk when the exemplars
-      // must be rebuilt per class)
-      const int64_t cfirst = std::upper_bound(off.begin(), off.end(), p) - off.begin() - 1;
-      int64_t pend = std::min(P, p + pl.rows);
-      if (!direct_y_) pend = std::min(pend, off[cfirst + 1]);
-      const int64_t rows = pend - p;
+    for (int64_t r0 = 0; r0 < Rmax; r0 += pl.rows) {
+      const int64_t rows = std::min(pl.rows, Rmax - r0);
       Piece pc;
-      pc.rows = rows;
-      pc.p0 = p;
-      pc.row_ids = prow.narrow(0, p, rows);
-      pc.row_class = pclass.narrow(0, p, rows);
-      pc.c0 = cfirst;
-      pc.X = Xbuf.narrow(0, 0, rows);
-      pc.xx = xxbuf.narrow(0, 0, rows);
+      pc.sl.nb = Ca, pc.sl.rows = rows, pc.sl.row_ids = prow, pc.sl.ld = Rmax, pc.sl.r0 = r0;
+      pc.sl.block_class = cls;
+      const int64_t slots = Ca * rows;
+      pc.X = Xbuf.narrow(0, 0, slots);
+      pc.xx = xxbuf.narrow(0, 0, slots);
       GatherArgs ga;
       ga.src = x_;
-      ga.row_ids = pc.row_ids;
-      ga.row_class = pc.row_class;
-      ga.rows = rows;
+      ga.sl = pc.sl;
       if (centre) ga.mu = mu;
       ga.out = pc.X;
       ga.xx = pc.xx;
+      ga.mask = mask;
+      ga.C = C;
       ep_->gather(ga);
-      std::vector<int64_t> flat;
-      for (int64_t c = cfirst; c < C && off[c] < pend; ++c) {
-        const int64_t a = std::max(off[c], p), b = std::min(off[c + 1], pend);
-        if (b <= a) continue;
-        pc.segs.push_back(Seg{a - p, b - a, c});
-        flat.insert(flat.end(), {a - p, b - a, c});
-      }
-      pc.seg_dev = at::tensor(flat, at::TensorOptions().dtype(at::kLong))
-                       .view({static_cast<int64_t>(pc.segs.size()), 3})
-                       .to(x_.device());
       for (int64_t j0 = 0; j0 < n; j0 += pl.k) {
         const int64_t k = std::min(pl.k, n - j0);
         pc.g = 1, pc.k = k, pc.j0 = j0;
-        pc.S = Sbuf.narrow(0, 0, rows * k).view({rows, k});
-        pc.Y.clear();
-        for (const Seg& sg : pc.segs) {
-          pc.Y.push_back(y_operand(sg.c, 1, j0, k, Ybuf));
-          gemm_nt(pc.S.narrow(0, sg.a, sg.len), pc.X.narrow(0, sg.a, sg.len), pc.Y.back(),
-                  bias_row(sg.c, 1, j0, k));
-        }
+        pc.S = Sbuf.narrow(0, 0, slots * k).view({slots, k});
+        pc.Y = y_operand(0, 1, j0, k, Ybuf);
+        distance_gemm(pc);
         settings().pieces.fetch_add(1);
         fn(pc);
       }
-      p = pend;
     }
   }
+
+  std::array<int64_t, 4> y_key_{-1, -1, -1, -1};
 };
 
-// The gradient GEMMs of one piece whose S now holds W (T): gx += alpha W Y (rows of x), gdb += alpha W^T X.
+// The gradient GEMMs of one piece whose S now holds W (T): gx += alpha W Y (rows of x),
+// gdb += alpha W^T X. Packed: gdb is accumulated per active class (gdbA) and copied into place at the end.
 struct GradGemms {
   Engine& E;
-  at::Tensor gx, gdb;   // T, or undefined
-  at::Tensor Wbuf;      // G copy of W when G != T
-  at::Tensor dXbuf;     // [rows, m] T: packed rows of W Y, or the 16-bit product
-  at::Tensor dYbuf;     // [g k, m] T: the 16-bit W^T X product
+  at::Tensor gx, gdb, gdbA;  // T, or undefined
+  at::Tensor Wbuf;           // G copy of W when G != T
+  at::Tensor dXbuf;          // [slots, m] T: packed rows of W Y, or the 16-bit product
+  at::Tensor dYbuf;          // [nb g k, m] T: the 16-bit W^T X product
 
-  GradGemms(Engine& e, const Plan& pl, at::Tensor gx_, at::Tensor gdb_) : E(e), gx(std::move(gx_)), gdb(std::move(gdb_)) {
+  GradGemms(Engine& e, const ChunkPlan& pl, at::Tensor gx_, at::Tensor gdb_)
+      : E(e), gx(std::move(gx_)), gdb(std::move(gdb_)) {
     const auto topt = E.x_.options().dtype(E.T);
-    if (E.G != E.T) Wbuf = at::empty({pl.rows * pl.g * pl.k}, E.x_.options().dtype(E.G));
-    if (gx.defined() && (E.packed || E.G != E.T)) dXbuf = at::empty({pl.rows, E.m}, topt);
-    if (gdb.defined() && E.G != E.T) dYbuf = at::empty({pl.g * pl.k, E.m}, topt);
-    if (gx.defined()) E.need_row_order();
+    const int64_t nb = E.blocks();
+    if (E.G != E.T) Wbuf = at::empty({nb * pl.rows * pl.g * pl.k}, E.x_.options().dtype(E.G));
+    if (gx.defined() && (E.packed || E.G != E.T)) dXbuf = at::empty({nb * pl.rows, E.m}, topt);
+    if (gdb.defined() && E.G != E.T) dYbuf = at::empty({nb * pl.g * pl.k, E.m}, topt);
+    if (gdb.defined()) gdbA = (!E.packed || E.Ca == E.C) ? gdb : at::zeros({E.Ca, E.n, E.m}, topt);
   }
 
   static Extra extra(const Engine& E, bool need_x, bool need_db) {
@@ -474,48 +500,64 @@ struct GradGemms {
       W.copy_(pc.S);
     }
     const double a = E.alpha_;
-    if (gx.defined()) {
-      if (E.packed) {
-        at::Tensor dX = dXbuf.narrow(0, 0, pc.rows);
-        for (size_t i = 0; i < pc.segs.size(); ++i) {
-          const Seg& sg = pc.segs[i];
-          E.mm_into(dX.narrow(0, sg.a, sg.len), W.narrow(0, sg.a, sg.len), pc.Y[i]);
-        }
+    const int64_t rows = pc.sl.rows, slots = pc.sl.count();
+    if (E.packed) {
+      const at::Tensor W3 = W.view({E.Ca, rows, pc.k});
+      const at::Tensor X3 = pc.X.view({E.Ca, rows, E.m});
+      if (gx.defined()) {
+        at::Tensor dX = dXbuf.narrow(0, 0, slots);
+        E.mm_into(dX.view({E.Ca, rows, E.m}), W3, pc.Y);
         ScatterArgs sa;
         sa.dst = gx;
         sa.src = dX;
-        sa.p0 = pc.p0;
-        sa.rows = pc.rows;
-        sa.sorted_rows = E.sorted_rows;
-        sa.order = E.order;
-        sa.run_begin = E.run_begin;
+        sa.Rmax = E.Rmax, sa.r0 = pc.sl.r0, sa.rows = rows;
+        sa.sorted_rows = E.sorted_rows, sa.order = E.order, sa.run_begin = E.run_begin;
         sa.scale = a;
         E.ep_->scatter(sa);
-      } else if (E.G == E.T) {
-        gx.narrow(0, pc.r0, pc.rows).addmm_(W, pc.Y[0], 1.0, a);
-      } else {
-        at::Tensor dX = dXbuf.narrow(0, 0, pc.rows);
-        E.mm_into(dX, W, pc.Y[0]);
-        gx.narrow(0, pc.r0, pc.rows).add_(dX, a);
       }
-    }
-    if (gdb.defined()) {
-      at::Tensor gflat = gdb.view({E.C * E.n, E.m});
-      for (const Seg& sg : pc.segs) {
-        at::Tensor dst = gflat.narrow(0, sg.c * E.n + pc.j0, pc.g * pc.k);
-        const at::Tensor Wt = W.narrow(0, sg.a, sg.len).t();
-        const at::Tensor Xs = pc.X.narrow(0, sg.a, sg.len);
+      if (gdb.defined()) {
+        at::Tensor dst = gdbA.narrow(1, pc.j0, pc.k);
         if (E.G == E.T) {
-          dst.addmm_(Wt, Xs, 1.0, a);
+          dst.baddbmm_(W3.transpose(1, 2), X3, 1.0, a);
         } else {
-          at::Tensor dY = dYbuf.narrow(0, 0, pc.g * pc.k);
-          E.mm_into(dY, Wt, Xs);
+          at::Tensor dY = dYbuf.narrow(0, 0, E.Ca * pc.k).view({E.Ca, pc.k, E.m});
+          E.mm_into(dY, W3.transpose(1, 2), X3);
           dst.add_(dY, a);
         }
       }
+      return;
+    }
+    if (gx.defined()) {
+      if (E.G == E.T) {
+        gx.narrow(0, pc.sl.r0, rows).addmm_(W, pc.Y, 1.0, a);
+      } else {
+        at::Tensor dX = dXbuf.narrow(0, 0, rows);
+        E.mm_into(dX, W, pc.Y);
+        gx.narrow(0, pc.sl.r0, rows).add_(dX, a);
+      }
+    }
+    if (gdb.defined()) {
+      at::Tensor dst = gdb.view({E.C * E.n, E.m}).narrow(0, pc.sl.c0 * E.n + pc.j0, pc.g * pc.k);
+      if (E.G == E.T) {
+        dst.addmm_(W.t(), pc.X, 1.0, a);
+      } else {
+        at::Tensor dY = dYbuf.narrow(0, 0, pc.g * pc.k);
+        E.mm_into(dY, W.t(), pc.X);
+        dst.add_(dY, a);
+      }
     }
   }
+
+  // packed: the per-active-class accumulator into gdb
+  void finish() {
+    if (gdb.defined() && !gdbA.is_same(gdb)) gdb.index_copy_(0, E.cls, gdbA);
+  }
 };
+
+// the plan a call runs (a statistic for tests and benchmarks): without pairs, the dense one
+void note_plan(Plan plan, const PairMask& pairs) {
+  settings().last_plan = static_cast<int>(pairs.defined() ? plan : Plan::Dense);
+}
 
 }  // namespace
 
@@ -523,16 +565,17 @@ struct GradGemms {
 // exemplar_logsumexp
 
 at::Tensor exemplar_logsumexp(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q, double alpha,
-                              Metric metric, const c10::optional<at::Tensor>& pairs) {
+                              Metric metric, const PairMask& pairs, Plan plan) {
   const char* op = "exemplar_logsumexp";
   const auto T = acc_of(x.scalar_type());
   at::Tensor out = at::zeros({x.size(0), db.size(0)}, x.options().dtype(T));
+  note_plan(plan, pairs);
   if (out.numel() == 0) return out;
   if (db.size(1) == 0) {  // no slot: log 0 = -inf on the computed entries
-    return pairs.has_value() ? out.masked_fill_(*pairs, -kInf) : out.fill_(-kInf);
+    return pairs.defined() ? out.masked_fill_(pairs.dev, -kInf) : out.fill_(-kInf);
   }
-  Engine E(op, x, db, log_q, alpha, metric, pairs.has_value() ? *pairs : at::Tensor(), /*allow_fold=*/true);
-  const Plan pl = E.plan(Extra{});
+  Engine E(op, x, db, log_q, alpha, metric, pairs, pairs.dev, plan, /*allow_fold=*/true, /*need_scatter=*/false);
+  const ChunkPlan pl = E.plan(Extra{});
   E.for_each_piece(pl, [&](const Piece& pc) {
     RowArgs a = E.row_args(pc, RowMode::Lse);
     a.logz = out;
@@ -544,7 +587,7 @@ at::Tensor exemplar_logsumexp(const at::Tensor& x, const at::Tensor& db, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-    const at::Tensor& logz, double alpha, Metric metric, const c10::optional<at::Tensor>& pairs,
+    const at::Tensor& logz, double alpha, Metric metric, const PairMask& pairs, Plan plan,
     std::array<bool, 3> output_mask) {
   const char* op = "exemplar_logsumexp_backward";
   const auto T = acc_of(x.scalar_type());
@@ -556,25 +599,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward(
   auto finish = [&](const at::Tensor& g, const at::Tensor& like) {
     return g.defined() ? g.to(like.scalar_type()) : at::empty({0}, like.options());
   };
+  note_plan(plan, pairs);
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0 && (need_x || need_db || need_lq)) {
     const at::Tensor coef = grad.to(T).contiguous();
     const at::Tensor lz = logz.to(T).contiguous();
     // only the pairs with a gradient take part
     at::Tensor active;
-    if (pairs.has_value()) active = at::logical_and(*pairs, coef.ne(0));
-    Engine E(op, x, db, log_q, alpha, metric, active, /*allow_fold=*/true);
+    if (pairs.defined()) active = at::logical_and(pairs.dev, coef.ne(0));
+    Engine E(op, x, db, log_q, alpha, metric, pairs, active, plan, /*allow_fold=*/true, /*need_scatter=*/need_x);
     if (need_db) E.zero_inactive_rows();  // rows outside the pairs must not reach W^T X (before planning)
     const bool euclid = metric == Metric::Euclidean;
     const bool need_colw = need_db || need_lq;
     const bool need_p = need_lq && euclid;
     Extra ex = GradGemms::extra(E, need_x, need_db);
     if (need_p) ex.per_ld += at::elementSize(T);
-    const Plan pl = E.plan(ex);
+    const ChunkPlan pl = E.plan(ex);
     GradGemms gg(E, pl, gx, gdb);
     at::Tensor RW = need_x ? at::zeros({E.N, E.C}, topt) : at::Tensor();
     at::Tensor colw = need_colw ? at::zeros({E.C, E.n}, topt) : at::Tensor();
     at::Tensor colp = need_p ? at::zeros({E.C, E.n}, topt) : at::Tensor();
-    at::Tensor Pbuf = need_p ? at::empty({pl.rows * pl.g * pl.k}, topt) : at::Tensor();
+    at::Tensor Pbuf = need_p ? at::empty({E.blocks() * pl.rows * pl.g * pl.k}, topt) : at::Tensor();
     E.for_each_piece(pl, [&](const Piece& pc) {
       RowArgs a = E.row_args(pc, RowMode::W);
       a.logz = lz;
@@ -594,6 +638,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward(
       }
       gg.run(pc);
     });
+    gg.finish();
     if (need_x) E.finish_rows(gx, RW, alpha);
     if (need_db) {
       for (int64_t c = 0; c < E.C; ++c) gdb[c].addcmul_(E.y_centred(c), colw[c].unsqueeze(1), -alpha);
@@ -607,23 +652,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exemplar_logsumexp_backward(
 // cc_loss
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss(const at::Tensor& x, const at::Tensor& weight,
-                                                       const at::Tensor& pairs, const at::Tensor& db,
+                                                       const PairMask& pairs, const at::Tensor& db,
                                                        const at::Tensor& log_q, double alpha, Metric metric,
-                                                       bool grad_x) {
+                                                       bool grad_x, Plan plan) {
   const char* op = "convex_clustering_loss";
   const auto T = acc_of(x.scalar_type());
   const auto topt = x.options().dtype(T);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, topt);
   at::Tensor dx = grad_x ? at::zeros(x.sizes(), topt) : at::Tensor();
   at::Tensor loss = at::zeros({}, topt);
+  note_plan(plan, pairs);
   if (x.size(0) > 0 && db.size(0) > 0 && db.size(1) > 0) {
     // classes with no filled slot are left out of the loss
     const at::Tensor nonempty = log_q.ne(-kInf).any(1);
-    const at::Tensor active = at::logical_and(pairs, nonempty.unsqueeze(0));
+    const at::Tensor active = at::logical_and(pairs.dev, nonempty.unsqueeze(0));
     const at::Tensor w = weight.to(T).contiguous();
     const at::Tensor coef = w.neg();  // dL/dlogz on the pairs
-    Engine E(op, x, db, log_q, alpha, metric, active, /*allow_fold=*/true);
-    const Plan pl = E.plan(GradGemms::extra(E, grad_x, false));
+    Engine E(op, x, db, log_q, alpha, metric, pairs, active, plan, /*allow_fold=*/true, /*need_scatter=*/grad_x);
+    const ChunkPlan pl = E.plan(GradGemms::extra(E, grad_x, false));
     if (!grad_x) {
       E.for_each_piece(pl, [&](const Piece& pc) {
         RowArgs a = E.row_args(pc, RowMode::Lse);
@@ -671,21 +717,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cc_loss(const at::Tensor& x, cons
 // fit_step
 
 std::tuple<at::Tensor, at::Tensor> fit_step(const at::Tensor& x, const at::Tensor& db, const at::Tensor& log_q,
-                                            const at::Tensor& weight, double alpha, Metric metric) {
+                                            const at::Tensor& weight, const PairMask& pairs, double alpha,
+                                            Metric metric, Plan plan) {
   const char* op = "fit_step";
   const auto T = acc_of(x.scalar_type());
   const auto topt = x.options().dtype(T);
   at::Tensor logz = at::zeros({x.size(0), db.size(0)}, topt);
   at::Tensor log_eta = at::full(log_q.sizes(), -kInf, topt);
+  note_plan(plan, pairs);
   if (x.size(0) > 0 && db.size(0) > 0) {
     const at::Tensor w = weight.to(T).contiguous();
-    const at::Tensor active = w.gt(0);
+    const at::Tensor active = pairs.dev;  // w > 0
     if (db.size(1) == 0) {
       logz.masked_fill_(active, -kInf);  // log 0 on the weighted pairs
     } else {
       // no fold: log eta needs t = -alpha d itself, not log q + t
-      Engine E(op, x, db, log_q, alpha, metric, active, /*allow_fold=*/false);
-      const Plan pl = E.plan(Extra{});
+      Engine E(op, x, db, log_q, alpha, metric, pairs, active, plan, /*allow_fold=*/false, /*need_scatter=*/false);
+      const ChunkPlan pl = E.plan(Extra{});
       at::Tensor M = at::full({E.C, E.n}, -kInf, topt), L = at::zeros({E.C, E.n}, topt);
       auto eta_cols = [&](const Piece& pc) {
         ColArgs ca = E.col_args(pc, pc.S);

@@ -68,6 +68,8 @@ def _load_pickled(path: str, what: str = "array") -> np.ndarray:
         reason = str(e).split("\n")[0] or type(e).__name__
         raise DatasetError(f"file {path} is damaged (cannot read it: {reason}), restore it from the "
                            f"release you downloaded") from None
+    if isinstance(array, np.ndarray) and array.ndim == 2 and array.shape[1] == 1 and what == "video":
+        array = array[:, 0]  # W-TALC's release stores duration.npy as [V, 1] (its code reads duration[i, 0])
     if not isinstance(array, np.ndarray) or array.ndim != 1:
         shape = array.shape if isinstance(array, np.ndarray) else type(array).__name__
         raise DatasetError(f"{path}: expected a 1-d array with one entry per {what}, got {shape}")

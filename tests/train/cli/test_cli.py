@@ -219,7 +219,7 @@ def test_overrides_after_flags_and_resume_without_config(tiny_run, tmp_path, cap
 @pytest.mark.slow
 def test_ctrl_c_during_fit_says_where_and_how_to_continue(cache, tmp_path):
     folder = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "train", "fit", "--config", TINY, "train.baseline_steps=300",
+    cmd = [sys.executable, "-m", "train", "fit", "--config", TINY, "train.baseline_steps=1000",
            f"run.dir={folder}"]
     proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = folder / "metrics.jsonl"
@@ -242,7 +242,7 @@ def test_ctrl_c_during_fit_says_where_and_how_to_continue(cache, tmp_path):
     out = subprocess.run([sys.executable, *resume.split()[1:]], env=ENV, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and "resuming" in out.stderr, out.stderr
-    assert ckpt.load(folder / "latest.pt")["global_step"] == 300 + 4
+    assert ckpt.load(folder / "latest.pt")["global_step"] == 1000 + 4
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def _write_wtalc(root, name="Toy", n_feat=(12, 3, 30), dim=8):
     np.save(os.path.join(ann, "videoname.npy"), np.array([b"video_validation_1", b"video_test_1", b"video_test_2"]))
     np.save(os.path.join(ann, "subset.npy"), np.array([b"validation", b"test", b"test"]))
     np.save(os.path.join(ann, "classlist.npy"), np.array([c.encode() for c in CLASSES]))
-    np.save(os.path.join(ann, "duration.npy"), np.array([7.7, 2.0, 19.2]))
+    np.save(os.path.join(ann, "duration.npy"), np.array([[7.7], [2.0], [19.2]]))  # [V, 1] as in the W-TALC release
     np.save(os.path.join(ann, "segments.npy"), _objects([[[1.0, 2.5], [4.0, 6.0]], [], [[3.2, 9.6]]]),
             allow_pickle=True)
     np.save(os.path.join(ann, "labels.npy"), _objects([["Jump", "Run"], [], ["Swim"]]), allow_pickle=True)
