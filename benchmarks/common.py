@@ -28,6 +28,12 @@ import sys
 import time
 from typing import Callable
 
+# A checkout's own ccluster (with its compiled extension) when the project is not installed: every
+# benchmark imports this module before ccluster.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(1, _ROOT)
+
 import torch
 from torch.utils import benchmark as tbench
 
