@@ -291,6 +291,41 @@ def test_run_folder_cams_work_with_train_eval_plot(run, dataset_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_run_folder_cams_record_the_evaluation_settings_the_plot_uses(tiny_run, dataset_dir, tmp_path, monkeypatch):
+    """A run's cams.npz holds the run's eval.smooth and eval.tiou, and python -m train.eval.plot draws the
+    T-CAM with that smoothing when --smooth is not given."""
+    import matplotlib.pyplot as plt
+    from train.config import load_config
+    from train.eval import smooth_sequence
+    from train.eval.plot import main as plot_main
+    from train.run import Run
+    with np.load(tiny_run.folder / "cams.npz", allow_pickle=False) as z:
+        assert int(z["smooth"]) == tiny_run.cfg["eval"]["smooth"]
+        assert z["tiou"].tolist() == tiny_run.cfg["eval"]["tiou"]
+    # settings other than the defaults: the file follows the run's config, not a default
+    cfg = load_config(TINY, [*tiny_run.overrides(), "eval.smooth=3", "eval.tiou=[0.25, 0.5]", "eval.figures=0"])
+    with Run.load(tiny_run.folder, cfg=cfg, folder=tmp_path / "again") as again:
+        again.evaluate(progress=False)
+    cams = tmp_path / "again" / "cams.npz"
+    with np.load(cams, allow_pickle=False) as z:
+        assert int(z["smooth"]) == 3 and z["tiou"].tolist() == [0.25, 0.5]
+        video, classes = str(z["videos"][0]), [str(c) for c in z["classes"]]
+        tcam = z[f"tcam/{video}"].astype(np.float64)
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure plot_video would close
+    assert plot_main(["--cam", str(cams), "--ground-truth", str(dataset_dir / "annotations.json"), "--video", video,
+                      "--out", str(tmp_path / "v.png")]) == 0
+    ax = figs[0].axes[0]
+    assert ax.get_ylabel().startswith("T-CAM (moving average of 3")
+    curves = {line.get_label(): np.asarray(line.get_ydata()) for line in ax.lines if line.get_label() in classes}
+    assert curves
+    for name, drawn in curves.items():
+        c = classes.index(name)
+        np.testing.assert_allclose(drawn, smooth_sequence(tcam[:, c], 3), rtol=1e-12, atol=0)
+        assert not np.allclose(drawn, tcam[:, c])  # the smoothing shows
+
+
+@pytest.mark.slow
 def test_eval_command_writes_the_outputs_too(run, tmp_path, capsys):
     folder = tmp_path / "copy"
     shutil.copytree(run, folder)
