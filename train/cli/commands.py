@@ -307,18 +307,24 @@ def torch_threads() -> int:
 
 
 def format_table(rows, tiou, signed=()) -> str:
-    """One line per (name, results): cls mAP (plain, selection), det mAP per tIoU and their mean (%).
+    """One line per (name, results): cls mAP, cls* (with test-time selection, only where some row has it:
+    cc.select), det mAP per tIoU and their mean (%), and a footnote that explains the columns shown.
     Rows named in ``signed`` are differences, printed with a sign."""
     def cell(v, sign):
         return "    -" if v is None else (f"{100 * v:+5.1f}" if sign else f"{100 * v:5.1f}")
-    head = f"{'':<40} {'cls':>5} {'cls*':>5} " + " ".join(f"{t:>5g}" for t in tiou) + f" {'avg':>5}"
+    # cls* exists only with cc.select: without it a column of dashes would say nothing
+    select = any(r.get("cls_map_select") is not None for _, r in rows)
+    head = f"{'':<40} {'cls':>5} " + (f"{'cls*':>5} " if select else "") + " ".join(f"{t:>5g}" for t in tiou) \
+        + f" {'avg':>5}"
     lines = [head]
     for name, r in rows:
         def pct(v, sign=name in signed):
             return cell(v, sign)
         det = " ".join(pct(r.get(f"det_map@{t:g}")) for t in tiou)
-        lines.append(f"{name:<40} {pct(r.get('cls_map'))} {pct(r.get('cls_map_select'))} {det} "
-                     f"{pct(r.get('det_map_avg'))}")
-    lines.append("cls: classification mAP (attention-pooled video scores); cls*: with test-time selection of "
-                 "representative segments; columns 0.1-0.7: detection mAP at tIoU; avg: their mean (all %).")
+        star = f"{pct(r.get('cls_map_select'))} " if select else ""
+        lines.append(f"{name:<40} {pct(r.get('cls_map'))} {star}{det} {pct(r.get('det_map_avg'))}")
+    columns = f"columns {tiou[0]:g}-{tiou[-1]:g}" if len(tiou) > 1 else f"column {tiou[0]:g}"
+    lines.append("cls: classification mAP (attention-pooled video scores); "
+                 + ("cls*: with test-time selection of representative segments; " if select else "")
+                 + f"{columns}: detection mAP at tIoU; avg: their mean (all %).")
     return "\n".join(lines)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -223,8 +222,10 @@ class Comparison:
                 res = self._run(cfg, folder / variant, folder / s1)
             final = res[[k for k in res if k != "baseline"][-1]]
             results[variant][seed] = final
-            log.info("seed %d %s: cls %.1f, cls* %.1f, det avg %.1f", seed, variant, 100 * final["cls_map"],
-                     100 * final.get("cls_map_select", math.nan), 100 * final["det_map_avg"])
+            # cls* only where it was computed (cc.select)
+            star = f", cls* {100 * final['cls_map_select']:.1f}" if "cls_map_select" in final else ""
+            log.info("seed %d %s: cls %.1f%s, det avg %.1f", seed, variant, 100 * final["cls_map"], star,
+                     100 * final["det_map_avg"])
 
     def _trained_like(self, folder: Path, tid: str, exclude: str) -> Path | None:
         """A finished, trained run in ``folder`` (one seed's) whose training equals ``tid``

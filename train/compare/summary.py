@@ -81,11 +81,13 @@ def _measured(summary: dict, metrics: tuple) -> tuple:
 
 def format_summary(summary: dict, seeds: list[int], threads: int, against: str = CONTROL,
                    metrics: tuple = METRICS) -> str:
-    """The summary as a fixed-width table (all in %); metrics no row has are left out."""
+    """The summary as a fixed-width table (all in %) with a footnote that explains what it shows; metrics
+    no row has are left out, and so is the 95 % interval where there is none (one seed)."""
     metrics = _measured(summary, metrics)
     def pct(v):
         return "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
 
+    interval = any(math.isfinite(row[k].get("ci95", [math.nan])[0]) for row in summary.values() for k, _ in metrics)
     rows = []
     for name, row in summary.items():
         cells = [name]
@@ -101,17 +103,37 @@ def format_summary(summary: dict, seeds: list[int], threads: int, against: str =
             else:
                 cells.append("")
         rows.append(cells)
-    head = ["variant"] + [h for _, label in metrics for h in (label, "Δ [95% CI]")]
+    delta = "Δ [95% CI]" if interval else "Δ"
+    head = ["variant"] + [h for _, label in metrics for h in (label, delta)]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     def line(cells):
         return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     out = [line(head), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
+    if len(seeds) == 1:
+        spread = f"one seed: no sd and no interval; Δ: difference from '{against}'."
+    elif interval:
+        spread = (f"mean ± sd over seeds; Δ: paired difference from '{against}' with its 95 % t-interval "
+                  "(* excludes 0).")
+    else:
+        spread = f"mean ± sd over seeds; Δ: paired difference from '{against}'."
     out.append(f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), "
-               f"{threads} thread(s). mean ± sd over "
-               f"seeds; Δ: paired difference from '{against}' with its 95 % t-interval (* excludes 0). "
-               "cls: classification mAP; cls*: with test-time selection; det@t, det avg: detection "
-               "mAP at tIoU t and averaged over eval.tiou (all %).")
+               f"{threads} thread(s). {spread} {_legend(metrics)}")
     return "\n".join(out)
+
+
+def _legend(metrics: tuple) -> str:
+    """What the metric columns shown are, and only those."""
+    labels = [label for _, label in metrics]
+    parts = [text for label, text in (("cls", "cls: classification mAP"), ("cls*", "cls*: with test-time selection"))
+             if label in labels]
+    at, avg = any(label.startswith("det@") for label in labels), "det avg" in labels
+    if at and avg:
+        parts.append("det@t, det avg: detection mAP at tIoU t and averaged over eval.tiou")
+    elif at:
+        parts.append("det@t: detection mAP at tIoU t")
+    elif avg:
+        parts.append("det avg: detection mAP averaged over eval.tiou")
+    return "; ".join(parts) + " (all %)."
 
 
 MIN_SPAN = 5.0  # percentage points: the narrowest value axis of compare.png

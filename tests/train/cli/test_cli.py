@@ -290,6 +290,59 @@ def test_run_folder_cams_work_with_train_eval_plot(run, dataset_dir, tmp_path):
                    "--video", "no-such-video", "--out", str(out)])
 
 
+def test_the_results_table_shows_and_explains_cls_star_only_where_it_was_computed():
+    from train.cli.commands import format_table
+    plain = {"cls_map": 0.9, "det_map@0.1": 0.5, "det_map@0.5": 0.2, "det_map_avg": 0.35}
+    head, row, diff, note = format_table([("control", plain), ("diff", {"cls_map": -0.012})], [0.1, 0.5],
+                                         signed={"diff"}).splitlines()
+    assert head.split() == ["cls", "0.1", "0.5", "avg"]  # cc.select off: no cls* column
+    assert row.split() == ["control", "90.0", "50.0", "20.0", "35.0"]
+    assert diff.split() == ["diff", "-1.2", "-", "-", "-"]
+    assert note == ("cls: classification mAP (attention-pooled video scores); columns 0.1-0.5: detection mAP at "
+                    "tIoU; avg: their mean (all %).")
+    head, base, cc1, note = format_table([("baseline", plain), ("cc1", {**plain, "cls_map_select": 0.8})],
+                                         [0.5]).splitlines()
+    assert head.split() == ["cls", "cls*", "0.5", "avg"]
+    assert base.split()[2] == "-" and cc1.split()[2] == "80.0"
+    assert note == ("cls: classification mAP (attention-pooled video scores); cls*: with test-time selection of "
+                    "representative segments; column 0.5: detection mAP at tIoU; avg: their mean (all %).")
+
+
+@pytest.mark.slow
+def test_run_folder_cams_record_the_evaluation_settings_the_plot_uses(tiny_run, dataset_dir, tmp_path, monkeypatch):
+    """A run's cams.npz holds the run's eval.smooth and eval.tiou, and python -m train.eval.plot draws the
+    T-CAM with that smoothing when --smooth is not given."""
+    import matplotlib.pyplot as plt
+    from train.config import load_config
+    from train.eval import smooth_sequence
+    from train.eval.plot import main as plot_main
+    from train.run import Run
+    with np.load(tiny_run.folder / "cams.npz", allow_pickle=False) as z:
+        assert int(z["smooth"]) == tiny_run.cfg["eval"]["smooth"]
+        assert z["tiou"].tolist() == tiny_run.cfg["eval"]["tiou"]
+    # settings other than the defaults: the file follows the run's config, not a default
+    cfg = load_config(TINY, [*tiny_run.overrides(), "eval.smooth=3", "eval.tiou=[0.25, 0.5]", "eval.figures=0"])
+    with Run.load(tiny_run.folder, cfg=cfg, folder=tmp_path / "again") as again:
+        again.evaluate(progress=False)
+    cams = tmp_path / "again" / "cams.npz"
+    with np.load(cams, allow_pickle=False) as z:
+        assert int(z["smooth"]) == 3 and z["tiou"].tolist() == [0.25, 0.5]
+        video, classes = str(z["videos"][0]), [str(c) for c in z["classes"]]
+        tcam = z[f"tcam/{video}"].astype(np.float64)
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure plot_video would close
+    assert plot_main(["--cam", str(cams), "--ground-truth", str(dataset_dir / "annotations.json"), "--video", video,
+                      "--out", str(tmp_path / "v.png")]) == 0
+    ax = figs[0].axes[0]
+    assert ax.get_ylabel().startswith("T-CAM (moving average of 3")
+    curves = {line.get_label(): np.asarray(line.get_ydata()) for line in ax.lines if line.get_label() in classes}
+    assert curves
+    for name, drawn in curves.items():
+        c = classes.index(name)
+        np.testing.assert_allclose(drawn, smooth_sequence(tcam[:, c], 3), rtol=1e-12, atol=0)
+        assert not np.allclose(drawn, tcam[:, c])  # the smoothing shows
+
+
 @pytest.mark.slow
 def test_eval_command_writes_the_outputs_too(run, tmp_path, capsys):
     folder = tmp_path / "copy"
@@ -491,6 +544,7 @@ def test_log_lines_are_not_drawn_into_a_progress_bar(cache, tmp_path):
     assert out.returncode == 0, err
     logged = [line for line in err.split("\n") if ": cls " in line]
     assert len(logged) == 3 and "compare:" in err and "\r" in err  # three log lines; bars were drawn
+    assert b"cls*" not in out.stdout and "cls*" not in err  # cc.select off: no cls* to print
     for line in logged:
         parts = line.split("\r")
         assert parts[-1].startswith("seed 0 "), repr(line)  # the line begins where the bar was cleared

@@ -178,3 +178,17 @@ def test_one_seed_is_said_once_and_the_control_keeps_weight_0(tmp_path):
         Comparison(_base(), {CONTROL: {"cc.weight": 0.5}}, [0], tmp_path)
     comp = Comparison(_base(), load_variants(None, ["control: {eval.smooth: 0}"]), [0], tmp_path)
     assert comp.variants[CONTROL] == {"eval.smooth": 0, "cc.weight": 0.0}  # its other keys apply
+
+
+@pytest.mark.slow
+def test_cls_star_is_logged_and_shown_only_where_it_was_computed(cache, tmp_path, caplog):
+    """cc.select off (the default): the run's log line and the table have no cls*; on: both have it."""
+    variants = parse_variants({"select": {"cc.weight": 0.0, "cc.select": True}})
+    with caplog.at_level("INFO", logger="train"):
+        res = Comparison(_base(), variants, [0], tmp_path).run()
+    lines = {m.split(":")[0]: m for m in (r.getMessage() for r in caplog.records) if ": cls " in m}
+    assert "cls*" not in lines[f"seed 0 {CONTROL}"]
+    select = res["results"]["select"][0]["cls_map_select"]
+    assert f", cls* {100 * select:.1f}, " in lines["seed 0 select"]
+    head = [h.strip() for h in res["table"].splitlines()[0].split("|")]
+    assert head[:4] == ["variant", "cls", "Δ", "cls*"]

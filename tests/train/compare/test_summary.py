@@ -48,3 +48,29 @@ def test_the_comparison_figure_does_not_zoom_a_small_difference(tmp_path):
     assert lo < 40 and hi > 73 and hi - lo < 40  # the seeds' spread sets the axis
     plot_summary(summarize(wide, [0, 1, 2]), tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_table_explains_only_the_columns_it_shows():
+    """cls* exists only with cc.select and the 95 % interval only with two seeds or more: each is shown, and
+    explained under the table, only where it is there."""
+    from train.compare import format_summary
+    plain = {CONTROL: {s: {"cls_map": 0.5 + s / 100, "det_map_avg": 0.3} for s in (0, 1)},
+             "v": {s: {"cls_map": 0.52, "det_map_avg": 0.31 + s / 100} for s in (0, 1)}}
+    table = format_summary(summarize(plain, [0, 1]), [0, 1], threads=1)
+    head, note = table.splitlines()[0], table.splitlines()[-1]
+    assert [h.strip() for h in head.split("|")] == ["variant", "cls", "Δ [95% CI]", "det avg", "Δ [95% CI]"]
+    assert "cls*" not in table and "selection" not in note and "det@t" not in note
+    assert note.endswith("mean ± sd over seeds; Δ: paired difference from 'control' with its 95 % t-interval "
+                         "(* excludes 0). cls: classification mAP; det avg: detection mAP averaged over eval.tiou "
+                         "(all %).")
+    selected = {name: {s: {**r, "cls_map_select": r["cls_map"] - 0.1} for s, r in per.items()}
+                for name, per in plain.items()}
+    table = format_summary(summarize(selected, [0, 1]), [0, 1], threads=1)
+    assert [h.strip() for h in table.splitlines()[0].split("|")][1:4] == ["cls", "Δ [95% CI]", "cls*"]
+    assert "cls: classification mAP; cls*: with test-time selection; det avg:" in table.splitlines()[-1]
+    one = {name: {0: per[0]} for name, per in plain.items()}
+    table = format_summary(summarize(one, [0]), [0], threads=1)
+    head, note = table.splitlines()[0], table.splitlines()[-1]
+    assert [h.strip() for h in head.split("|")] == ["variant", "cls", "Δ", "det avg", "Δ"]
+    assert "95" not in table and "interval (*" not in note and "[" not in table
+    assert note.startswith("1 seed (0), 1 thread(s). one seed: no sd and no interval; Δ: difference from 'control'.")
