@@ -1,6 +1,10 @@
 """Action proposals from a class activation sequence (T-CAM).
 
-Default pipeline (:func:`tcam_proposals`), for one video:
+Two rules, chosen by ``eval.proposals``: W-TALC's (:func:`wtalc_proposals`, ``"wtalc"``, the default: one
+threshold per class half way up its logits' range, no attention) and the multi-threshold pipeline below
+(:func:`tcam_proposals`, ``"multi"``), which was the default before it measured 15 points of det avg lower.
+
+The multi-threshold pipeline (:func:`tcam_proposals`), for one video:
 
 0. smoothing (``smooth`` = w segments, 0 = off): every T-CAM column, and the attention when one is given,
    is replaced by its centred moving average over w segments (:func:`smooth_sequence`), before anything
