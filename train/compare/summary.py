@@ -96,7 +96,7 @@ def format_summary(summary: dict, seeds: list[int], threads: int, against: str =
             cells.append(f"{pct(e['mean'])} ± {pct(e['std'])}")
             if "diff" in e:
                 lo, hi = e["ci95"]
-                ci = f"{100 * e['diff']:+.1f}"
+                ci = f"{100 * e['diff']:+.1f}" if math.isfinite(e["diff"]) else "-"  # a row without this metric
                 if math.isfinite(lo):
                     ci += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("*" if lo > 0 or hi < 0 else "")
                 cells.append(ci)

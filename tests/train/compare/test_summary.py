@@ -74,3 +74,15 @@ def test_the_table_explains_only_the_columns_it_shows():
     assert [h.strip() for h in head.split("|")] == ["variant", "cls", "Δ", "det avg", "Δ"]
     assert "95" not in table and "interval (*" not in note and "[" not in table
     assert note.startswith("1 seed (0), 1 thread(s). one seed: no sd and no interval; Δ: difference from 'control'.")
+
+
+def test_a_row_without_a_metric_shows_a_dash_not_nan():
+    """A variant evaluated at fewer tIoUs than the reference row has no det@0.7: its cells are dashes."""
+    from train.compare import format_summary
+    results = {CONTROL: {s: {"cls_map": 0.5, "det_map@0.7": 0.2 + s / 100} for s in (0, 1)},
+               "short": {s: {"cls_map": 0.5} for s in (0, 1)}}
+    metrics = (("cls_map", "cls"), ("det_map@0.7", "det@0.7"))
+    table = format_summary(summarize(results, [0, 1], metrics=metrics), [0, 1], threads=1, metrics=metrics)
+    row = next(line for line in table.splitlines() if line.startswith("short"))
+    assert "nan" not in table
+    assert [c.strip() for c in row.split("|")][3:] == ["- ± -", "-"]
