@@ -38,17 +38,18 @@ def test_standardizer_in_checkpoint_and_used_at_evaluation(cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_smoothing_is_applied_in_evaluation(cache, tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["eval.smooth=5"])
+@pytest.mark.parametrize("rule,function", [("multi", "tcam_proposals"), ("wtalc", "wtalc_proposals")])
+def test_smoothing_is_applied_in_evaluation(cache, tmp_path, monkeypatch, rule, function):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", TINY + ["eval.smooth=5", f"eval.proposals={rule}"])
     trainer = Run(cfg, tmp_path / "s")
     trainer.train()
     captured = []
-    orig = ev.tcam_proposals
+    orig = getattr(ev, function)
 
     def spy(*args, **kw):
         captured.append(kw.get("smooth"))
         return orig(*args, **kw)
-    monkeypatch.setattr(ev, "tcam_proposals", spy)
+    monkeypatch.setattr(ev, function, spy)
     trainer.evaluate(progress=False)
     trainer.close()
     assert captured and set(captured) == {5}
